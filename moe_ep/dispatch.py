@@ -1,0 +1,78 @@
+"""Dropless token exchange between EP ranks: exact split sizes, no capacity, no padding.
+
+Rank layout of physical slots: rank g holds slots [g*S, (g+1)*S). Sorting token copies
+by slot therefore also groups them by destination rank.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+def count_per_bin(ids: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """bincount without a host sync (CUDA bincount reads the max back): ids [N] -> [num_bins] int64."""
+    out = torch.zeros(num_bins, dtype=torch.int64, device=ids.device)
+    return out.scatter_add_(0, ids, torch.ones_like(ids))
+
+
+@dataclass
+class DispatchPlan:
+    """What the combine step needs to send results back and restore token order."""
+
+    order: torch.Tensor          # [N] sorted position -> flat copy index (token * k + j)
+    send_splits: list[int]       # rows sent to each EP rank
+    recv_splits: list[int]       # rows received from each EP rank
+    regroup: torch.Tensor | None  # [M] received row order that groups rows by local slot (None: already)
+    local_counts: torch.Tensor   # [S] rows per local slot, on device
+    local_host_counts: list[int]
+
+
+def dispatch(x: torch.Tensor, slots: torch.Tensor, top_k: int, ep_size: int, slots_per_rank: int,
+             group) -> tuple[torch.Tensor, DispatchPlan]:
+    """Send each token copy to the rank that holds its slot.
+
+    x [T, H], slots [T*k] (physical slot of copy t*k+j) -> (rows [M, H] grouped by local
+    slot, plan). With ep_size 1 nothing is exchanged.
+    """
+    order = torch.argsort(slots, stable=True)                                  # [N]
+    send_x = x[order // top_k]                                                 # [N, H]
+    slot_counts = count_per_bin(slots, ep_size * slots_per_rank)               # [R]
+    if ep_size == 1:
+        host = slot_counts.tolist()
+        return send_x, DispatchPlan(order, [], [], None, slot_counts, host)
+    # Each rank tells every other how many rows it sends to each of that rank's slots.
+    recv_counts = torch.empty_like(slot_counts)                                # [ep*S], by source rank
+    dist.all_to_all_single(recv_counts, slot_counts, group=group)
+    per_source = recv_counts.view(ep_size, slots_per_rank)                     # [ep, S]
+    local_counts = per_source.sum(0)                                           # [S]
+    host = torch.cat([slot_counts.view(ep_size, -1).sum(1), per_source.sum(1), local_counts]).tolist()
+    send_splits, recv_splits, local_host = host[:ep_size], host[ep_size:2 * ep_size], host[2 * ep_size:]
+    recv_x = x.new_empty(sum(recv_splits), x.shape[1])                         # [M, H]
+    dist.all_to_all_single(recv_x, send_x, recv_splits, send_splits, group=group)
+    # Received rows are ordered (source rank, slot); reorder them to (slot, source rank).
+    local_slot = torch.arange(slots_per_rank, device=x.device).repeat(ep_size)  # [ep*S]
+    row_slot = torch.repeat_interleave(local_slot, per_source.flatten(), output_size=recv_x.shape[0])
+    regroup = torch.argsort(row_slot, stable=True)                             # [M]
+    plan = DispatchPlan(order, send_splits, recv_splits, regroup, local_counts, local_host)
+    return recv_x[regroup], plan
+
+
+def combine(y: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan, group) -> torch.Tensor:
+    """Send expert outputs back, restore token order, weight and sum over k.
+
+    y [M, H] (grouped by local slot), weights [T, k] -> [T, H].
+    """
+    T, k = weights.shape
+    if plan.regroup is not None:
+        rows = torch.empty_like(y)
+        rows[plan.regroup] = y                                                 # back to (source, slot) order
+        back = y.new_empty(sum(plan.send_splits), y.shape[1])                  # [N, H]
+        dist.all_to_all_single(back, rows, plan.send_splits, plan.recv_splits, group=group)
+    else:
+        back = y
+    copies = torch.empty_like(back)
+    copies[plan.order] = back                                                  # [T*k, H] in token order
+    out = (copies.view(T, k, y.shape[1]).float() * weights.unsqueeze(-1)).sum(1)  # [T, H]
+    return out.to(y.dtype)

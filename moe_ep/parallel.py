@@ -1,0 +1,154 @@
+"""Distributed start through DeepSpeed, and the expert-parallel / data-parallel groups.
+
+World layout: `world = ep_size x dp_replicas`. Ranks `[d*ep_size, (d+1)*ep_size)` form EP
+group `d` (consecutive ranks, so an EP group stays inside a node when it fits); the
+ranks with the same EP rank form a data-parallel group. Everything a layer needs is
+carried by a `ParallelContext`; there are no module-level process-group globals.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as tdist
+
+from .config import ConfigError, ParallelConfig
+
+
+@dataclass
+class ParallelContext:
+    """Who this process is and the groups it talks in. `ep_group` None means EP = 1."""
+
+    rank: int = 0
+    world_size: int = 1
+    ep_size: int = 1
+    ep_rank: int = 0
+    ep_group: Any = None
+    dp_size: int = 1
+    dp_rank: int = 0
+    dp_group: Any = None
+    ranks_per_node: int = 1
+    device: torch.device = torch.device("cpu")
+    timeout_s: float = 300.0
+
+    @property
+    def num_nodes(self) -> int:
+        """Nodes spanned by one EP group (what the hierarchical planner packs onto)."""
+        return max(1, self.ep_size // max(1, min(self.ranks_per_node, self.ep_size)))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def derive_ep_size(cfg: ParallelConfig, world_size: int) -> int:
+    """EP size from the config and the world size; raises ConfigError if impossible.
+
+    Explicit `ep_size` wins. Otherwise, with `enable_expert_parallel`, EP spans the
+    tensor x sequence x cfg x data parallel degrees (vLLM-Omni's diffusion EP rule);
+    without it, EP spans the whole world.
+    """
+    if cfg.ep_size is not None:
+        ep = cfg.ep_size
+        name = "parallel.ep_size"
+    elif cfg.enable_expert_parallel:
+        ep = (cfg.tensor_parallel_size * cfg.sequence_parallel_size
+              * cfg.cfg_parallel_size * cfg.data_parallel_size)
+        name = "parallel.enable_expert_parallel (tensor x sequence x cfg x data parallel sizes)"
+    else:
+        ep = world_size
+        name = "parallel.ep_size"
+    if ep < 1 or world_size % ep:
+        raise ConfigError(name, ep, f"EP size must divide the world size ({world_size})")
+    return ep
+
+
+def check_layout(num_experts: int, num_redundant: int, ep_size: int) -> None:
+    """Slots must split evenly over EP ranks; raises ConfigError naming the field."""
+    slots = num_experts + num_redundant
+    if slots % ep_size:
+        field = "eplb.num_redundant_experts" if num_redundant else "model.moe.num_experts"
+        value = num_redundant if num_redundant else num_experts
+        raise ConfigError(field, value, f"experts + redundant experts ({slots}) must be divisible by "
+                                        f"the EP size ({ep_size})")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pick_device(kind: str, local_rank: int) -> torch.device:
+    if kind == "cpu" or (kind == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("parallel.device", kind, "CUDA is not available on this machine; use 'auto' or 'cpu'")
+    torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def init_distributed(cfg: ParallelConfig) -> ParallelContext:
+    """Start (or join) the process group through DeepSpeed and build the EP/DP groups.
+
+    Works under `deepspeed`/`torchrun` (env vars set) and as a plain single process
+    (world of one). gloo on CPU, NCCL on GPU; every collective times out after
+    `cfg.timeout_s` instead of hanging.
+    """
+    if "RANK" not in os.environ:  # plain `python launch/infer.py`: a world of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(cfg.device, local_rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=cfg.timeout_s)
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import deepspeed.comm as dist
+
+    if device.type == "cpu":
+        # DeepSpeed JIT-compiles a shared-memory all-reduce kernel (about 30 s) when its
+        # backend starts on CPU. moe-ep's collectives are all-to-all and P2P, which go
+        # through gloo, so skip that build.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not tdist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    return build_context(cfg, rank, world, device)
+
+
+def build_context(cfg: ParallelConfig, rank: int, world: int, device: torch.device) -> ParallelContext:
+    """Create the EP and DP groups (collective: every rank must call it)."""
+    ep = derive_ep_size(cfg, world)
+    dp = world // ep
+    ep_group = dp_group = None
+    timeout = datetime.timedelta(seconds=cfg.timeout_s)
+    if world > 1:
+        # new_group is collective over the whole world: every rank creates every group.
+        for d in range(dp):
+            g = tdist.new_group(list(range(d * ep, (d + 1) * ep)), timeout=timeout) if ep > 1 else None
+            if rank // ep == d:
+                ep_group = g
+        for e in range(ep):
+            g = tdist.new_group(list(range(e, world, ep)), timeout=timeout) if dp > 1 else None
+            if rank % ep == e:
+                dp_group = g
+    rpn = cfg.ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return ParallelContext(rank=rank, world_size=world, ep_size=ep, ep_rank=rank % ep, ep_group=ep_group,
+                           dp_size=dp, dp_rank=rank // ep, dp_group=dp_group, ranks_per_node=max(1, rpn),
+                           device=device, timeout_s=cfg.timeout_s)
+
+
+def shutdown() -> None:
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def context_for_tests(rank: int, world: int, ep_size: Optional[int] = None) -> ParallelContext:
+    """A context over an already initialised gloo world (used by spawned test ranks)."""
+    return build_context(ParallelConfig(ep_size=ep_size, timeout_s=60.0), rank, world, torch.device("cpu"))

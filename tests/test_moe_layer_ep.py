@@ -1,0 +1,110 @@
+"""EP = 1, 2, 4 (and EP 2 x DP 2) against the single-process dense reference."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from moe_ep.config import MoEConfig
+from moe_ep.experts import init_expert_weights
+from moe_ep.layer import MoELayer
+from moe_ep.parallel import context_for_tests
+from moe_ep.stats import ExpertLoadCounter
+from mp import run_ranks
+from reference import logical_weights, reference_moe
+
+H, F, SEED = 32, 24, 7
+TOL = 2e-5
+
+
+def make_layer(cfg: MoEConfig, ctx, redundant: int, layer_idx: int = 0) -> MoELayer:
+    torch.manual_seed(1234)  # the same router and shared weights on every rank
+    layer = MoELayer(H, cfg, ctx, num_redundant=redundant, layer_idx=layer_idx)
+    torch.nn.init.normal_(layer.router.gate.weight, std=0.5)
+    if layer.shared is not None:
+        torch.nn.init.normal_(layer.shared.w13, std=H ** -0.5)
+        torch.nn.init.normal_(layer.shared.w2, std=F ** -0.5)
+    layer.load_expert_weights(lambda e: init_expert_weights(SEED, layer_idx, e, H, F))
+    return layer
+
+
+def random_placement(E: int, R: int, gen: torch.Generator) -> torch.Tensor:
+    """Every expert once, the redundant slots random experts, all shuffled."""
+    extra = torch.randint(0, E, (R - E,), generator=gen)
+    ids = torch.cat([torch.arange(E), extra])
+    return ids[torch.randperm(R, generator=gen)]
+
+
+def check(layer: MoELayer, x: torch.Tensor, what: str) -> None:
+    w13, w2 = logical_weights(SEED, layer.layer_idx, layer.cfg.num_experts, H, F)
+    ref = reference_moe(x, layer.router, w13, w2, layer.shared)
+    out = layer(x)
+    assert out.shape == x.shape, what
+    assert torch.isfinite(out).all(), what
+    err = (out - ref).abs().max().item() if x.numel() else 0.0
+    assert err < TOL, f"{what}: max abs diff {err}"
+
+
+CASES = [
+    # name, MoEConfig kwargs, redundant slots per EP rank, tokens per rank (by rank)
+    ("top2-shared", dict(num_experts=8, top_k=2, num_shared_experts=1), 0, [37, 64, 5, 11]),
+    ("top1", dict(num_experts=8, top_k=1), 0, [13, 7, 29, 3]),
+    ("top8-sigmoid-groups", dict(num_experts=16, top_k=8, score_func="sigmoid", n_group=4, topk_group=2,
+                                 route_scale=2.5), 0, [17, 19, 23, 1]),
+    ("top4-no-renorm", dict(num_experts=16, top_k=4, renormalize=False), 0, [31, 0, 9, 50]),
+]
+
+
+def _ranks_equivalence(rank: int, world: int, ep_size: int) -> None:
+    ctx = context_for_tests(rank, world, ep_size)
+    gen = torch.Generator().manual_seed(99)
+    for name, kw, redundant_per_rank, tokens in CASES:
+        cfg = MoEConfig(expert_hidden_size=F, **kw)
+        for redundant in (0, redundant_per_rank + ep_size, 2 * ep_size):
+            layer = make_layer(cfg, ctx, redundant)
+            x = torch.randn(tokens[rank % len(tokens)], H, generator=torch.Generator().manual_seed(rank))
+            check(layer, x, f"{name} contiguous R+{redundant}")
+            for trial in range(2):  # random placements, including replicas, installed at run time
+                phy2log = random_placement(cfg.num_experts, layer.num_slots, gen)
+                layer.set_placement(phy2log, lambda e: init_expert_weights(SEED, 0, e, H, F))
+                check(layer, x, f"{name} random placement {trial} R+{redundant} {phy2log.tolist()}")
+
+
+def _ranks_edge_cases(rank: int, world: int, ep_size: int) -> None:
+    ctx = context_for_tests(rank, world, ep_size)
+    cfg = MoEConfig(num_experts=8, top_k=1, expert_hidden_size=F, num_shared_experts=1)
+    layer = make_layer(cfg, ctx, redundant=0)
+    # All tokens to expert 0: only rank 0's slot gets work; the other ranks receive nothing.
+    with torch.no_grad():
+        layer.router.gate.weight.zero_()
+        layer.router.gate.weight[0] = 10.0
+    x = torch.rand(23 + rank, H, generator=torch.Generator().manual_seed(rank)) + 0.1
+    check(layer, x, "all tokens to one expert")
+    counter = ExpertLoadCounter(1, cfg.num_experts, torch.device("cpu"))
+    layer.stats = counter
+    layer(x)
+    assert counter.counts[0].tolist() == [x.shape[0]] + [0] * 7
+    # The hot expert replicated on every rank: each rank keeps its tokens local.
+    if ctx.ep_size > 1:
+        layer2 = make_layer(cfg, ctx, redundant=ctx.ep_size)
+        layer2.router.gate.weight.data.copy_(layer.router.gate.weight)
+        phy2log = torch.arange(8 + ctx.ep_size) % 8
+        per = layer2.slots_per_rank
+        for r in range(ctx.ep_size):  # put a replica of expert 0 on every rank
+            phy2log[r * per], phy2log[8 + r] = 0, phy2log[r * per].item()
+        layer2.set_placement(phy2log, lambda e: init_expert_weights(SEED, 0, e, H, F))
+        check(layer2, x, "hot expert replicated on every rank")
+    # Zero tokens on this rank only, then on every rank.
+    check(layer, torch.randn(0 if rank == 1 else 9, H), "zero tokens on rank 1")
+    check(layer, torch.randn(0, H), "zero tokens everywhere")
+
+
+@pytest.mark.parametrize("world,ep_size", [(1, 1), (2, 2), (4, 4), (4, 2)])
+def test_ep_matches_dense_reference(world, ep_size):
+    run_ranks(world, _ranks_equivalence, ep_size)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_edge_cases(world):
+    run_ranks(world, _ranks_edge_cases, world)
