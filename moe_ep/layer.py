@@ -12,7 +12,7 @@ from .experts import DenseMLP, GroupedExperts
 from .parallel import ParallelContext, check_layout
 from .router import Router
 from .placement import Placement, assign_slots, contiguous_placement, make_placement, replica_choices
-from .stats import ExpertLoadCounter
+from .stats import ExpertLoadStats
 from .timing import PhaseTimer, maybe_phase
 
 # expert id -> (w13 [H, 2F], w2 [F, H]) of that logical expert
@@ -40,7 +40,7 @@ class MoELayer(nn.Module):
         self.experts = GroupedExperts(self.slots_per_rank, hidden_size, cfg.expert_hidden_size, dtype, dev)
         self.shared = (DenseMLP(hidden_size, cfg.num_shared_experts * cfg.expert_hidden_size, dtype, dev)
                        if cfg.num_shared_experts else None)
-        self.stats: Optional[ExpertLoadCounter] = None
+        self.stats: Optional[ExpertLoadStats] = None
         self.timer: Optional[PhaseTimer] = None
         self.placement: Placement = contiguous_placement(cfg.num_experts, num_redundant, ctx.ep_size)
         self._install_routing(self.placement)

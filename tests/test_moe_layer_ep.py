@@ -10,7 +10,7 @@ from moe_ep.config import MoEConfig
 from moe_ep.experts import init_expert_weights
 from moe_ep.layer import MoELayer
 from moe_ep.parallel import context_for_tests
-from moe_ep.stats import ExpertLoadCounter
+from moe_ep.stats import ExpertLoadStats
 from mp import run_ranks
 from reference import logical_weights, reference_moe
 
@@ -81,10 +81,10 @@ def _ranks_edge_cases(rank: int, world: int, ep_size: int) -> None:
         layer.router.gate.weight[0] = 10.0
     x = torch.rand(23 + rank, H, generator=torch.Generator().manual_seed(rank)) + 0.1
     check(layer, x, "all tokens to one expert")
-    counter = ExpertLoadCounter(1, cfg.num_experts, torch.device("cpu"))
+    counter = ExpertLoadStats(1, cfg.num_experts, torch.device("cpu"))
     layer.stats = counter
     layer(x)
-    assert counter.counts[0].tolist() == [x.shape[0]] + [0] * 7
+    assert counter.counts.sum(dim=(0, 1))[0].tolist() == [x.shape[0]] + [0] * 7
     # The hot expert replicated on every rank: each rank keeps its tokens local.
     if ctx.ep_size > 1:
         layer2 = make_layer(cfg, ctx, redundant=ctx.ep_size)
