@@ -1,0 +1,190 @@
+"""MoE-layer benchmarks: moe-ep vs DeepSpeed-MoE (`deepspeed.moe.layer.MoE`) on the same
+sizes, the same gate weights and the same expert weights, in one run.
+
+    # 2 CPU ranks (the table in docs/benchmarks.md)
+    deepspeed --num_gpus 2 launch/bench.py layer --tokens 2048 --hidden 256 --expert-hidden 192
+    # one GPU, the HunyuanImage-like shape
+    python launch/bench.py layer --device cuda --dtype bfloat16 --tokens 8192 --hidden 4096 --expert-hidden 3072
+
+Prints one table row per system (median forward time, max over ranks per iteration), and
+checks that both systems compute the same function (relative error of the outputs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from moe_ep.config import MoEConfig, ParallelConfig  # noqa: E402
+from moe_ep.experts import init_expert_weights, swiglu  # noqa: E402
+from moe_ep.layer import MoELayer  # noqa: E402
+from moe_ep.parallel import init_distributed  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class SwiGLUExpert(nn.Module):
+    """One expert as DeepSpeed-MoE wants it (a module it deep-copies per local expert)."""
+
+    def __init__(self, hidden: int, inner: int, dtype):
+        super().__init__()
+        self.w13 = nn.Parameter(torch.zeros(hidden, 2 * inner, dtype=dtype), requires_grad=False)
+        self.w2 = nn.Parameter(torch.zeros(inner, hidden, dtype=dtype), requires_grad=False)
+
+    def forward(self, x):
+        return swiglu(x, self.w13, self.w2)
+
+
+def skewed_gate_(gate_weight: torch.Tensor, s: float, seed: int) -> None:
+    """ANCHORS.md recipe: channel 0 of the input is 1; its gate weights are a Zipf log-bias
+    -s*log(rank) over a random expert order, so every token carries the same bias."""
+    E = gate_weight.shape[0]
+    order = torch.randperm(E, generator=torch.Generator().manual_seed(seed + 1))
+    bias = -s * torch.log(torch.arange(1, E + 1, dtype=torch.float32))
+    gate_weight[order, 0] = bias.to(gate_weight.dtype)
+
+
+def make_input(tokens: int, hidden: int, rank: int, dtype, device, skew: float) -> torch.Tensor:
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(100 + rank))
+    if skew:
+        x[:, 0] = 1.0
+    return x.to(device=device, dtype=dtype)
+
+
+def expert_load_ratio(ids: torch.Tensor, num_experts: int, group) -> float:
+    """max / mean expert load over the EP group."""
+    counts = torch.bincount(ids.flatten().cpu(), minlength=num_experts).to(torch.float64)
+    if group is not None:
+        dist.all_reduce(counts, group=group)
+    return float(counts.max() / counts.mean().clamp_min(1e-9))
+
+
+def time_forward(fn, x, iters: int, warmup: int, device) -> list[float]:
+    """Per-iteration milliseconds, the max over ranks (a forward ends when the slowest rank ends)."""
+    times = []
+    for i in range(warmup + iters):
+        if dist.is_initialized():
+            dist.barrier()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = torch.tensor([(time.perf_counter() - t0) * 1e3], dtype=torch.float64)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        if i >= warmup:
+            times.append(float(elapsed))
+    return times
+
+
+def build_deepspeed_moe(args, ctx, gate_weight, dtype, drop_tokens: bool):
+    from deepspeed.moe.layer import MoE
+
+    moe = MoE(args.hidden, SwiGLUExpert(args.hidden, args.expert_hidden, dtype), num_experts=args.experts,
+              ep_size=ctx.ep_size, k=args.top_k, capacity_factor=1.0, eval_capacity_factor=1.0,
+              min_capacity=0, drop_tokens=drop_tokens)
+    moe.set_deepspeed_parallelism()
+    moe.eval()
+    moe.deepspeed_moe.gate.wg.weight.data.copy_(gate_weight.float())
+    local = args.experts // ctx.ep_size
+    for i, expert in enumerate(moe.deepspeed_moe.experts.deepspeed_experts):
+        w13, w2 = init_expert_weights(args.seed, 0, ctx.ep_rank * local + i, args.hidden, args.expert_hidden, dtype)
+        expert.w13.data.copy_(w13)
+        expert.w2.data.copy_(w2)
+    return moe.to(ctx.device)
+
+
+def bench_layer(args) -> list[dict]:
+    ctx = init_distributed(ParallelConfig(device=args.device, timeout_s=600))
+    dtype = DTYPES[args.dtype]
+    torch.manual_seed(0)
+    cfg = MoEConfig(num_experts=args.experts, top_k=args.top_k, expert_hidden_size=args.expert_hidden,
+                    score_func="softmax", renormalize=True)
+    ours = MoELayer(args.hidden, cfg, ctx, num_redundant=0, dtype=dtype)
+    gate = torch.randn(args.experts, args.hidden, generator=torch.Generator().manual_seed(args.seed)) * 0.02
+    if args.skew:
+        skewed_gate_(gate, args.skew, args.seed)
+    ours.router.gate.weight.data.copy_(gate.to(dtype))
+    ours.load_expert_weights(lambda e: init_expert_weights(args.seed, 0, e, args.hidden, args.expert_hidden, dtype))
+    x = make_input(args.tokens, args.hidden, ctx.rank, dtype, ctx.device, args.skew)
+    with torch.no_grad():
+        _, ids = ours.router(x)
+    load_ratio = expert_load_ratio(ids, args.experts, ctx.ep_group)
+
+    rows = []
+    systems = [("moe-ep (dropless)", lambda t: ours(t))]
+    if not args.skip_deepspeed:
+        for drop in ([False, True] if args.with_capacity else [False]):
+            ds = build_deepspeed_moe(args, ctx, gate, dtype, drop_tokens=drop)
+            name = "DeepSpeed-MoE drop_tokens=False" if not drop else "DeepSpeed-MoE capacity 1.0 (drops)"
+            systems.append((name, lambda t, ds=ds: ds(t)[0]))
+    ref = None
+    with torch.no_grad():
+        for name, fn in systems:
+            out = fn(x).float()
+            if ref is None:
+                ref = out
+            rel = float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+            times = time_forward(fn, x, args.iters, args.warmup, ctx.device)
+            rows.append({"system": name, "median_ms": statistics.median(times), "min_ms": min(times),
+                         "rel_err_vs_moe_ep": rel})
+    floor_ms = None
+    if ctx.device.type == "cuda":
+        flops = 2 * 3 * args.tokens * args.top_k * args.hidden * args.expert_hidden
+        floor_ms = flops / (args.peak_tflops * 1e12) * 1e3
+    meta = {"ranks": ctx.world_size, "ep": ctx.ep_size, "device": str(ctx.device), "dtype": args.dtype,
+            "tokens_per_rank": args.tokens, "hidden": args.hidden, "expert_hidden": args.expert_hidden,
+            "experts": args.experts, "top_k": args.top_k, "skew": args.skew,
+            "max_over_mean_expert_load": round(load_ratio, 2), "floor_ms": floor_ms,
+            "threads_per_rank": torch.get_num_threads()}
+    if ctx.is_main:
+        print(json.dumps(meta))
+        base = rows[0]["median_ms"]
+        print(f"{'system':40s} {'median ms':>10s} {'min ms':>9s} {'vs moe-ep':>10s} {'rel err':>9s}")
+        for r in rows:
+            print(f"{r['system']:40s} {r['median_ms']:10.2f} {r['min_ms']:9.2f} {r['median_ms'] / base:9.2f}x "
+                  f"{r['rel_err_vs_moe_ep']:9.1e}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    sub = p.add_subparsers(dest="cmd", required=True)
+    lay = sub.add_parser("layer", help="one MoE layer forward: moe-ep vs DeepSpeed-MoE")
+    lay.add_argument("--tokens", type=int, default=2048, help="tokens per rank")
+    lay.add_argument("--hidden", type=int, default=256)
+    lay.add_argument("--expert-hidden", type=int, default=192)
+    lay.add_argument("--experts", type=int, default=64)
+    lay.add_argument("--top-k", type=int, default=8)
+    lay.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    lay.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    lay.add_argument("--iters", type=int, default=10)
+    lay.add_argument("--warmup", type=int, default=3)
+    lay.add_argument("--skew", type=float, default=0.0, help="Zipf exponent of the gate bias (0: random gate)")
+    lay.add_argument("--seed", type=int, default=0)
+    lay.add_argument("--with-capacity", action="store_true", help="also DeepSpeed with capacity factor 1.0")
+    lay.add_argument("--skip-deepspeed", action="store_true")
+    lay.add_argument("--peak-tflops", type=float, default=781.0, help="dense GEMM rate for the floor (ANCHORS.md)")
+    lay.add_argument("--json", help="also write the rows to this file (rank 0)")
+    args = p.parse_args(argv)
+    if args.cmd == "layer":
+        bench_layer(args)
+
+
+if __name__ == "__main__":
+    main()
