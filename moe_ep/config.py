@@ -49,6 +49,8 @@ class ModelConfig:
     patch_size: int = 2
     text_dim: int = 64                   # width of the prompt encoder's output
     max_prompt_tokens: int = 32
+    text_encoder: str = "builtin"        # "builtin" or "module:function" (docs/model.md)
+    vae_scale_factor: int = 1            # image pixels per latent pixel (the built-in decoder upsamples)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     seed: int = 0                        # initialises the weights when there is no checkpoint
     checkpoint: Optional[str] = None     # safetensors file saved by moe_ep
@@ -198,6 +200,7 @@ def validate(cfg: Config) -> Config:
                         ("model.num_heads", m.num_heads), ("model.moe_every", m.moe_every),
                         ("model.dense_hidden_size", m.dense_hidden_size), ("model.in_channels", m.in_channels),
                         ("model.patch_size", m.patch_size), ("model.text_dim", m.text_dim),
+                        ("model.vae_scale_factor", m.vae_scale_factor),
                         ("model.max_prompt_tokens", m.max_prompt_tokens),
                         ("model.moe.num_experts", moe.num_experts), ("model.moe.top_k", moe.top_k),
                         ("model.moe.expert_hidden_size", moe.expert_hidden_size),
@@ -230,8 +233,11 @@ def validate(cfg: Config) -> Config:
     if m.hidden_size % m.num_heads:
         raise ConfigError("model.num_heads", m.num_heads, f"must divide model.hidden_size ({m.hidden_size})")
     for name, size in [("sampling.height", s.height), ("sampling.width", s.width)]:
-        if size % m.patch_size:
-            raise ConfigError(name, size, f"must be a multiple of model.patch_size ({m.patch_size})")
+        if size % (m.patch_size * m.vae_scale_factor):
+            raise ConfigError(name, size, f"must be a multiple of model.patch_size x model.vae_scale_factor "
+                                          f"({m.patch_size * m.vae_scale_factor})")
+    if m.text_encoder != "builtin" and (m.text_encoder.count(":") != 1 or not all(m.text_encoder.split(":"))):
+        raise ConfigError("model.text_encoder", m.text_encoder, "must be 'builtin' or 'module:function'")
     if e.num_groups > 1 and moe.num_experts % e.num_groups:
         raise ConfigError("eplb.num_groups", e.num_groups,
                           f"must divide model.moe.num_experts ({moe.num_experts})")

@@ -26,7 +26,6 @@ class DispatchPlan:
     recv_splits: list[int]       # rows received from each EP rank
     regroup: torch.Tensor | None  # [M] received row order that groups rows by local slot (None: already)
     local_counts: torch.Tensor   # [S] rows per local slot, on device
-    local_host_counts: list[int]
 
 
 def dispatch(x: torch.Tensor, slots: torch.Tensor, top_k: int, ep_size: int, slots_per_rank: int,
@@ -39,23 +38,22 @@ def dispatch(x: torch.Tensor, slots: torch.Tensor, top_k: int, ep_size: int, slo
     order = torch.argsort(slots, stable=True)                                  # [N]
     send_x = x[order // top_k]                                                 # [N, H]
     slot_counts = count_per_bin(slots, ep_size * slots_per_rank)               # [R]
-    if ep_size == 1:
-        host = slot_counts.tolist()
-        return send_x, DispatchPlan(order, [], [], None, slot_counts, host)
+    if ep_size == 1:  # nothing to exchange, and no host sync
+        return send_x, DispatchPlan(order, [], [], None, slot_counts)
     # Each rank tells every other how many rows it sends to each of that rank's slots.
     recv_counts = torch.empty_like(slot_counts)                                # [ep*S], by source rank
     dist.all_to_all_single(recv_counts, slot_counts, group=group)
     per_source = recv_counts.view(ep_size, slots_per_rank)                     # [ep, S]
     local_counts = per_source.sum(0)                                           # [S]
-    host = torch.cat([slot_counts.view(ep_size, -1).sum(1), per_source.sum(1), local_counts]).tolist()
-    send_splits, recv_splits, local_host = host[:ep_size], host[ep_size:2 * ep_size], host[2 * ep_size:]
+    host = torch.cat([slot_counts.view(ep_size, -1).sum(1), per_source.sum(1)]).tolist()   # the host sync
+    send_splits, recv_splits = host[:ep_size], host[ep_size:]
     recv_x = x.new_empty(sum(recv_splits), x.shape[1])                         # [M, H]
     dist.all_to_all_single(recv_x, send_x, recv_splits, send_splits, group=group)
     # Received rows are ordered (source rank, slot); reorder them to (slot, source rank).
     local_slot = torch.arange(slots_per_rank, device=x.device).repeat(ep_size)  # [ep*S]
     row_slot = torch.repeat_interleave(local_slot, per_source.flatten(), output_size=recv_x.shape[0])
     regroup = torch.argsort(row_slot, stable=True)                             # [M]
-    plan = DispatchPlan(order, send_splits, recv_splits, regroup, local_counts, local_host)
+    plan = DispatchPlan(order, send_splits, recv_splits, regroup, local_counts)
     return recv_x[regroup], plan
 
 
@@ -74,5 +72,6 @@ def combine(y: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan, group) -
         back = y
     copies = torch.empty_like(back)
     copies[plan.order] = back                                                  # [T*k, H] in token order
-    out = (copies.view(T, k, y.shape[1]).float() * weights.unsqueeze(-1)).sum(1)  # [T, H]
-    return out.to(y.dtype)
+    # Weighted sum over k as one batched product: [T, 1, k] @ [T, k, H] -> [T, 1, H].
+    out = torch.bmm(weights.to(y.dtype).unsqueeze(1), copies.view(T, k, y.shape[1]))
+    return out.view(T, y.shape[1])

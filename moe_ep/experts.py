@@ -15,15 +15,16 @@ def expert_seed(seed: int, layer: int, expert: int) -> int:
 
 
 def init_expert_weights(seed: int, layer: int, expert: int, hidden: int, inner: int,
-                        dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+                        dtype: torch.dtype = torch.float32, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Deterministic weights of one logical expert: (w13 [H, 2F], w2 [F, H]).
 
     Any rank can make any expert's weights without holding the others, so a run is
-    reproducible for every placement and EP size.
+    reproducible for every placement and EP size. `device` (default CPU) picks the random
+    generator: values made on a GPU differ from the CPU ones but are as reproducible.
     """
-    g = torch.Generator().manual_seed(expert_seed(seed, layer, expert))
-    w13 = torch.randn(hidden, 2 * inner, generator=g) * hidden ** -0.5      # [H, 2F]
-    w2 = torch.randn(inner, hidden, generator=g) * inner ** -0.5            # [F, H]
+    g = torch.Generator(device=device or "cpu").manual_seed(expert_seed(seed, layer, expert))
+    w13 = torch.randn(hidden, 2 * inner, generator=g, device=device) * hidden ** -0.5   # [H, 2F]
+    w2 = torch.randn(inner, hidden, generator=g, device=device) * inner ** -0.5         # [F, H]
     return w13.to(dtype), w2.to(dtype)
 
 
@@ -46,10 +47,11 @@ def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     return False
 
 
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, counts: list[int]) -> torch.Tensor:
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Rows of group s (x[offsets[s-1]:offsets[s]]) times w[s]: x [M, K], w [S, K, N] -> [M, N]."""
     if grouped_mm_supported(x, w):
         return torch._grouped_mm(x, w, offs=offsets)
+    counts = torch.diff(offsets, prepend=offsets.new_zeros(1)).tolist()   # host sync: fallback only
     return torch.cat([xs @ w[s] for s, xs in enumerate(x.split(counts))])
 
 
@@ -64,14 +66,13 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.zeros(num_slots, inner, hidden, dtype=dtype, device=device),
                                requires_grad=False)
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor, host_counts: list[int]) -> torch.Tensor:
-        """x [M, H] grouped by slot (counts[s] rows for slot s; `counts` [S] on x's device,
-        `host_counts` the same numbers on the host) -> [M, H]."""
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x [M, H] grouped by slot (counts[s] rows for slot s; counts [S] on x's device) -> [M, H]."""
         if x.shape[0] == 0:
             return x.new_empty(0, self.hidden)
         offsets = counts.cumsum(0).to(torch.int32)                                  # [S]
-        gate, up = grouped_mm(x, self.w13, offsets, host_counts).chunk(2, dim=-1)   # [M, F] each
-        return grouped_mm(F.silu(gate) * up, self.w2, offsets, host_counts)        # [M, H]
+        gate, up = grouped_mm(x, self.w13, offsets).chunk(2, dim=-1)               # [M, F] each
+        return grouped_mm(F.silu(gate) * up, self.w2, offsets)                     # [M, H]
 
 
 class DenseMLP(nn.Module):

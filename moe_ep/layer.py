@@ -95,7 +95,7 @@ class MoELayer(nn.Module):
             rows, plan = dispatch(x, slots, self.cfg.top_k, self.ctx.ep_size, self.slots_per_rank,
                                   self.ctx.ep_group)                           # [M, H]
         with maybe_phase(self.timer, "experts"):
-            y = self.experts(rows, plan.local_counts, plan.local_host_counts)  # [M, H]
+            y = self.experts(rows, plan.local_counts)                          # [M, H]
         with maybe_phase(self.timer, "combine"):
             out = combine(y, weights, plan, self.ctx.ep_group)                 # [T, H]
             if self.shared is not None:

@@ -4,16 +4,25 @@ Counts are split by diffusion timestep bucket and by guidance branch (conditiona
 first, unconditional rows second in one batch). Layers only add to device buffers;
 the host sees the numbers when a window closes, after one all-reduce over the EP and
 data-parallel groups -- never per layer.
+
+Files: `save(path)` writes the documented format (docs/formats.md) atomically;
+`load_seed(path)` reads one back (validated against this run's layers and experts)
+to seed planning before the first window closes.
 """
 from __future__ import annotations
 
-from typing import Optional
+import json
+import math
+import os
+import tempfile
+from typing import Any, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 BRANCHES = ("cond", "uncond")
+STATS_FORMAT = "moe-ep.expert-load"
 
 
 class ExpertLoadStats:
@@ -25,6 +34,9 @@ class ExpertLoadStats:
 
     def __init__(self, num_layers: int, num_experts: int, device: torch.device, window_size: int = 8,
                  timestep_buckets: int = 1, top_k: int = 1):
+        if num_layers < 1 or num_experts < 1 or window_size < 1 or timestep_buckets < 1:
+            raise ValueError(f"ExpertLoadStats: num_layers ({num_layers}), num_experts ({num_experts}), "
+                             f"window_size ({window_size}) and timestep_buckets ({timestep_buckets}) must be >= 1")
         self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
         self.window_size, self.timestep_buckets = window_size, timestep_buckets
         self.counts = torch.zeros(timestep_buckets, len(BRANCHES), num_layers, num_experts,
@@ -32,14 +44,23 @@ class ExpertLoadStats:
         self._bucket = 0
         self._cond_rows: Optional[int] = None
         self._forwards_in_window = 0
+        self.forwards = 0                                                   # forward passes seen
         self.windows: list[np.ndarray] = []                                 # closed windows [B, 2, L, E]
+        self.window_forwards: list[np.ndarray] = []                         # [B] forwards per bucket, per window
+        self._bucket_forwards = np.zeros(timestep_buckets, dtype=np.int64)  # [B] open window
         self.seed_load: Optional[np.ndarray] = None                         # [L, E] from an earlier run
+        self.seed_buckets: Optional[np.ndarray] = None                      # [B, L, E] from an earlier run
 
     # ------------------------------------------------------------ recording
+    def bucket_of(self, timestep: float) -> int:
+        """Timestep in [0, 1] -> bucket index (values outside are clamped)."""
+        t = 0.0 if timestep is None or not math.isfinite(float(timestep)) else float(timestep)
+        return max(0, min(int(t * self.timestep_buckets), self.timestep_buckets - 1))
+
     def begin_forward(self, timestep: float = 0.0, cond_rows: Optional[int] = None) -> None:
         """Before a forward: `timestep` in [0, 1] picks the bucket; the first `cond_rows`
         rows of every MoE layer's input are the conditional branch (None: all of them)."""
-        self._bucket = min(int(timestep * self.timestep_buckets), self.timestep_buckets - 1)
+        self._bucket = self.bucket_of(timestep)
         self._cond_rows = cond_rows
 
     def record(self, layer: int, expert_ids: torch.Tensor) -> None:
@@ -54,8 +75,11 @@ class ExpertLoadStats:
     def end_forward(self, groups=()) -> bool:
         """After a forward. Every `window_size` forwards, all-reduce the window over
         `groups` (the EP and DP groups; None entries are skipped), store it, start a new
-        one, and return True."""
+        one, and return True. Collective when it closes a window: every rank calls it
+        after every forward."""
         self._forwards_in_window += 1
+        self.forwards += 1
+        self._bucket_forwards[self._bucket] += 1
         if self._forwards_in_window < self.window_size:
             return False
         self.close_window(groups)
@@ -67,15 +91,22 @@ class ExpertLoadStats:
             if group is not None:
                 dist.all_reduce(window, group=group)
         self.windows.append(window.cpu().numpy())
+        self.window_forwards.append(self._bucket_forwards.copy())
+        self._bucket_forwards[:] = 0
         self.counts.zero_()
         self._forwards_in_window = 0
+
+    @property
+    def window_open(self) -> bool:
+        """True when forwards were recorded since the last window closed."""
+        return self._forwards_in_window > 0
 
     # ------------------------------------------------------------ views
     def last_window_load(self) -> Optional[np.ndarray]:
         """[L, E] load of the last closed window (all buckets and branches), or the seed."""
         if self.windows:
             return self.windows[-1].sum(axis=(0, 1)).astype(np.float64)
-        return self.seed_load
+        return None if self.seed_load is None else self.seed_load.copy()
 
     def total(self) -> np.ndarray:
         """[B, 2, L, E] over all closed windows."""
@@ -83,12 +114,22 @@ class ExpertLoadStats:
             return np.zeros(tuple(self.counts.shape), dtype=np.int64)
         return np.sum(self.windows, axis=0)
 
+    def bucket_load(self) -> Optional[np.ndarray]:
+        """[B, L, E] float64: load per timestep bucket over all closed windows plus the seed
+        (None when there is neither)."""
+        out = None
+        if self.windows:
+            out = self.total().sum(axis=1).astype(np.float64)
+        if self.seed_buckets is not None:
+            out = self.seed_buckets.copy() if out is None else out + self.seed_buckets
+        return out
+
     def to_json(self) -> dict:
         """The documented stats format (docs/formats.md)."""
         total = self.total()
         edges = np.linspace(0.0, 1.0, self.timestep_buckets + 1)
         return {
-            "format": "moe-ep.expert-load", "version": 1,
+            "format": STATS_FORMAT, "version": 1,
             "num_layers": self.num_layers, "num_experts": self.num_experts, "top_k": self.top_k,
             "window_size": self.window_size,
             "load": total.sum(axis=(0, 1)).tolist(),
@@ -97,3 +138,99 @@ class ExpertLoadStats:
                                   "load": total[b].sum(axis=0).tolist()} for b in range(self.timestep_buckets)],
             "branches": {name: total[:, i].sum(axis=0).tolist() for i, name in enumerate(BRANCHES)},
         }
+
+    # ------------------------------------------------------------ files
+    def save(self, path: str) -> None:
+        """Write `to_json()` atomically: a temp file in the same folder, then os.replace."""
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".stats-", suffix=".json.tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.to_json(), f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def load_seed(self, path: str) -> dict:
+        """Read a stats file written by `save` (or by another run) and use its load as the
+        seed: `last_window_load()` returns it until a window closes, and its timestep
+        buckets (when their count matches) add to `bucket_load()`.
+
+        Raises ValueError naming the file and the field before changing anything.
+        """
+        data = read_stats_file(path, self.num_layers, self.num_experts)
+        self.seed_load = np.asarray(data["load"], dtype=np.float64)
+        buckets = data.get("timestep_buckets")
+        if isinstance(buckets, list) and len(buckets) == self.timestep_buckets:
+            self.seed_buckets = np.stack([np.asarray(b["load"], dtype=np.float64) for b in buckets])
+        else:
+            self.seed_buckets = None
+        return data
+
+
+def _load_matrix(value: Any, num_layers: int, num_experts: int, where: str, path: str) -> np.ndarray:
+    """Check a [num_layers][num_experts] list of non-negative finite numbers."""
+    def bad(msg):
+        return ValueError(f"stats file {path}: field '{where}' {msg}")
+    if not isinstance(value, list) or len(value) != num_layers:
+        n = len(value) if isinstance(value, list) else type(value).__name__
+        raise bad(f"must be a list of {num_layers} layers (this run's MoE layers), got {n}")
+    for l, row in enumerate(value):
+        if not isinstance(row, list) or len(row) != num_experts:
+            n = len(row) if isinstance(row, list) else type(row).__name__
+            raise bad(f"[{l}] must list {num_experts} experts (this run's num_experts), got {n}")
+        for e, v in enumerate(row):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise bad(f"[{l}][{e}] = {v!r}: must be a non-negative finite number")
+    return np.asarray(value, dtype=np.float64)
+
+
+def read_stats_file(path: str, num_layers: int, num_experts: int) -> dict:
+    """Parse and validate a stats file against the run; raises ValueError naming the field."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"stats file {path}: not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"stats file {path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"stats file {path}: must be a JSON object")
+    if data.get("format", STATS_FORMAT) != STATS_FORMAT:
+        raise ValueError(f"stats file {path}: field 'format' = {data.get('format')!r}, expected {STATS_FORMAT!r}")
+    if data.get("version", 1) != 1:
+        raise ValueError(f"stats file {path}: field 'version' = {data.get('version')!r}, only 1 is supported")
+    for name, want in (("num_layers", num_layers), ("num_experts", num_experts)):
+        if name in data and data[name] != want:
+            raise ValueError(f"stats file {path}: field '{name}' = {data[name]!r} but this run has {want}")
+    if "load" not in data:
+        raise ValueError(f"stats file {path}: field 'load' is missing")
+    _load_matrix(data["load"], num_layers, num_experts, "load", path)
+    windows = data.get("windows")
+    if windows is not None:
+        if not isinstance(windows, list):
+            raise ValueError(f"stats file {path}: field 'windows' must be a list")
+        for i, w in enumerate(windows):
+            if not isinstance(w, dict) or "load" not in w:
+                raise ValueError(f"stats file {path}: field 'windows[{i}]' must be an object with 'load'")
+            _load_matrix(w["load"], num_layers, num_experts, f"windows[{i}].load", path)
+    buckets = data.get("timestep_buckets")
+    if buckets is not None:
+        if not isinstance(buckets, list):
+            raise ValueError(f"stats file {path}: field 'timestep_buckets' must be a list")
+        for i, b in enumerate(buckets):
+            if not isinstance(b, dict) or "load" not in b:
+                raise ValueError(f"stats file {path}: field 'timestep_buckets[{i}]' must be an object with 'load'")
+            _load_matrix(b["load"], num_layers, num_experts, f"timestep_buckets[{i}].load", path)
+    branches = data.get("branches")
+    if branches is not None:
+        if not isinstance(branches, dict):
+            raise ValueError(f"stats file {path}: field 'branches' must be an object")
+        for name, value in branches.items():
+            _load_matrix(value, num_layers, num_experts, f"branches.{name}", path)
+    return data

@@ -1,0 +1,68 @@
+"""Latents -> RGB uint8 -> PNG files (a small, fixed, deterministic stand-in for a VAE decoder).
+
+Decoder: a fixed linear map latent channels -> RGB (from `torch.Generator(DECODER_SEED)`, rows
+normalised so a unit-variance latent gives unit-variance colour), nearest-neighbour upsampling
+by `vae_scale_factor`, then `255 * (tanh(x) + 1) / 2` rounded to uint8. It depends on nothing
+but the number of channels, so the same latents always give the same pixels.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+import torch
+
+DECODER_SEED = 1234
+
+
+def decoder_matrix(channels: int) -> torch.Tensor:
+    """[3, C] float64 latent -> RGB map."""
+    g = torch.Generator().manual_seed(DECODER_SEED)
+    m = torch.randn(3, channels, generator=g, dtype=torch.float64)
+    return m / m.norm(dim=1, keepdim=True)
+
+
+def decode_latents(latents: torch.Tensor, vae_scale_factor: int = 1) -> np.ndarray:
+    """latents [B, C, h, w] -> images [B, h*f, w*f, 3] uint8 (computed in float64 on the CPU)."""
+    x = latents.detach().to("cpu", torch.float64)
+    rgb = torch.einsum("rc,bchw->brhw", decoder_matrix(x.shape[1]), x)      # [B, 3, h, w]
+    if vae_scale_factor > 1:
+        rgb = rgb.repeat_interleave(vae_scale_factor, 2).repeat_interleave(vae_scale_factor, 3)
+    img = torch.round(127.5 * (torch.tanh(rgb) + 1.0)).clamp(0, 255).to(torch.uint8)
+    return img.permute(0, 2, 3, 1).contiguous().numpy()                    # [B, H, W, 3]
+
+
+def save_png(image: np.ndarray, path: str) -> None:
+    """Write [H, W, 3] uint8 to `path` atomically (temp file in the same folder, then os.replace)."""
+    from PIL import Image
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            Image.fromarray(np.ascontiguousarray(image)).save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(data, path: str) -> None:
+    """json.dump to `path` atomically."""
+    import json
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,97 @@
+"""Rectified-flow (flow-matching) Euler sampling with classifier-free guidance.
+
+Convention (SD3 / FLUX): x_t = (1 - t) * x_0 + t * noise, t = 1 is pure noise, the model
+predicts the velocity v = noise - x_0, and Euler steps go from t = 1 to t = 0:
+x_{t'} = x_t + (t' - t) * v. `shift` warps the schedule toward the noisy end
+(t -> shift*t / (1 + (shift - 1)*t)).
+
+With guidance (`guidance_scale > 1`, as in diffusers) the conditional and unconditional
+halves run in one batch, conditional rows FIRST: v = v_u + g * (v_c - v_u).
+Initial noise for prompt i is drawn on the CPU from `torch.Generator(seed_i)`, so an image
+depends only on its prompt and seed -- not on the batch it was in or the EP size.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .dit import MoEDiT
+from .text import PromptEncoder
+
+# hook(step_index, timestep in [0, 1], info) called before / after every transformer forward;
+# info: {"batch": prompts in the batch, "cond_rows": MoE input rows of the conditional half
+# (None without guidance), "rows": all MoE input rows}
+ForwardHook = Callable[[int, float, dict], None]
+
+
+class FlowMatchEulerScheduler:
+    """diffusers' FlowMatchEulerDiscreteScheduler, the parts inference needs."""
+
+    def __init__(self, shift: float = 1.0):
+        self.shift = shift
+        self.sigmas = torch.tensor([1.0, 0.0])
+        self.timesteps = self.sigmas[:-1]
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        s = torch.linspace(1.0, 0.0, num_inference_steps + 1, dtype=torch.float64)
+        s = self.shift * s / (1 + (self.shift - 1) * s)
+        self.sigmas = s.float()                     # [steps + 1], 1 -> 0
+        self.timesteps = self.sigmas[:-1]           # [steps] the t each forward sees
+
+    def step(self, velocity: torch.Tensor, step_index: int, sample: torch.Tensor) -> torch.Tensor:
+        dt = self.sigmas[step_index + 1] - self.sigmas[step_index]
+        return sample + dt * velocity
+
+
+class MoEDiTPipeline:
+    """prompts -> latents, named like a diffusers pipeline."""
+
+    def __init__(self, transformer: MoEDiT, prompt_encoder: PromptEncoder, scheduler: FlowMatchEulerScheduler):
+        self.transformer, self.prompt_encoder, self.scheduler = transformer, prompt_encoder, scheduler
+        self.device = transformer.ctx.device
+
+    def encode_prompt(self, prompt: Sequence[str], negative_prompt: str, do_cfg: bool):
+        """-> (emb [B or 2B, T, D], mask [B or 2B, T]); conditional rows first."""
+        texts = list(prompt) + ([negative_prompt] * len(prompt) if do_cfg else [])
+        return self.prompt_encoder(texts)
+
+    def prepare_latents(self, seeds: Sequence[int], height: int, width: int) -> torch.Tensor:
+        """[B, C, h, w] float32 on the device; noise of prompt i from torch.Generator(seeds[i]) on the CPU."""
+        cfg = self.transformer.cfg
+        h, w = height // cfg.vae_scale_factor, width // cfg.vae_scale_factor
+        noise = [torch.randn(cfg.in_channels, h, w, generator=torch.Generator().manual_seed(s)) for s in seeds]
+        out = torch.stack(noise) if noise else torch.zeros(0, cfg.in_channels, h, w)
+        return out.to(self.device)
+
+    @torch.no_grad()
+    def __call__(self, prompt: Sequence[str], negative_prompt: str = "", num_inference_steps: int = 8,
+                 guidance_scale: float = 4.0, height: int = 32, width: int = 32,
+                 seeds: Optional[Sequence[int]] = None,
+                 callback_on_forward_begin: Optional[ForwardHook] = None,
+                 callback_on_forward_end: Optional[ForwardHook] = None) -> torch.Tensor:
+        """Sample latents [B, C, h, w] (float32, on the device). An empty `prompt` list runs the
+        same forwards with no rows (so this rank still takes part in the EP all-to-alls)."""
+        B = len(prompt)
+        seeds = list(range(B)) if seeds is None else list(seeds)
+        do_cfg = guidance_scale > 1.0
+        text, text_mask = self.encode_prompt(prompt, negative_prompt, do_cfg)
+        latents = self.prepare_latents(seeds, height, width)                     # [B, C, h, w]
+        p = self.transformer.cfg.patch_size
+        n_tokens = (latents.shape[2] // p) * (latents.shape[3] // p)
+        info = {"batch": B, "cond_rows": B * n_tokens if do_cfg else None,
+                "rows": B * n_tokens * (2 if do_cfg else 1)}
+        self.scheduler.set_timesteps(num_inference_steps)
+        for i, t in enumerate(self.scheduler.timesteps.tolist()):
+            model_in = torch.cat([latents, latents]) if do_cfg else latents     # [2B or B, C, h, w]
+            t_vec = torch.full((model_in.shape[0],), t, device=self.device)
+            if callback_on_forward_begin is not None:
+                callback_on_forward_begin(i, t, info)
+            v = self.transformer(model_in, t_vec, text, text_mask).float()
+            if callback_on_forward_end is not None:
+                callback_on_forward_end(i, t, info)
+            if do_cfg:
+                v_cond, v_uncond = v.chunk(2)
+                v = v_uncond + guidance_scale * (v_cond - v_uncond)
+            latents = self.scheduler.step(v, i, latents)
+        return latents
