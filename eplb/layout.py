@@ -48,9 +48,11 @@ def slots_from_packing(item_expert: torch.Tensor, pack: torch.Tensor, rank: torc
 
 def rank_within_pack(pack: torch.Tensor, num_packs: int) -> torch.Tensor:
     """Position of each item among the items of its pack (in item order). ``pack [B, m]`` -> ``[B, m]``."""
-    onehot = torch.nn.functional.one_hot(pack, num_packs)  # [B, m, P]
-    before = onehot.cumsum(1) - onehot  # [B, m, P]
-    return before.gather(2, pack.unsqueeze(-1)).squeeze(-1)
+    B, m = pack.shape
+    order = torch.sort(pack * m + torch.arange(m), dim=-1).indices  # [B, m] items grouped by pack
+    sizes = torch.zeros(B, num_packs, dtype=torch.int64).scatter_add_(1, pack, torch.ones_like(pack))
+    start = (sizes.cumsum(-1) - sizes).gather(1, pack.gather(1, order))  # [B, m]
+    return torch.empty_like(pack).scatter_(1, order, torch.arange(m) - start)
 
 
 def log2phy_from_phy2log(phy2log: torch.Tensor, num_logical: int, max_replicas: int | None = None):

@@ -26,19 +26,19 @@ def greedy_packing(items: torch.Tensor, num_packs: int):
     B, m = items.shape
     k = m // num_packs
     order = torch.sort(items, dim=-1, descending=True, stable=True).indices  # [B, m]
-    rows = torch.arange(B)
-    loads = torch.zeros(B, num_packs, dtype=items.dtype)  # [B, P]
+    srt = items.gather(1, order)  # [B, m] heaviest first
+    loads = torch.zeros(B, num_packs, dtype=items.dtype)  # [B, P]; full packs are set to +inf
     fill = torch.zeros(B, num_packs, dtype=torch.int64)  # [B, P]
-    pack = torch.empty(B, m, dtype=torch.int64)
-    rank = torch.empty(B, m, dtype=torch.int64)
-    inf = torch.tensor(float("inf"), dtype=items.dtype)
+    ones = torch.ones(B, 1, dtype=torch.int64)
+    pack_sorted = torch.empty(B, m, dtype=torch.int64)  # [B, m] pack of the i-th heaviest item
     for i in range(m):
-        it = order[:, i]  # [B]
-        p = torch.where(fill < k, loads, inf).argmin(-1)  # [B]
-        pack[rows, it] = p
-        rank[rows, it] = fill[rows, p]
-        loads[rows, p] += items[rows, it]
-        fill[rows, p] += 1
+        p = loads.argmin(-1, keepdim=True)  # [B, 1] first lightest pack with room
+        pack_sorted[:, i : i + 1] = p
+        loads.scatter_add_(1, p, srt[:, i : i + 1])
+        fill.scatter_add_(1, p, ones)
+        loads.masked_fill_(fill == k, float("inf"))
+    pack = torch.empty_like(pack_sorted).scatter_(1, order, pack_sorted)
+    rank = torch.empty_like(pack_sorted).scatter_(1, order, rank_within_pack(pack_sorted, num_packs))
     return pack, rank
 
 
@@ -79,11 +79,12 @@ def differencing_packing(items: torch.Tensor, num_packs: int):
     return pack, rank_within_pack(pack, P)
 
 
-def refine_swaps(items: torch.Tensor, pack: torch.Tensor, num_packs: int, max_iters: int | None = None):
+def refine_swaps(items: torch.Tensor, pack: torch.Tensor, num_packs: int, max_iters: int | None = None,
+                 partners: int | None = 16):
     """Local search: swap one item of the heaviest pack with one item of another pack.
 
-    Each iteration evaluates, for every row at once, all swaps between the heaviest pack and every
-    other pack (a ``[B, P, k, k]`` tensor) and applies the one giving the smallest new maximum of the
+    Each iteration evaluates, for every row at once, all swaps between the heaviest pack and each
+    of the ``partners`` lightest packs (all packs when None; a ``[B, partners, k, k]`` tensor) and applies the one giving the smallest new maximum of the
     two packs, if it is strictly below the current maximum. Stops when no row improves.
     ``items, pack [B, m]`` -> ``(pack [B, m], rank [B, m])``; pack sizes are preserved and no row's
     maximum pack load ever increases.
@@ -100,13 +101,19 @@ def refine_swaps(items: torch.Tensor, pack: torch.Tensor, num_packs: int, max_it
     flat_idx, flat_W = idx.view(B, m), W.view(B, m)
     inf = torch.tensor(float("inf"), dtype=items.dtype)
     active = torch.arange(B)
+    t = P if partners is None else min(P, partners)
     for _ in range(max_iters):
         Wa = W[active]  # [A, P, k]
         load = Wa.sum(-1)  # [A, P]
         top, h = load.max(-1)  # [A]
         Wh = Wa[torch.arange(len(active)), h]  # [A, k]
-        delta = Wh[:, None, :, None] - Wa[:, :, None, :]  # [A, P, k, k]
-        new = torch.maximum(top[:, None, None, None] - delta, load[:, :, None, None] + delta)
+        if t < P:
+            light, cand = load.topk(t, dim=-1, largest=False)  # [A, t]
+            Wc = Wa.gather(1, cand.unsqueeze(-1).expand(-1, -1, k))  # [A, t, k]
+        else:
+            light, cand, Wc = load, None, Wa
+        delta = Wh[:, None, :, None] - Wc[:, :, None, :]  # [A, t, k, k]
+        new = torch.maximum(top[:, None, None, None] - delta, light[:, :, None, None] + delta)
         new = torch.where(delta > 0, new, inf)
         best, where = new.view(len(active), -1).min(-1)  # [A]
         ok = best < top * (1 - 1e-12)
@@ -114,6 +121,8 @@ def refine_swaps(items: torch.Tensor, pack: torch.Tensor, num_packs: int, max_it
             break
         r, h, where = active[ok], h[ok], where[ok]
         g, i, j = where // (k * k), (where // k) % k, where % k
+        if cand is not None:
+            g = cand[ok].gather(1, g.unsqueeze(1)).squeeze(1)
         a_pos, b_pos = h * k + i, g * k + j  # flat positions of the two items
         wa, wb = flat_W[r, a_pos].clone(), flat_W[r, b_pos].clone()
         ia, ib = flat_idx[r, a_pos].clone(), flat_idx[r, b_pos].clone()

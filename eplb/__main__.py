@@ -1,0 +1,6 @@
+"""``python -m eplb``."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

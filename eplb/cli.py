@@ -1,0 +1,66 @@
+"""Command line: ``python -m eplb plan ...`` and ``python -m eplb bench [--quick]``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .io import load_placement, load_stats, save_placement
+from .metrics import plan_balancedness
+from .rebalance import rebalance_experts
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m eplb", description="Expert-parallel load balancing planner")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    plan = sub.add_parser("plan", help="plan a placement from a stats file")
+    plan.add_argument("--stats", required=True, help="expert-load stats file (docs/formats.md)")
+    plan.add_argument("--replicas", type=int, required=True, help="physical slots per layer R")
+    plan.add_argument("--groups", type=int, default=1, help="expert groups G (hierarchical when G %% N == 0)")
+    plan.add_argument("--nodes", type=int, default=1, help="nodes N")
+    plan.add_argument("--gpus", type=int, required=True, help="GPUs P (EP ranks)")
+    plan.add_argument("--policy", default="default", choices=["default", "greedy", "greedy_reference"])
+    plan.add_argument("--out", help="placement file to write (atomically)")
+    plan.add_argument("--previous", help="current placement file: keep experts in place where possible")
+    bench = sub.add_parser("bench", help="compare greedy and default on synthetic loads")
+    bench.add_argument("--quick", action="store_true", help="fewer, smaller cases")
+    return p
+
+
+def _plan(args) -> int:
+    stats = load_stats(args.stats)
+    load = stats["load"]  # [L, E]
+    L, E = load.shape
+    prev = None
+    if args.previous:
+        prev = load_placement(args.previous)
+        if prev.shape != (L, args.replicas):
+            raise ValueError(f"--previous: phy2log shape {prev.shape} does not match ({L}, {args.replicas})")
+    opts = dict(policy=args.policy, previous_phy2log=prev)
+    phy2log, _, logcnt = rebalance_experts(load, args.replicas, args.groups, args.nodes, args.gpus, **opts)
+    P = args.gpus
+    if args.replicas == E:
+        contiguous = [list(range(E))] * L  # [L, E] expert e in slot e
+        print(f"balancedness before (contiguous, no replicas): {plan_balancedness(load, contiguous, P):.4f}")
+    if args.policy != "greedy":
+        greedy, _, _ = rebalance_experts(load, args.replicas, args.groups, args.nodes, args.gpus, policy="greedy")
+        print(f"balancedness greedy: {plan_balancedness(load, greedy, P):.4f}")
+    print(f"balancedness after ({args.policy}): {plan_balancedness(load, phy2log, P):.4f}")
+    if prev is not None:
+        moved = int((phy2log.numpy() != prev).sum())
+        print(f"experts moved vs --previous: {moved} of {prev.size} slots")
+    if args.out:
+        save_placement(args.out, phy2log, args.gpus, args.nodes, num_experts=E)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.cmd == "plan":
+            return _plan(args)
+        from .bench import main as bench_main
+        return bench_main(quick=args.quick)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

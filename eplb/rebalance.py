@@ -1,0 +1,85 @@
+"""``rebalance_experts``: the drop-in entry point (same call and outputs as DeepSeek's ``eplb.py``)."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .checks import as_load_tensor, check_topology
+from .greedy import greedy_plan, greedy_reference
+from .layout import log2phy_from_phy2log
+from .movement import minimize_movement
+from .policy import default_plan
+
+POLICIES = ("default", "greedy", "greedy_reference")
+
+
+@contextlib.contextmanager
+def _threads(n: int | None):
+    """Run with ``n`` intra-op torch threads (restored after); the planner's tensors are tiny, and
+    thread hand-offs cost more than they save."""
+    if n is None:
+        yield
+        return
+    prev = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
+def check_placement(phy2log, num_layers: int, num_experts: int, num_replicas: int, name: str = "previous_phy2log") -> torch.Tensor:
+    """Validate a placement ``[L, R]`` (ints in ``[0, E)``); returns it as int64. ValueError names ``name``."""
+    p = phy2log if isinstance(phy2log, torch.Tensor) else torch.as_tensor(phy2log)
+    if p.is_floating_point() or p.is_complex() or p.dtype == torch.bool:
+        raise ValueError(f"{name}: expected integers, got dtype {p.dtype}")
+    p = p.to("cpu", torch.int64)
+    if tuple(p.shape) != (num_layers, num_replicas):
+        raise ValueError(f"{name}: expected shape {(num_layers, num_replicas)}, got {tuple(p.shape)}")
+    if bool((p < 0).any()) or bool((p >= num_experts).any()):
+        raise ValueError(f"{name}: logical expert ids must be in [0, {num_experts})")
+    return p.contiguous()
+
+
+def rebalance_experts(weight, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int, *,
+                      policy: str = "default", previous_phy2log=None, num_threads: int | None = 1):
+    """Plan a placement of replicated experts on GPUs.
+
+    Inputs:
+        weight: ``[layers, logical_experts]`` loads (torch tensor, numpy array or nested lists),
+            finite and non-negative.
+        num_replicas: physical slots per layer ``R`` (``>= logical_experts``, divisible by ``num_gpus``).
+        num_groups: expert groups (consecutive logical ids). When ``num_groups % num_nodes == 0`` the
+            hierarchical policy is used: all replicas of a group's experts live on one node and every
+            node holds ``num_groups / num_nodes`` groups; otherwise the global policy (1 node, 1 group).
+        num_nodes: nodes; their GPUs are consecutive.
+        num_gpus: GPUs ``P``; GPU ``g`` owns slots ``g*R/P .. (g+1)*R/P - 1``.
+        policy: ``"default"`` (never worse than greedy on ``weight``, much better when skewed),
+            ``"greedy"`` (the published baseline, vectorised) or ``"greedy_reference"`` (the same, as
+            per-layer Python loops).
+        previous_phy2log: optional current placement ``[layers, R]``; the plan's GPUs and slots are
+            relabelled so that as many slots as possible keep their expert (balance is unchanged).
+        num_threads: torch intra-op threads while planning (restored after); None leaves them alone.
+
+    Returns ``(phy2log [L, R], log2phy [L, E, R - E + 1] (-1 padded), logcnt [L, E])``, int64 tensors.
+    Raises ValueError naming the offending argument for invalid input.
+    """
+    w = as_load_tensor(weight)  # [L, E] float64
+    L, E = w.shape
+    R, G, N, P, hierarchical = check_topology(E, num_replicas, num_groups, num_nodes, num_gpus)
+    g, n = (G, N) if hierarchical else (1, 1)
+    if policy not in POLICIES:
+        raise ValueError(f"policy: expected one of {POLICIES}, got {policy!r}")
+    prev = None if previous_phy2log is None else check_placement(previous_phy2log, L, E, R)
+    with _threads(num_threads):
+        if policy == "default":
+            phy2log = default_plan(w, R, g, n, P)
+        elif policy == "greedy":
+            phy2log = greedy_plan(w, R, g, n, P)
+        else:
+            phy2log = greedy_reference(w.numpy(), R, g, n, P)
+        if prev is not None:
+            phy2log = minimize_movement(phy2log, prev, P, n)
+        log2phy, logcnt = log2phy_from_phy2log(phy2log, E)
+    return phy2log, log2phy, logcnt
