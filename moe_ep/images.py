@@ -1,8 +1,9 @@
 """Latents -> RGB uint8 -> PNG files (a small, fixed, deterministic stand-in for a VAE decoder).
 
 Decoder: a fixed linear map latent channels -> RGB (from `torch.Generator(DECODER_SEED)`, rows
-normalised so a unit-variance latent gives unit-variance colour), nearest-neighbour upsampling
-by `vae_scale_factor`, then `255 * (tanh(x) + 1) / 2` rounded to uint8. It depends on nothing
+scaled to norm DECODER_GAIN so guided latents, whose std is a few units, stay mostly out of
+tanh saturation), nearest-neighbour upsampling by `vae_scale_factor`, then
+`255 * (tanh(x) + 1) / 2` rounded to uint8. It depends on nothing
 but the number of channels, so the same latents always give the same pixels.
 """
 from __future__ import annotations
@@ -14,13 +15,14 @@ import numpy as np
 import torch
 
 DECODER_SEED = 1234
+DECODER_GAIN = 0.3  # guided samples have latent std of a few units; keep tanh out of saturation
 
 
 def decoder_matrix(channels: int) -> torch.Tensor:
     """[3, C] float64 latent -> RGB map."""
     g = torch.Generator().manual_seed(DECODER_SEED)
     m = torch.randn(3, channels, generator=g, dtype=torch.float64)
-    return m / m.norm(dim=1, keepdim=True)
+    return DECODER_GAIN * m / m.norm(dim=1, keepdim=True)
 
 
 def decode_latents(latents: torch.Tensor, vae_scale_factor: int = 1) -> np.ndarray:
