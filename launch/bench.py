@@ -88,6 +88,11 @@ def time_forward(fn, x, iters: int, warmup: int, device) -> list[float]:
     return times
 
 
+def init_device(ctx):
+    """Make expert weights on the GPU when there is one (CPU generation of 64 large experts is slow)."""
+    return ctx.device if ctx.device.type == "cuda" else None
+
+
 def build_deepspeed_moe(args, ctx, gate_weight, dtype, drop_tokens: bool):
     from deepspeed.moe.layer import MoE
 
@@ -99,7 +104,8 @@ def build_deepspeed_moe(args, ctx, gate_weight, dtype, drop_tokens: bool):
     moe.deepspeed_moe.gate.wg.weight.data.copy_(gate_weight.float())
     local = args.experts // ctx.ep_size
     for i, expert in enumerate(moe.deepspeed_moe.experts.deepspeed_experts):
-        w13, w2 = init_expert_weights(args.seed, 0, ctx.ep_rank * local + i, args.hidden, args.expert_hidden, dtype)
+        w13, w2 = init_expert_weights(args.seed, 0, ctx.ep_rank * local + i, args.hidden, args.expert_hidden, dtype,
+                                      init_device(ctx))
         expert.w13.data.copy_(w13)
         expert.w2.data.copy_(w2)
     return moe.to(ctx.device)
@@ -116,7 +122,8 @@ def bench_layer(args) -> list[dict]:
     if args.skew:
         skewed_gate_(gate, args.skew, args.seed)
     ours.router.gate.weight.data.copy_(gate.to(dtype))
-    ours.load_expert_weights(lambda e: init_expert_weights(args.seed, 0, e, args.hidden, args.expert_hidden, dtype))
+    ours.load_expert_weights(lambda e: init_expert_weights(args.seed, 0, e, args.hidden, args.expert_hidden, dtype,
+                                                           init_device(ctx)))
     x = make_input(args.tokens, args.hidden, ctx.rank, dtype, ctx.device, args.skew)
     with torch.no_grad():
         _, ids = ours.router(x)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .config import MoEConfig
 
@@ -23,7 +24,9 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (weights [T, k] float32, expert ids [T, k] int64)."""
         cfg = self.cfg
-        logits = self.gate(x).float()                                    # [T, E]
+        # Scores in float32 (as DeepSpeed and DeepSeek do): bf16 logits would flip near-ties
+        # and route tokens differently from a float32 reference.
+        logits = F.linear(x.float(), self.gate.weight.float())           # [T, E]
         scores = logits.softmax(-1) if cfg.score_func == "softmax" else logits.sigmoid()
         choose_from = scores
         if cfg.n_group > 1:

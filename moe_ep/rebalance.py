@@ -1,0 +1,543 @@
+"""Online expert-parallel load balancing: stats window -> plan -> transfer -> atomic swap.
+
+Sequence of one rebalance attempt (all ranks of the world call `after_forward` after
+every forward pass of the transformer; see docs/eplb_runtime.md):
+
+1. The statistics window is all-reduced over the EP and DP groups when it closes, so
+   every rank holds the same load matrix.
+2. Rank 0 of each EP group plans with the planner (`eplb.rebalance_experts`) from that
+   window, with the current placement as `previous_phy2log`; it checks the predicted
+   gain against `min_gain` and broadcasts [status, phy2log] over its EP group. Each DP
+   replica's EP group plans on its own from identical inputs; the final agreement step
+   checks that all replicas ended up with the same placement.
+3. Every rank computes the same transfer plan (`transfer.plan_transfers`), takes its
+   local copies and send buffers from the OLD weights, and votes go/no-go (EP
+   all-reduce) before any P2P message is posted.
+4. `batch_isend_irecv` moves the weights into staging buffers.
+5. Agreement: one all-reduce (EP, then DP) of [failed, hash, -hash]. Only when no rank
+   failed and every rank proposes the same placement does every rank copy staging into
+   the live weights and call `layer.set_placement`. Otherwise the old placement stays.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+import traceback
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .config import EplbConfig
+from .parallel import ParallelContext
+from .placement import make_placement
+from .stats import ExpertLoadStats
+from .transfer import Transfer, plan_transfers, summarize
+
+Planner = Callable[..., tuple]
+
+GO, SKIP, FAILED = 1, 2, 0
+PLACEMENT_FORMAT = "moe-ep.placement"
+
+
+# ------------------------------------------------------------ metrics (numpy, host)
+
+def gpu_load(load: np.ndarray, phy2log: np.ndarray, ep_size: int) -> np.ndarray:
+    """load [L, E], phy2log [L, R] -> [L, ep_size]: an expert's load split evenly over its replicas."""
+    load = np.asarray(load, dtype=np.float64)
+    p2l = np.asarray(phy2log, dtype=np.int64)
+    L, E = load.shape
+    cnt = np.stack([np.bincount(p2l[l], minlength=E) for l in range(L)])          # [L, E]
+    per_slot = np.take_along_axis(load / np.maximum(cnt, 1), p2l, axis=1)          # [L, R]
+    return per_slot.reshape(L, ep_size, -1).sum(-1)
+
+
+def balancedness(load: np.ndarray, phy2log: np.ndarray, ep_size: int) -> np.ndarray:
+    """[L] mean GPU load / max GPU load per layer (1.0 for a layer without load)."""
+    g = gpu_load(load, phy2log, ep_size)
+    mx = g.max(-1)
+    return np.where(mx > 0, g.mean(-1) / np.where(mx > 0, mx, 1.0), 1.0)
+
+
+def _summary(bal: np.ndarray) -> dict:
+    return {"mean": float(np.mean(bal)), "min": float(np.min(bal))}
+
+
+def placement_hash(phy2log: torch.Tensor) -> int:
+    """A deterministic 52-bit fingerprint of a placement (exact in float64 too)."""
+    p = torch.as_tensor(phy2log, dtype=torch.int64).flatten().cpu()
+    coef = (torch.arange(p.numel(), dtype=torch.int64) * 2654435761 + 97) % 1000003 + 1
+    return int(((p + 1) * coef).sum().item() % (1 << 52))
+
+
+# ------------------------------------------------------------ placement helpers
+
+def align_to_previous(old: torch.Tensor, new: torch.Tensor, ep_size: int, ranks_per_node: int) -> torch.Tensor:
+    """Renumber a plan so that experts stay where they are, without changing any GPU's load.
+
+    1. GPUs of one node are interchangeable for the hierarchical planner, so the new
+       contents of the GPUs of a node are assigned to that node's GPUs to maximise the
+       number of (expert) copies already there (Hungarian method, per layer and node).
+    2. Within a GPU, slots are interchangeable: an expert already in some slot of that
+       GPU keeps that slot.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    old = torch.as_tensor(old, dtype=torch.int64).cpu()
+    new = torch.as_tensor(new, dtype=torch.int64).cpu()
+    L, R = new.shape
+    per = R // ep_size
+    rpn = max(1, min(ranks_per_node, ep_size))
+    if ep_size % rpn:
+        rpn = ep_size
+    out = new.clone()
+    E = int(max(old.max(), new.max())) + 1
+    for l in range(L):
+        o = old[l].view(ep_size, per)
+        n = new[l].view(ep_size, per)
+        oc = torch.stack([torch.bincount(o[g], minlength=E) for g in range(ep_size)])   # [G, E]
+        nc = torch.stack([torch.bincount(n[g], minlength=E) for g in range(ep_size)])
+        rows = n.clone()
+        for node in range(ep_size // rpn):
+            gs = list(range(node * rpn, (node + 1) * rpn))
+            overlap = torch.minimum(oc[gs].unsqueeze(1), nc[gs].unsqueeze(0)).sum(-1)  # [old g, new g]
+            src_i, dst_j = linear_sum_assignment(-overlap.numpy())
+            for i, j in zip(src_i, dst_j):
+                rows[gs[i]] = n[gs[j]]
+        for g in range(ep_size):
+            remaining: dict[int, int] = {}
+            for e in rows[g].tolist():
+                remaining[e] = remaining.get(e, 0) + 1
+            slot = [None] * per
+            for i, e in enumerate(o[g].tolist()):
+                if remaining.get(e, 0) > 0:
+                    slot[i] = e
+                    remaining[e] -= 1
+            rest = sorted(e for e, c in remaining.items() for _ in range(c))
+            for i in range(per):
+                if slot[i] is None:
+                    slot[i] = rest.pop(0)
+            out[l, g * per:(g + 1) * per] = torch.tensor(slot, dtype=torch.int64)
+    return out
+
+
+def read_placement_file(path: str, num_layers: int, num_experts: int, num_slots: int,
+                        ep_size: int) -> torch.Tensor:
+    """Parse and validate a `python -m eplb plan` placement file against this run.
+
+    Returns phy2log [L, R] int64; raises ValueError naming the file and the field.
+    """
+    def bad(field_name, msg):
+        return ValueError(f"placement file {path}: field '{field_name}' {msg}")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"placement file {path}: not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"placement file {path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"placement file {path}: must be a JSON object")
+    if data.get("format", PLACEMENT_FORMAT) != PLACEMENT_FORMAT:
+        raise bad("format", f"= {data.get('format')!r}, expected {PLACEMENT_FORMAT!r}")
+    if data.get("version", 1) != 1:
+        raise bad("version", f"= {data.get('version')!r}, only 1 is supported")
+    for name, want, what in (("num_layers", num_layers, "MoE layers"), ("num_experts", num_experts, "experts"),
+                             ("num_replicas", num_slots, "physical slots per layer (experts + redundant)"),
+                             ("num_gpus", ep_size, "EP ranks")):
+        if name in data and data[name] != want:
+            raise bad(name, f"= {data[name]!r} but this run has {want} {what}")
+    p2l = data.get("phy2log")
+    if not isinstance(p2l, list) or len(p2l) != num_layers:
+        raise bad("phy2log", f"must be a list of {num_layers} layers")
+    for l, row in enumerate(p2l):
+        if not isinstance(row, list) or len(row) != num_slots:
+            raise bad(f"phy2log[{l}]", f"must list {num_slots} slots")
+        for s, v in enumerate(row):
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < num_experts:
+                raise bad(f"phy2log[{l}][{s}]", f"= {v!r}: must be an expert id in [0, {num_experts})")
+        missing = sorted(set(range(num_experts)) - set(row))
+        if missing:
+            raise bad(f"phy2log[{l}]", f"has no slot for experts {missing}; every expert needs one")
+    return torch.tensor(p2l, dtype=torch.int64)
+
+
+def _default_planner():
+    import eplb  # the planner package; imported late so the runtime starts without it
+    return eplb.rebalance_experts
+
+
+# ------------------------------------------------------------ the rebalancer
+
+class Rebalancer:
+    """Owns the statistics window cadence and the placement of `layers` (see module doc).
+
+    planner(weight [L, E], num_replicas, num_groups, num_nodes, num_gpus, policy=...,
+    previous_phy2log=...) -> (phy2log [L, R], log2phy, logcnt); default `eplb.rebalance_experts`.
+
+    Options for tests and benchmarks: `force` (rebalance at every interval whatever the
+    predicted gain), `fault_hook(stage)` (called on every rank at "plan" (EP rank 0
+    only), "prepare", "send", "received"; raising there is a failure of that stage),
+    `transfer_timeout_s`, `bandwidth_bytes_per_s` (first guess for the timestep-aware cost
+    model before a transfer was measured), `moe_time_fraction` (share of a forward's time
+    spent in MoE layers, for the same model).
+    """
+
+    def __init__(self, layers: list, ctx: ParallelContext, cfg: EplbConfig, stats: ExpertLoadStats,
+                 planner: Optional[Planner] = None, *, force: bool = False,
+                 fault_hook: Optional[Callable[[str], None]] = None, transfer_timeout_s: Optional[float] = None,
+                 bandwidth_bytes_per_s: float = 1e9, moe_time_fraction: float = 1.0):
+        if not layers:
+            raise ValueError("Rebalancer needs at least one MoE layer")
+        idx = sorted(layer.layer_idx for layer in layers)
+        if idx != list(range(len(layers))):
+            raise ValueError(f"MoE layers must have layer_idx 0..{len(layers) - 1} (stats rows); got {idx}")
+        self.layers = sorted(layers, key=lambda m: m.layer_idx)
+        first = self.layers[0]
+        self.num_experts, self.num_slots = first.cfg.num_experts, first.num_slots
+        if any(m.num_slots != self.num_slots or m.cfg.num_experts != self.num_experts for m in self.layers):
+            raise ValueError("all MoE layers must have the same experts and slots")
+        if stats.num_layers != len(layers) or stats.num_experts != self.num_experts:
+            raise ValueError(f"stats has {stats.num_layers} layers x {stats.num_experts} experts; "
+                             f"the model has {len(layers)} x {self.num_experts}")
+        self.ctx, self.cfg, self.stats = ctx, cfg, stats
+        for m in self.layers:
+            if m.stats is None:
+                m.stats = stats
+        self._planner = planner
+        self.force, self.fault_hook = force, fault_hook
+        self.transfer_timeout_s = transfer_timeout_s
+        self.bandwidth = float(bandwidth_bytes_per_s)       # bytes/s per rank, updated by measurements
+        self.overhead_s = 0.0                               # fixed cost of a switch, measured
+        self.moe_time_fraction = moe_time_fraction
+        self.events: list[dict] = []
+        self._pending_measure: list[dict] = []              # events waiting for the next clean window
+        self._forwards = 0
+        self._attempts = 0
+        self._ep_src = 0 if ctx.ep_group is None else dist.get_global_rank(ctx.ep_group, 0)
+        # timestep-aware state
+        self.phase_plans: Optional[torch.Tensor] = None    # [B, L, R]
+        self._last_after = None
+        self._fwd_time = None                               # EMA of seconds per forward
+        self._run_bucket, self._run_len = None, 0
+        self._run_lengths: dict[int, list[int]] = {}
+
+    # ------------------------------------------------------------ small helpers
+    @property
+    def groups(self):
+        return (self.ctx.ep_group, self.ctx.dp_group)
+
+    def current_phy2log(self) -> torch.Tensor:
+        """[L, R] int64: the placement in effect."""
+        return torch.stack([m.placement.phy2log for m in self.layers])
+
+    def _planner_fn(self) -> Planner:
+        if self._planner is None:
+            self._planner = _default_planner()
+        return self._planner
+
+    def _all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.MAX, groups=None) -> torch.Tensor:
+        for g in (self.groups if groups is None else groups):
+            if g is not None:
+                dist.all_reduce(t, op=op, group=g)
+        return t
+
+    def _broadcast_from_ep0(self, t: torch.Tensor) -> torch.Tensor:
+        if self.ctx.ep_group is not None:
+            dist.broadcast(t, src=self._ep_src, group=self.ctx.ep_group)
+        return t
+
+    def _broadcast_text(self, text: str) -> str:
+        if self.ctx.ep_group is None:
+            return text
+        box = [text]
+        dist.broadcast_object_list(box, src=self._ep_src, group=self.ctx.ep_group)
+        return box[0]
+
+    def _new_event(self, forward_idx: int, trigger: str) -> dict:
+        return {"forward_idx": int(forward_idx), "trigger": trigger, "status": None, "ok": False,
+                "reason": "", "experts_moved": 0, "remote_moves": 0, "local_copies": 0, "bytes_moved": 0,
+                "time_ms": 0.0, "balancedness_before": None, "balancedness_after": None,
+                "measured_balancedness": None}
+
+    def _validate_plan(self, phy2log) -> torch.Tensor:
+        p = torch.as_tensor(phy2log, dtype=torch.int64).cpu()
+        want = (len(self.layers), self.num_slots)
+        if tuple(p.shape) != want:
+            raise ValueError(f"planner returned phy2log of shape {tuple(p.shape)}, expected {want}")
+        for l in range(p.shape[0]):
+            make_placement(p[l], self.num_experts, self.ctx.ep_size, f"planned phy2log[{l}]")
+        return p
+
+    # ------------------------------------------------------------ main entry
+    def after_forward(self, forward_idx: int, timestep: float = 0.0,
+                      next_timestep: Optional[float] = None) -> Optional[dict]:
+        """Call on every rank after every forward pass of the transformer (collective).
+
+        Closes the statistics window when it is due (do not call `stats.end_forward`
+        yourself), fills in measured balancedness of earlier events, and every
+        `cfg.interval` forwards attempts a rebalance. With `cfg.timestep_aware` it
+        replans per-timestep-bucket placements at the interval and switches placement
+        when the bucket of `next_timestep` (default: this forward's `timestep`) has a
+        placement whose predicted saving beats the cost of moving weights.
+        Returns the event dict of an attempt made now, else None.
+        """
+        now = time.perf_counter()
+        if self._last_after is not None:
+            dt = now - self._last_after
+            self._fwd_time = dt if self._fwd_time is None else 0.8 * self._fwd_time + 0.2 * dt
+        self._track_bucket_runs(self.stats.bucket_of(timestep))
+        self._forwards += 1
+        if self.stats.end_forward(self.groups):
+            self._on_window_closed()
+        event = None
+        if self.cfg.enabled:
+            aware = self.cfg.timestep_aware and self.stats.timestep_buckets > 1
+            if self._forwards % self.cfg.interval == 0:
+                event = self.plan_phases(forward_idx) if aware else self.rebalance_now(forward_idx)
+            if aware and self.phase_plans is not None:
+                nxt = timestep if next_timestep is None else next_timestep
+                ev = self._maybe_switch_phase(forward_idx, self.stats.bucket_of(nxt))
+                event = ev or event
+        self._last_after = time.perf_counter()   # time spent rebalancing is not forward time
+        return event
+
+    def _on_window_closed(self) -> None:
+        load = self.stats.windows[-1].sum(axis=(0, 1)).astype(np.float64)
+        still = []
+        for ev in self._pending_measure:
+            if ev.pop("_skip_windows", 0) > 0:
+                still.append(ev)
+                continue
+            ev["measured_balancedness"] = _summary(balancedness(load, self.current_phy2log().numpy(),
+                                                                self.ctx.ep_size))
+        self._pending_measure = still
+
+    # ------------------------------------------------------------ periodic rebalance
+    def rebalance_now(self, forward_idx: int = -1, trigger: str = "interval",
+                      load: Optional[np.ndarray] = None) -> Optional[dict]:
+        """Plan from `load` (default: the last closed window, or the stats seed) and move.
+        Collective over the world. Returns the event, or None when there is no load yet."""
+        load = self.stats.last_window_load() if load is None else np.asarray(load, dtype=np.float64)
+        if load is None:
+            return None
+        t0 = time.perf_counter()
+        ev = self._new_event(forward_idx, trigger)
+        old = self.current_phy2log()
+        L, R = old.shape
+        msg = torch.zeros(2 + L * R, dtype=torch.int64)       # [status, unused, phy2log...]
+        reason = ""
+        if self.ctx.ep_rank == 0:
+            try:
+                if self.fault_hook is not None:
+                    self.fault_hook("plan")
+                out = self._planner_fn()(torch.tensor(load, dtype=torch.float64), self.num_slots,
+                                         self.cfg.num_groups, self.ctx.num_nodes, self.ctx.ep_size,
+                                         policy=self.cfg.policy, previous_phy2log=old.clone())
+                new = self._validate_plan(out[0] if isinstance(out, (tuple, list)) else out)
+                new = align_to_previous(old, new, self.ctx.ep_size, self.ctx.ranks_per_node)
+                before = balancedness(load, old.numpy(), self.ctx.ep_size).mean()
+                after = balancedness(load, new.numpy(), self.ctx.ep_size).mean()
+                if torch.equal(new, old):
+                    status, reason = SKIP, "placement unchanged"
+                elif self.force or after - before >= self.cfg.min_gain:
+                    status = GO
+                else:
+                    status = SKIP
+                    reason = f"predicted gain {after - before:.4f} < min_gain {self.cfg.min_gain}"
+                msg[2:] = new.flatten()
+            except Exception as err:  # planning failed: keep the old placement
+                status, reason = FAILED, f"planning failed: {type(err).__name__}: {err}"
+                traceback.print_exc()
+            msg[0] = status
+        self._broadcast_from_ep0(msg)
+        status = int(msg[0])
+        if status != GO:
+            reason = self._broadcast_text(reason)
+        new = msg[2:].view(L, R).clone() if status != FAILED else old
+        ev["balancedness_before"] = _summary(balancedness(load, old.numpy(), self.ctx.ep_size))
+        if status != FAILED:
+            ev["balancedness_after"] = _summary(balancedness(load, new.numpy(), self.ctx.ep_size))
+        return self._execute(ev, old, new if status == GO else old, failed=status == FAILED,
+                             reason=reason, status_if_noop="failed" if status == FAILED else "skipped", t0=t0)
+
+    # ------------------------------------------------------------ transfer + agreement
+    def _execute(self, ev: dict, old: torch.Tensor, new: torch.Tensor, failed: bool, reason: str,
+                 status_if_noop: str, t0: float) -> dict:
+        """Move weights for old -> new (when they differ), agree, swap or keep. Collective."""
+        self._attempts += 1
+        moving = not failed and not torch.equal(new, old)
+        transfer, st, t_p2p = None, None, 0.0
+        if moving:
+            moves = plan_transfers(old, new, self.ctx.ep_size)
+            st = summarize(moves, self.layers, self.ctx.ep_rank, self.ctx.ep_size)
+            transfer = Transfer(self.layers, moves, self.ctx.ep_rank, self.ctx.ep_group,
+                                tag=1 + self._attempts % 30000, timeout_s=self.transfer_timeout_s,
+                                fault_hook=self.fault_hook)
+            ok = 1
+            try:
+                transfer.prepare()
+            except Exception as err:
+                ok, reason = 0, f"prepare failed on EP rank {self.ctx.ep_rank}: {type(err).__name__}: {err}"
+            # go/no-go before any message is posted: a peer that cannot send must not leave
+            # the others waiting on a receive.
+            flag = self._all_reduce(torch.tensor([ok], dtype=torch.int64), dist.ReduceOp.MIN,
+                                    groups=(self.ctx.ep_group,))
+            if int(flag[0]) == 1:
+                try:
+                    tp = time.perf_counter()
+                    transfer.run()
+                    t_p2p = time.perf_counter() - tp
+                except Exception as err:
+                    ok, reason = 0, f"transfer failed on EP rank {self.ctx.ep_rank}: {type(err).__name__}: {err}"
+            else:
+                ok = 0
+                reason = reason or "prepare failed on another EP rank"
+            failed = not ok
+        # agreement: every rank of the world (EP then DP) sees [failed, hash, -hash]
+        proposal = new if moving else old
+        h = placement_hash(proposal)
+        vote = self._all_reduce(torch.tensor([int(failed), h, -h], dtype=torch.int64))
+        any_failed, same = int(vote[0]) == 1, int(vote[1]) == -int(vote[2])
+        if moving and not any_failed and same:
+            transfer.commit(new)
+            ev["status"], ev["ok"] = "ok", True
+            ev["_skip_windows"] = 1 if self.stats.window_open else 0
+            self._pending_measure.append(ev)
+            if st.max_rank_bytes and t_p2p > 0:
+                self.bandwidth = st.max_rank_bytes / t_p2p if self.bandwidth is None else \
+                    0.5 * self.bandwidth + 0.5 * st.max_rank_bytes / t_p2p
+        else:
+            if transfer is not None:
+                transfer.staging.clear()
+            if moving and not any_failed and not same:
+                reason = "replicas of the data-parallel group proposed different placements"
+            elif moving and any_failed and not failed:
+                reason = reason or "failed on another rank"
+            ev["status"] = "failed" if (any_failed or (moving and not same)) else status_if_noop
+            if ev["status"] == "failed" and status_if_noop == "skipped" and not moving:
+                reason = reason or "failed on another data-parallel replica"
+        ev["reason"] = reason
+        if st is not None and ev["ok"]:
+            ev.update(experts_moved=st.experts_moved, remote_moves=st.remote_moves,
+                      local_copies=st.local_copies, bytes_moved=st.bytes_moved)
+        elif st is not None:
+            ev["attempted"] = {"experts_moved": st.experts_moved, "bytes_moved": st.bytes_moved}
+        ev["time_ms"] = (time.perf_counter() - t0) * 1e3
+        if st is not None and ev["ok"]:
+            self.overhead_s = max(0.0, ev["time_ms"] / 1e3 - st.max_rank_bytes / max(self.bandwidth, 1.0))
+        self.events.append(ev)
+        return ev
+
+    # ------------------------------------------------------------ static placement
+    def load_placement_file(self, path: str) -> dict:
+        """Install a placement planned offline (`python -m eplb plan`). Collective.
+
+        Every rank reads and validates the file against this run (layers, experts, slots,
+        EP size) before any work; if it is bad on any rank, every rank raises ValueError.
+        Weights move from their current holders like in a rebalance.
+        """
+        err, new = None, None
+        try:
+            new = read_placement_file(path, len(self.layers), self.num_experts, self.num_slots, self.ctx.ep_size)
+        except ValueError as e:
+            err = e
+        flag = self._all_reduce(torch.tensor([0 if err is None else 1], dtype=torch.int64))
+        if err is not None:
+            raise err
+        if int(flag[0]):
+            raise ValueError(f"placement file {path}: invalid on another rank (see its log)")
+        t0 = time.perf_counter()
+        ev = self._new_event(-1, "placement_file")
+        old = self.current_phy2log()
+        load = self.stats.last_window_load()
+        if load is not None:
+            ev["balancedness_before"] = _summary(balancedness(load, old.numpy(), self.ctx.ep_size))
+            ev["balancedness_after"] = _summary(balancedness(load, new.numpy(), self.ctx.ep_size))
+        return self._execute(ev, old, new, failed=False, reason="", status_if_noop="skipped", t0=t0)
+
+    # ------------------------------------------------------------ timestep-aware placement
+    def _track_bucket_runs(self, bucket: int) -> None:
+        if bucket == self._run_bucket:
+            self._run_len += 1
+            return
+        if self._run_bucket is not None:
+            self._run_lengths.setdefault(self._run_bucket, []).append(self._run_len)
+        self._run_bucket, self._run_len = bucket, 1
+
+    def forwards_per_phase(self, bucket: int) -> float:
+        """Mean number of consecutive forwards spent in `bucket` (observed)."""
+        runs = self._run_lengths.get(bucket, [])[-8:]
+        if not runs:
+            return float(max(self._run_len if bucket == self._run_bucket else 1, 1))
+        return float(np.mean(runs))
+
+    def plan_phases(self, forward_idx: int = -1) -> Optional[dict]:
+        """EP rank 0 plans one placement per timestep bucket from the bucketed load and
+        broadcasts them; nothing moves here (switches happen at bucket boundaries)."""
+        bl = self.stats.bucket_load()                          # [B, L, E]
+        if bl is None:
+            return None
+        B = bl.shape[0]
+        old = self.current_phy2log()
+        L, R = old.shape
+        msg = torch.zeros(1 + B * L * R, dtype=torch.int64)
+        reason = ""
+        if self.ctx.ep_rank == 0:
+            try:
+                if self.fault_hook is not None:
+                    self.fault_hook("plan")
+                plans, prev = [None] * B, old
+                total = bl.sum(0)
+                for b in reversed(range(B)):                   # sampling runs from t=1 down to t=0
+                    w = bl[b] if bl[b].sum() > 0 else total
+                    out = self._planner_fn()(torch.tensor(w, dtype=torch.float64), self.num_slots,
+                                             self.cfg.num_groups, self.ctx.num_nodes, self.ctx.ep_size,
+                                             policy=self.cfg.policy, previous_phy2log=prev.clone())
+                    p = self._validate_plan(out[0] if isinstance(out, (tuple, list)) else out)
+                    plans[b] = prev = align_to_previous(prev, p, self.ctx.ep_size, self.ctx.ranks_per_node)
+                msg[1:] = torch.stack(plans).flatten()
+                msg[0] = GO
+            except Exception as err:
+                msg[0], reason = FAILED, f"phase planning failed: {type(err).__name__}: {err}"
+                traceback.print_exc()
+        self._broadcast_from_ep0(msg)
+        if int(msg[0]) == FAILED:
+            reason = self._broadcast_text(reason)
+            ev = self._new_event(forward_idx, "phase_plan")
+            ev.update(status="failed", reason=reason)
+            self.events.append(ev)
+            return ev
+        self.phase_plans = msg[1:].view(B, L, R).clone()
+        return None
+
+    def _maybe_switch_phase(self, forward_idx: int, bucket: int) -> Optional[dict]:
+        """Switch to the placement of `bucket` if the predicted saving over the phase
+        beats the cost of moving the weights (decision agreed over the world)."""
+        new = self.phase_plans[bucket]
+        old = self.current_phy2log()
+        if torch.equal(new, old):
+            return None
+        bl = self.stats.bucket_load()
+        load = bl[bucket]
+        bal_old = balancedness(load, old.numpy(), self.ctx.ep_size)
+        bal_new = balancedness(load, new.numpy(), self.ctx.ep_size)
+        # MoE time per forward ~ max GPU load ~ 1 / balancedness (mean load fixed)
+        t_moe = (self._fwd_time or 0.0) * self.moe_time_fraction
+        ratio = float(np.mean(bal_old / np.maximum(bal_new, 1e-12)))
+        saved = max(0.0, t_moe * (1.0 - ratio)) * self.forwards_per_phase(bucket)
+        moves = plan_transfers(old, new, self.ctx.ep_size)
+        st = summarize(moves, self.layers, self.ctx.ep_rank, self.ctx.ep_size)
+        cost = self.overhead_s + st.max_rank_bytes / max(self.bandwidth, 1.0)
+        # the slowest rank's view decides, the same on every rank
+        d = self._all_reduce(torch.tensor([saved, cost], dtype=torch.float64))
+        saved, cost = float(d[0]), float(d[1])
+        if not (self.force or saved > cost):
+            return None
+        t0 = time.perf_counter()
+        ev = self._new_event(forward_idx, f"phase:{bucket}")
+        ev.update(predicted_saving_ms=saved * 1e3, predicted_cost_ms=cost * 1e3,
+                  balancedness_before=_summary(bal_old), balancedness_after=_summary(bal_new))
+        return self._execute(ev, old, new, failed=False, reason="", status_if_noop="skipped", t0=t0)
