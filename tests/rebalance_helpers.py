@@ -1,0 +1,90 @@
+"""Shared pieces of the rebalancing tests: a stack of MoE layers and test planners."""
+from __future__ import annotations
+
+import torch
+
+from moe_ep.config import EplbConfig, MoEConfig
+from moe_ep.experts import init_expert_weights
+from moe_ep.layer import MoELayer
+
+H, F, SEED = 32, 24, 7
+
+
+def make_stack(ctx, num_layers: int, cfg: MoEConfig, redundant: int) -> list[MoELayer]:
+    layers = []
+    for l in range(num_layers):
+        torch.manual_seed(1234 + l)  # the same router on every rank and in every stack
+        layer = MoELayer(H, cfg, ctx, num_redundant=redundant, layer_idx=l)
+        torch.nn.init.normal_(layer.router.gate.weight, std=0.5)
+        layer.load_expert_weights(lambda e, l=l: init_expert_weights(SEED, l, e, H, F))
+        layers.append(layer)
+    return layers
+
+
+def run_stack(layers, x: torch.Tensor) -> torch.Tensor:
+    for layer in layers:
+        x = x + layer(x)
+    return x
+
+
+def tokens(rank: int, fwd: int) -> int:
+    return 5 + (7 * rank + 11 * fwd) % 23
+
+
+def inputs(rank: int, fwd: int) -> torch.Tensor:
+    return torch.randn(tokens(rank, fwd), H, generator=torch.Generator().manual_seed(1000 * fwd + rank))
+
+
+def random_placement(E: int, R: int, gen: torch.Generator) -> torch.Tensor:
+    extra = torch.randint(0, E, (R - E,), generator=gen)
+    ids = torch.cat([torch.arange(E), extra])
+    return ids[torch.randperm(R, generator=gen)]
+
+
+def random_planner(seed: int):
+    """A planner that returns random valid placements (deterministic in its call count)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def plan(weight, num_replicas, num_groups, num_nodes, num_gpus, policy="default", previous_phy2log=None):
+        L, E = weight.shape
+        p = torch.stack([random_placement(E, num_replicas, gen) for _ in range(L)])
+        return p, None, None
+    return plan
+
+
+def greedy_planner(weight, num_replicas, num_groups, num_nodes, num_gpus, policy="default", previous_phy2log=None):
+    """A small load-aware planner (replicate the heaviest, pack greedily) for tests."""
+    weight = torch.as_tensor(weight, dtype=torch.float64)
+    L, E = weight.shape
+    per = num_replicas // num_gpus
+    out = []
+    for l in range(L):
+        cnt = [1] * E
+        w = weight[l].tolist()
+        for _ in range(num_replicas - E):
+            e = max(range(E), key=lambda i: w[i] / cnt[i])
+            cnt[e] += 1
+        items = sorted(((w[e] / cnt[e], e) for e in range(E) for _ in range(cnt[e])), reverse=True)
+        loads, slots = [0.0] * num_gpus, [[] for _ in range(num_gpus)]
+        for v, e in items:
+            g = min((g for g in range(num_gpus) if len(slots[g]) < per), key=lambda g: loads[g])
+            loads[g] += v
+            slots[g].append(e)
+        out.append(torch.tensor([e for s in slots for e in s]))
+    return torch.stack(out), None, None
+
+
+def local_weights_ok(layers) -> bool:
+    """Each slot of this rank holds exactly the weights of the expert the placement names."""
+    for layer in layers:
+        for s, e in enumerate(layer.local_experts):
+            w13, w2 = init_expert_weights(SEED, layer.layer_idx, e, H, F)
+            if not (torch.equal(layer.experts.w13[s], w13) and torch.equal(layer.experts.w2[s], w2)):
+                return False
+    return True
+
+
+def eplb_cfg(**kw) -> EplbConfig:
+    base = dict(enabled=True, window_size=1, interval=1, min_gain=-1.0)
+    base.update(kw)
+    return EplbConfig(**base)
