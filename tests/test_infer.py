@@ -1,0 +1,156 @@
+"""launch/infer.py end to end: the DeepSpeed launcher on 2 CPU ranks, EP = 1/2/4 give the same
+images (with a rebalance in the middle of the run), bad configs stop cleanly."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from moe_ep import config as config_mod
+from mp import run_ranks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART = os.path.join(ROOT, "configs", "quickstart.json")
+sys.path.insert(0, os.path.join(ROOT, "launch"))
+import infer  # noqa: E402  (launch/infer.py)
+
+# small and fast; the quickstart's eplb settings (window 2, interval 2) rebalance mid-run
+SMALL = ["sampling.num_inference_steps=4", "sampling.height=16", "sampling.width=16", "telemetry.wandb=false",
+         'sampling.prompts=["a red fox", "a blue lake", "a green hill"]', "sampling.batch_size=2"]
+
+
+def read_images(folder: str) -> dict[str, np.ndarray]:
+    names = sorted(os.listdir(os.path.join(folder, "images")))
+    return {n: np.asarray(Image.open(os.path.join(folder, "images", n))) for n in names}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ranks_run(rank: int, world: int, overrides: list[str]) -> None:
+    from moe_ep.model.run import run
+    from moe_ep.parallel import context_for_tests
+
+    cfg = config_mod.load(QUICKSTART, overrides)
+    ctx = context_for_tests(rank, world, cfg.parallel.ep_size)
+    run(cfg, ctx, progress=False)
+
+
+def run_world(world: int, out: str, extra=()) -> None:
+    run_ranks(world, _ranks_run, SMALL + [f"output_dir={out}"] + list(extra))
+
+
+def test_deepspeed_launcher_quickstart_and_ep_invariance(tmp_path):
+    """The real launcher on 2 ranks (telemetry on), then the same sampling on 1 and 4 ranks."""
+    out2 = str(tmp_path / "ep2")
+    deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    sets = [s for s in SMALL if not s.startswith("telemetry")] + [f"output_dir={out2}"]
+    cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(_free_port()), "launch/infer.py",
+           "--config", QUICKSTART, "--no-progress", "--set", *sets]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    summary = json.load(open(os.path.join(out2, "summary.json")))
+    assert (summary["world_size"], summary["ep_size"], summary["dp_size"]) == (2, 2, 1)
+    assert summary["num_forwards"] == 4  # batches [0, 1] and [2] on ranks 0 and 1: one round of 4 steps
+    assert len(summary["steps"]) == summary["num_forwards"]
+    assert all(s["latency_ms"] > 0 and s["tokens_per_s"] > 0 for s in summary["steps"])
+    assert len(summary["balancedness"]["per_layer"]) == 3
+    assert summary["eplb"]["enabled"]
+    stats = json.load(open(os.path.join(out2, "stats.json")))
+    load = np.asarray(stats["load"])                          # [L, E]
+    tokens = 3 * (16 // 2) ** 2 * 2 * 4                        # prompts x tokens x cfg halves x steps
+    assert load.shape == (3, 8) and (load.sum(1) == tokens * 2).all()  # top-2
+    assert os.path.isdir(os.path.join(out2, "wandb"))
+    assert not [f for f in os.listdir(out2) if f.startswith(".tmp")]
+
+    imgs2 = read_images(out2)
+    assert sorted(imgs2) == ["000.png", "001.png", "002.png"]
+    for name, img in imgs2.items():
+        assert img.shape == (16, 16, 3) and img.dtype == np.uint8
+        assert img.std() > 10, f"{name} is (nearly) constant"
+    assert not np.array_equal(imgs2["000.png"], imgs2["001.png"])
+
+    for world in (1, 4):
+        out = str(tmp_path / f"ep{world}")
+        run_world(world, out)
+        imgs = read_images(out)
+        assert sorted(imgs) == sorted(imgs2)
+        for name in imgs:
+            diff = np.abs(imgs[name].astype(int) - imgs2[name].astype(int)).max()
+            assert diff == 0, f"EP={world} vs EP=2: {name} differs by {diff}"
+        s = json.load(open(os.path.join(out, "summary.json")))
+        assert s["ep_size"] == world
+        if world == 4:  # rebalanced mid-run (the planner may skip a plan without gain; never fail)
+            assert s["rebalances"] and all(e.get("status") != "failed" for e in s["rebalances"]), s["rebalances"]
+
+
+def test_launch_command_and_print(capsys):
+    cmd = infer.launch_command("hostfile", 2, 8, "configs/hunyuan_like.json", ["sampling.seed=3"])
+    assert cmd == ["deepspeed", "--hostfile", "hostfile", "--num_nodes", "2", "--num_gpus", "8",
+                   "launch/infer.py", "--config", "configs/hunyuan_like.json", "--set", "sampling.seed=3"]
+    assert infer.launch_command(None, 1, 2, "c.json") == ["deepspeed", "--num_gpus", "2", "launch/infer.py",
+                                                          "--config", "c.json"]
+    rc = infer.main(["--config", QUICKSTART, "--print-launch-cmd", "--hostfile", "hf", "--num-nodes", "2",
+                     "--num-gpus", "8"])
+    assert rc == 0
+    assert capsys.readouterr().out.strip() == (
+        f"deepspeed --hostfile hf --num_nodes 2 --num_gpus 8 launch/infer.py --config {QUICKSTART}")
+
+
+BAD = [
+    (["model.hidden_sise=64"], "model.hidden_sise", "unknown key"),
+    (["sampling.num_inference_steps=\"four\""], "sampling.num_inference_steps", "must be an integer"),
+    (["model.moe.top_k=9"], "model.moe.top_k", "must be <= model.moe.num_experts"),
+    (["sampling.height=33"], "sampling.height", "multiple of model.patch_size"),
+    (["parallel.ep_size=3"], "parallel.ep_size", "must divide the world size"),
+    (["eplb.num_redundant_experts=1", "parallel.ep_size=2"], "parallel.ep_size", "divide the world size"),
+    (["model.text_encoder=\"no_such_module_xyz:encode\""], "model.text_encoder", "cannot import"),
+    (["model.checkpoint=\"/nonexistent/ckpt.safetensors\""], "model.checkpoint", "file not found"),
+]
+
+
+@pytest.mark.parametrize("overrides,field,words", BAD)
+def test_bad_config_in_process(tmp_path, capsys, overrides, field, words):
+    out = tmp_path / "out"
+    rc = infer.main(["--config", QUICKSTART, "--set", f"output_dir={out}", *overrides])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: config field '{field}'"), err
+    assert words in err, err
+    assert not out.exists()
+
+
+def test_bad_layout_for_world_size(tmp_path, capsys, monkeypatch):
+    """8 experts + 2 redundant slots cannot split over 3 EP ranks: caught before any process group."""
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    out = tmp_path / "out"
+    rc = infer.main(["--config", QUICKSTART, "--set", f"output_dir={out}", "eplb.num_redundant_experts=2"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: config field 'eplb.num_redundant_experts' = 2:"), err
+    assert "divisible by the EP size (3)" in err and not out.exists()
+
+
+def test_bad_config_subprocess(tmp_path):
+    """As a user runs it: exit status 2, one line on stderr, nothing written."""
+    bad = tmp_path / "bad.json"
+    data = json.load(open(QUICKSTART))
+    data["model"]["moe"]["num_expert"] = 8
+    data["output_dir"] = str(tmp_path / "out")
+    bad.write_text(json.dumps(data))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "infer.py"), "--config", str(bad)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        proc.stderr.strip()] and proc.stderr.startswith("error: config field 'model.moe.num_expert' = 8: unknown key")
+    assert not (tmp_path / "out").exists()
