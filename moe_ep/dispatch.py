@@ -11,6 +11,14 @@ import torch
 import torch.distributed as dist
 
 
+def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    """inv with inv[perm[i]] = i: [N] -> [N]. Lets the combine gather rows (fast) instead of
+    scattering them (about 2x slower on an H200 for [65536, 4096] bf16)."""
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device)
+    return inv
+
+
 def count_per_bin(ids: torch.Tensor, num_bins: int) -> torch.Tensor:
     """bincount without a host sync (CUDA bincount reads the max back): ids [N] -> [num_bins] int64."""
     out = torch.zeros(num_bins, dtype=torch.int64, device=ids.device)
@@ -21,10 +29,10 @@ def count_per_bin(ids: torch.Tensor, num_bins: int) -> torch.Tensor:
 class DispatchPlan:
     """What the combine step needs to send results back and restore token order."""
 
-    order: torch.Tensor          # [N] sorted position -> flat copy index (token * k + j)
+    unsort: torch.Tensor         # [N] flat copy index (token * k + j) -> its sorted position
     send_splits: list[int]       # rows sent to each EP rank
     recv_splits: list[int]       # rows received from each EP rank
-    regroup: torch.Tensor | None  # [M] received row order that groups rows by local slot (None: already)
+    ungroup: torch.Tensor | None  # [M] slot-grouped row of each received row (None: no exchange)
     local_counts: torch.Tensor   # [S] rows per local slot, on device
 
 
@@ -39,7 +47,7 @@ def dispatch(x: torch.Tensor, slots: torch.Tensor, top_k: int, ep_size: int, slo
     send_x = x[order // top_k]                                                 # [N, H]
     slot_counts = count_per_bin(slots, ep_size * slots_per_rank)               # [R]
     if ep_size == 1:  # nothing to exchange, and no host sync
-        return send_x, DispatchPlan(order, [], [], None, slot_counts)
+        return send_x, DispatchPlan(inverse_permutation(order), [], [], None, slot_counts)
     # Each rank tells every other how many rows it sends to each of that rank's slots.
     recv_counts = torch.empty_like(slot_counts)                                # [ep*S], by source rank
     dist.all_to_all_single(recv_counts, slot_counts, group=group)
@@ -53,7 +61,8 @@ def dispatch(x: torch.Tensor, slots: torch.Tensor, top_k: int, ep_size: int, slo
     local_slot = torch.arange(slots_per_rank, device=x.device).repeat(ep_size)  # [ep*S]
     row_slot = torch.repeat_interleave(local_slot, per_source.flatten(), output_size=recv_x.shape[0])
     regroup = torch.argsort(row_slot, stable=True)                             # [M]
-    plan = DispatchPlan(order, send_splits, recv_splits, regroup, local_counts)
+    plan = DispatchPlan(inverse_permutation(order), send_splits, recv_splits, inverse_permutation(regroup),
+                        local_counts)
     return recv_x[regroup], plan
 
 
@@ -63,15 +72,12 @@ def combine(y: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan, group) -
     y [M, H] (grouped by local slot), weights [T, k] -> [T, H].
     """
     T, k = weights.shape
-    if plan.regroup is not None:
-        rows = torch.empty_like(y)
-        rows[plan.regroup] = y                                                 # back to (source, slot) order
+    if plan.ungroup is not None:
+        rows = y[plan.ungroup]                                                 # back to (source, slot) order
         back = y.new_empty(sum(plan.send_splits), y.shape[1])                  # [N, H]
         dist.all_to_all_single(back, rows, plan.send_splits, plan.recv_splits, group=group)
     else:
         back = y
-    copies = torch.empty_like(back)
-    copies[plan.order] = back                                                  # [T*k, H] in token order
+    copies = back[plan.unsort].view(T, k, y.shape[1])                          # [T, k, H] in token order
     # Weighted sum over k as one batched product: [T, 1, k] @ [T, k, H] -> [T, 1, H].
-    out = torch.bmm(weights.to(y.dtype).unsqueeze(1), copies.view(T, k, y.shape[1]))
-    return out.view(T, y.shape[1])
+    return torch.bmm(weights.to(y.dtype).unsqueeze(1), copies).view(T, y.shape[1])
