@@ -1,0 +1,137 @@
+"""The MoE DiT, prompt encoders, sampler and decoder on one process."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from moe_ep import config as config_mod
+from moe_ep.config import ConfigError
+from moe_ep.images import decode_latents, save_png
+from moe_ep.layer import MoELayer
+from moe_ep.model.dit import MoEDiT
+from moe_ep.model.sampler import FlowMatchEulerScheduler, MoEDiTPipeline
+from moe_ep.model.text import PromptEncoder, tokenize
+from moe_ep.parallel import ParallelContext
+from moe_ep.stats import ExpertLoadStats
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART = os.path.join(ROOT, "configs", "quickstart.json")
+
+
+def make(overrides=()):
+    cfg = config_mod.load(QUICKSTART, ["sampling.height=16", "sampling.width=16", *overrides])
+    model = MoEDiT(cfg.model, ParallelContext(), cfg.eplb.num_redundant_experts)
+    model.init_from_seed()
+    pipe = MoEDiTPipeline(model, PromptEncoder(cfg.model, model.text_encoder, torch.device("cpu"), model.dtype),
+                          FlowMatchEulerScheduler(cfg.sampling.shift))
+    return cfg, model, pipe
+
+
+def my_encoder(prompts, max_tokens, text_dim, device):
+    """A user encoder for `model.text_encoder = "test_model:my_encoder"`: 5 tokens, no mask."""
+    g = torch.Generator().manual_seed(len(prompts))
+    return torch.randn(len(prompts), 5, text_dim, generator=g).to(device)
+
+
+def test_structure_and_seeded_init():
+    cfg, model, _ = make(["model.num_layers=4", "model.moe_every=2"])
+    moe = model.moe_layers()
+    assert [type(b.ffn).__name__ for b in model.blocks] == ["DenseMLP", "MoELayer", "DenseMLP", "MoELayer"]
+    assert [l.layer_idx for l in moe] == [0, 1] and all(isinstance(l, MoELayer) for l in moe)
+    _, again, _ = make(["model.num_layers=4", "model.moe_every=2"])
+    for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k
+    _, other, _ = make(["model.num_layers=4", "model.moe_every=2", "model.seed=1"])
+    assert not torch.equal(model.blocks[0].attn.q.weight, other.blocks[0].attn.q.weight)
+    # adaLN is not zero-initialised: gates are non-trivial, and the output depends on the prompt
+    assert model.blocks[0].adaLN_modulation[1].weight.abs().sum() > 0
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    text, mask = model.text_encoder(["a fox", "a boat on a lake"])
+    v = model(x, torch.tensor([0.9, 0.9]), text, mask)
+    v2 = model(x, torch.tensor([0.9, 0.9]), text.flip(0), mask.flip(0))
+    assert v.shape == x.shape and torch.isfinite(v).all() and v.std() > 0.1
+    assert (v - v2).abs().max() > 1e-3
+
+
+def test_tokenizer_and_builtin_encoder():
+    ids, mask = tokenize(["ab", "", "é" * 40], 8)
+    assert ids[0, :3].tolist() == [256, 97, 98] and mask.sum(1).tolist() == [3, 1, 8]
+    _, model, pipe = make()
+    emb, m = pipe.encode_prompt(["a", "b"], "", do_cfg=True)
+    assert emb.shape == (4, 32, 64) and m.shape == (4, 32) and torch.equal(emb[2], emb[3])
+
+
+def test_user_text_encoder():
+    cfg, model, pipe = make(["model.text_encoder=test_model:my_encoder"])
+    assert model.text_encoder is None
+    emb, mask = pipe.encode_prompt(["x", "y"], "", do_cfg=False)
+    assert emb.shape == (2, 5, 64) and mask.all()
+    lat = pipe(["x", "y"], num_inference_steps=2, height=16, width=16, seeds=[0, 1])
+    assert torch.isfinite(lat).all()
+    with pytest.raises(ConfigError, match="model.text_encoder"):
+        make(["model.text_encoder=test_model:no_such_function"])
+    with pytest.raises(ConfigError, match="model.text_encoder"):
+        make(["model.text_encoder=builtin_but_wrong"])
+
+
+def test_sampler_hooks_and_cfg_rows():
+    cfg, model, pipe = make()
+    stats = ExpertLoadStats(len(model.moe_layers()), 8, torch.device("cpu"), window_size=100, top_k=2)
+    for layer in model.moe_layers():
+        layer.stats = stats
+    calls = []
+
+    def begin(i, t, info):
+        calls.append(("begin", i, t, info["cond_rows"], info["rows"]))
+        stats.begin_forward(t, info["cond_rows"])
+
+    def end(i, t, info):
+        calls.append(("end", i, t))
+        stats.end_forward()
+
+    pipe(["a", "b", "c"], num_inference_steps=3, guidance_scale=3.0, height=16, width=16, seeds=[0, 1, 2],
+         callback_on_forward_begin=begin, callback_on_forward_end=end)
+    n = 3 * 8 * 8  # prompts x tokens of the conditional half
+    assert calls[0] == ("begin", 0, 1.0, n, 2 * n)
+    assert [c[1] for c in calls if c[0] == "end"] == [0, 1, 2]
+    ts = [c[2] for c in calls if c[0] == "begin"]
+    assert ts[0] == 1.0 and ts == sorted(ts, reverse=True) and ts[-1] > 0
+    counts = stats.counts.sum(0)                             # [branch, L, E]
+    assert (counts[0].sum(-1) == n * 3 * 2).all() and (counts[1].sum(-1) == n * 3 * 2).all()
+
+
+def test_scheduler():
+    s = FlowMatchEulerScheduler(shift=3.0)
+    s.set_timesteps(4)
+    assert s.sigmas[0] == 1.0 and s.sigmas[-1] == 0.0 and len(s.timesteps) == 4
+    assert s.timesteps[1] > 0.75  # shift > 1 spends more steps at high noise
+    x = torch.ones(2)
+    assert torch.allclose(s.step(torch.ones(2), 3, x), x - s.sigmas[3])
+
+
+def test_images_independent_of_batching():
+    """Noise per prompt from its own seed: prompt 2 alone gives the same pixels as in a batch."""
+    _, _, pipe = make()
+    kw = dict(num_inference_steps=3, guidance_scale=4.0, height=16, width=16)
+    together = decode_latents(pipe(["a", "b", "c"], seeds=[10, 11, 12], **kw))
+    alone = decode_latents(pipe(["c"], seeds=[12], **kw))
+    assert np.array_equal(together[2], alone[0])
+    assert together.std() > 10 and not np.array_equal(together[0], together[1])
+    empty = pipe([], seeds=[], **kw)
+    assert empty.shape == (0, 4, 16, 16)
+
+
+def test_decoder_and_png(tmp_path):
+    lat = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    img = decode_latents(lat, vae_scale_factor=2)
+    assert img.shape == (2, 16, 16, 3) and img.dtype == np.uint8
+    assert np.array_equal(img, decode_latents(lat.clone(), vae_scale_factor=2))
+    assert np.array_equal(img[0, ::2, ::2], decode_latents(lat)[0])
+    path = tmp_path / "sub" / "x.png"
+    save_png(img[0], str(path))
+    from PIL import Image
+    assert np.array_equal(np.asarray(Image.open(path)), img[0])
+    assert os.listdir(tmp_path / "sub") == ["x.png"]
