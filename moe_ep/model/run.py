@@ -230,7 +230,8 @@ def run(cfg: Config, ctx: ParallelContext, progress: bool = True) -> dict:
                          "windows": window_balance},
         "placement": [l.placement.phy2log.tolist() for l in model.moe_layers()],
         "eplb": {"enabled": cfg.eplb.enabled, "rebalancer": rebalancer_note},
-        "rebalances": list(getattr(rebalancer, "events", []) or []),
+        "rebalances": [{k: v for k, v in ev.items() if not str(k).startswith("_")}
+                       for ev in (getattr(rebalancer, "events", None) or [])],
         "checkpoint": cfg.model.checkpoint,
     }
     if ctx.is_main:
