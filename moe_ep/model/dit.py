@@ -30,6 +30,7 @@ from ..config import ModelConfig
 from ..experts import DenseMLP, GroupedExperts, init_expert_weights
 from ..layer import MoELayer
 from ..parallel import ParallelContext
+from ..timing import PhaseTimer, maybe_phase
 from .text import BuiltinTextEncoder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -107,11 +108,13 @@ class DiTBlock(nn.Module):
         else:
             self.ffn = MoELayer(H, cfg.moe, ctx, num_redundant=num_redundant, layer_idx=moe_layer_idx, dtype=dtype)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(H, 6 * H))
+        self.timer: Optional[PhaseTimer] = None   # set by telemetry: times the "attention" phase
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)  # [B, H] each
-        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
-        x = x + self.cross_attn(self.norm2(x), text, text_mask)
+        with maybe_phase(self.timer, "attention"):                             # self- and cross-attention
+            x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
+            x = x + self.cross_attn(self.norm2(x), text, text_mask)
         h = modulate(self.norm3(x), shift2, scale2)                            # [B, N, H]
         return x + gate2.unsqueeze(1) * self.ffn(h.reshape(-1, h.shape[-1])).view_as(h)  # MoE sees [B*N, H]
 
