@@ -51,7 +51,9 @@ def parse_args(argv):
 
 
 def error(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr, flush=True)
+    """One line on stderr (from rank 0 only under a launcher: every rank finds the same error)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {msg}", file=sys.stderr, flush=True)
     return 2
 
 
