@@ -1,57 +1,497 @@
-"""Run telemetry: wandb (offline by default, rank 0 only) and summary.json.
+"""Run telemetry: per-step records (metrics.jsonl), wandb (offline by default, rank 0 only),
+summary.json, and the plots shared with `launch/report.py`.
 
-Deliberately small: one class the runtime calls at fixed points, so richer dashboards
-can be added here without touching the runner.
+The runner calls one object at fixed points (docs/dashboards.md lists every key):
+
+    telemetry = Telemetry(cfg, ctx, out_dir)     # every rank; rank 0 opens metrics.jsonl and wandb
+    telemetry.attach(model, stats)               # one PhaseTimer on every block and MoE layer
+    ... per forward, on every rank:  telemetry.log_rebalance(event)  (when there was an attempt)
+                                     telemetry.log_step(record)      (collective: one all_gather)
+    telemetry.log_images(paths, captions)        # rank 0
+    telemetry.finish(summary)                    # every rank; rank 0 writes summary.json
+
+Cost per forward: the phase timers (wall clock on CPU, CUDA events read once per step),
+one all_gather of a [6] float64 tensor over the world, and on rank 0 one json line and one
+`wandb.log`. The per-window load heatmap is drawn with numpy (no matplotlib while sampling);
+the matplotlib plots are drawn once, in `finish`, after sampling.
 """
 from __future__ import annotations
 
+import json
+import math
 import os
+import time
 import warnings
-from typing import Optional
+from typing import Optional, Sequence
+
+import numpy as np
 
 from .config import Config
 from .images import write_json_atomic
 from .parallel import ParallelContext
+
+PHASES = ("attention", "router", "dispatch", "experts", "combine")   # timed by PhaseTimer
+ALL_PHASES = PHASES + ("other",)                                   # other = step latency - timed phases
+METRICS_FILE = "metrics.jsonl"
+HEATMAP_CELL_PX = 12                                               # inline heatmap: pixels per cell
 
 
 class Telemetry:
     def __init__(self, cfg: Config, ctx: ParallelContext, out_dir: str):
         self.cfg, self.ctx, self.out_dir = cfg, ctx, out_dir
         self.run = None
+        self.timer = None
+        self.stats = None
+        self.t0 = time.perf_counter()
+        self._metrics = None
+        self._last_step = -1
+        self._pending_events: list[dict] = []     # rebalance attempts to merge into the next record
+        self._awaiting_measure: list[dict] = []   # successful moves whose measured balancedness is not in yet
+        self._phase_sum = np.zeros(len(ALL_PHASES))  # mean over ranks, summed over forwards
+        self._phase_rank_sum: Optional[np.ndarray] = None  # [world, phases + latency]
+        self._forwards = 0
+        self._cmap = None
+        try:
+            if ctx.is_main:
+                self._open(cfg, out_dir)
+        finally:
+            # rank 0 may spend seconds in wandb.init: start sampling together, so the first
+            # forward's timings do not include the other ranks waiting in its all-to-all.
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                dist.barrier()
+        self.t0 = time.perf_counter()
+
+    def _open(self, cfg: Config, out_dir: str) -> None:
+        os.makedirs(out_dir, exist_ok=True)
+        self._metrics = open(os.path.join(out_dir, METRICS_FILE), "w", buffering=1)  # a run starts it afresh
         t = cfg.telemetry
-        if ctx.is_main and t.wandb and t.wandb_mode != "disabled":
+        if t.wandb and t.wandb_mode != "disabled":
             os.environ.setdefault("WANDB_SILENT", "true")
             try:
                 import wandb
 
                 self.run = wandb.init(mode=t.wandb_mode, dir=out_dir, project=t.project, name=t.run_name,
-                                      tags=list(t.tags) or None, config=cfg.to_dict())
+                                      tags=list(t.tags) or None, config=cfg.to_dict(),
+                                      settings=wandb.Settings(console="off", x_disable_stats=True))
             except Exception as err:  # telemetry never stops a run
                 warnings.warn(f"wandb disabled: {err}")
                 self.run = None
 
+    # ------------------------------------------------------------ hooks
+    def attach(self, model, stats=None) -> None:
+        """Put one PhaseTimer on every transformer block ("attention") and MoE layer (router,
+        dispatch, experts, combine); keep `stats` for the per-window load heatmap."""
+        from .timing import PhaseTimer
+
+        self.timer = PhaseTimer(self.ctx.device)
+        for block in getattr(model, "blocks", []):
+            block.timer = self.timer
+        for layer in model.moe_layers():
+            layer.timer = self.timer
+        self.stats = stats
+
+    def _gather_phases(self, latency_ms: float) -> np.ndarray:
+        """-> [world, len(PHASES) + 1]: every rank's phase milliseconds of this forward and its
+        step latency. Collective (one all_gather over the world) when the world is > 1."""
+        phases = {}
+        if self.timer is not None:
+            phases = self.timer.collect()
+            self.timer.reset()
+        row = [phases.get(p, 0.0) for p in PHASES] + [float(latency_ms)]
+        import torch
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dev = self.ctx.device if self.ctx.device.type == "cuda" else torch.device("cpu")
+            mine = torch.tensor(row, dtype=torch.float64, device=dev)                  # [P+1]
+            parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, mine)
+            return torch.stack(parts).cpu().numpy()                                    # [world, P+1]
+        return np.asarray([row], dtype=np.float64)
+
     def log_step(self, data: dict) -> None:
+        """One forward's record (every rank calls it: it gathers the phase timings). Rank 0
+        adds phases, rebalance and window data, appends it to metrics.jsonl and logs to wandb."""
+        per_rank = self._gather_phases(data.get("latency_ms", 0.0))                  # [world, P+1]
+        if not self.ctx.is_main:
+            return
+        rec = {k: v for k, v in data.items() if isinstance(v, (int, float, str, bool)) or v is None}
+        rec["time_s"] = time.perf_counter() - self.t0
+        timed = per_rank[:, :len(PHASES)]
+        other = np.maximum(per_rank[:, -1] - timed.sum(1), 0.0)                      # [world]
+        full = np.concatenate([timed, other[:, None]], axis=1)                       # [world, 6]
+        for i, p in enumerate(ALL_PHASES):
+            rec[f"phase_ms/{p}"] = float(full[:, i].mean())
+            rec[f"phase_ms_max/{p}"] = float(full[:, i].max())
+        for r in range(per_rank.shape[0]):
+            rec[f"rank{r}/latency_ms"] = float(per_rank[r, -1])
+            for i, p in enumerate(ALL_PHASES):
+                rec[f"rank{r}/phase_ms/{p}"] = float(full[r, i])
+        self._phase_sum += full.mean(0)
+        self._phase_rank_sum = full if self._phase_rank_sum is None else self._phase_rank_sum + full
+        self._forwards += 1
+        for ev in self._pending_events:
+            rec.update(_rebalance_fields(ev))
+        self._pending_events.clear()
+        still = []
+        for ev in self._awaiting_measure:
+            m = ev.get("measured_balancedness")
+            if m is None:
+                still.append(ev)
+                continue
+            before = (ev.get("balancedness_before") or {}).get("mean")
+            rec["rebalance/measured_balancedness"] = float(m["mean"])
+            rec["rebalance/measured_forward"] = int(ev.get("forward_idx", -1))
+            if before is not None:
+                rec["rebalance/measured_gain"] = float(m["mean"]) - float(before)
+        self._awaiting_measure = still
+        media = {}
+        if "balancedness" in data and self.stats is not None and self.stats.windows:
+            rec["window"] = len(self.stats.windows) - 1
+            if self.run is not None:
+                media = self._window_media(self.stats.windows[-1].sum(axis=(0, 1)), rec["window"])
+        self._metrics.write(json.dumps(rec) + "\n")
+        self._metrics.flush()
+        step = int(rec.get("forward", self._last_step + 1))
+        self._last_step = max(self._last_step, step)
         if self.run is not None:
-            self.run.log({k: v for k, v in data.items() if isinstance(v, (int, float))})
+            try:
+                self.run.log({**rec, **media}, step=step)
+            except Exception as err:
+                warnings.warn(f"wandb.log failed: {err}")
 
     def log_rebalance(self, event: dict) -> None:
-        if self.run is not None:
-            self.run.log({f"rebalance/{k}": v for k, v in event.items() if isinstance(v, (int, float))})
+        """A rebalance attempt (any rank may call it; rank 0 keeps it): merged into the next
+        step record as rebalance/* keys; its measured balancedness follows once known."""
+        if not self.ctx.is_main or not event:
+            return
+        self._pending_events.append(event)
+        if event.get("ok") and event.get("measured_balancedness") is None:
+            self._awaiting_measure.append(event)
 
     def log_images(self, paths: list[str], captions: list[str]) -> None:
         if self.run is not None and self.cfg.telemetry.log_images and paths:
             import wandb
 
-            self.run.log({"images": [wandb.Image(p, caption=c) for p, c in zip(paths, captions)]})
+            self._last_step += 1
+            self.run.log({"images": [wandb.Image(p, caption=c) for p, c in zip(paths, captions)]},
+                         step=self._last_step)
 
     def finish(self, summary: dict) -> Optional[str]:
-        """Write summary.json (rank 0, atomically) and close the wandb run; returns the path."""
+        """Write summary.json (rank 0, atomically; adds `phase_ms` and `telemetry`), log the
+        plots and summary numbers to wandb and close the run; returns the path."""
         if not self.ctx.is_main:
             return None
+        if self._forwards:
+            summary["phase_ms"] = {
+                "mean_per_forward": {p: float(v) for p, v in zip(ALL_PHASES, self._phase_sum / self._forwards)},
+                "per_rank_mean_per_forward": [{p: float(v) for p, v in zip(ALL_PHASES, row)}
+                                              for row in self._phase_rank_sum / self._forwards]}
+        summary["telemetry"] = {"metrics_file": METRICS_FILE,
+                                "wandb_dir": os.path.relpath(self.run.dir, self.out_dir) if self.run else None,
+                                "wandb_mode": self.cfg.telemetry.wandb_mode if self.run else None}
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
         path = os.path.join(self.out_dir, "summary.json")
+        if self.run is not None:
+            summary["telemetry"]["wandb_run_dir"] = os.path.relpath(os.path.dirname(self.run.dir), self.out_dir)
         write_json_atomic(summary, path)
         if self.run is not None:
-            self.run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+            try:
+                self._log_final_plots(summary)
+                self.run.summary.update(summary_scalars(summary))
+            except Exception as err:
+                warnings.warn(f"wandb final plots/summary failed: {err}")
             self.run.finish()
             self.run = None
         return path
+
+    # ------------------------------------------------------------ wandb media
+    def _window_media(self, load: np.ndarray, window: int) -> dict:
+        """Per-window load (layers x experts) as a wandb.Table and a numpy-drawn heatmap."""
+        import wandb
+
+        load = np.asarray(load, dtype=np.float64)                                    # [L, E]
+        share = load / np.maximum(load.sum(1, keepdims=True), 1.0)
+        E = load.shape[1]
+        table = wandb.Table(columns=["layer"] + [f"e{e}" for e in range(E)],
+                            data=[[l] + [int(v) for v in row] for l, row in enumerate(load)])
+        img = self._heatmap_array(share)
+        cap = (f"window {window}: rows = MoE layers 0..{load.shape[0] - 1}, columns = experts 0..{E - 1}; "
+               f"colour = share of the layer's tokens (dark 0 .. bright {share.max():.3f})")
+        return {"load/table": table, "load/heatmap": wandb.Image(img, caption=cap)}
+
+    def _heatmap_array(self, share: np.ndarray) -> np.ndarray:
+        """[L, E] in [0, 1] -> RGB uint8 image, HEATMAP_CELL_PX pixels per cell (viridis)."""
+        if self._cmap is None:
+            try:
+                from matplotlib import colormaps
+
+                self._cmap = (colormaps["viridis"](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
+            except Exception:  # no matplotlib: grey ramp
+                self._cmap = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
+        top = share.max()
+        idx = np.clip((share / top if top > 0 else share) * 255, 0, 255).astype(np.int64)
+        rgb = self._cmap[idx]                                                        # [L, E, 3]
+        return np.repeat(np.repeat(rgb, HEATMAP_CELL_PX, 0), HEATMAP_CELL_PX, 1)
+
+    def _log_final_plots(self, summary: dict) -> None:
+        import wandb
+
+        records = read_metrics(os.path.join(self.out_dir, METRICS_FILE))
+        figs = {}
+        if self.stats is not None and self.stats.windows:
+            total = np.sum(self.stats.windows, axis=0).sum(axis=(0, 1)).astype(np.float64)
+            figs["plots/load_heatmap"] = plot_load_heatmap(total, "Expert load over the run")
+        figs["plots/balancedness"] = plot_balancedness(records, summary.get("rebalances", []))
+        figs["plots/latency_breakdown"] = plot_latency(records)
+        self._last_step += 1
+        self.run.log({k: wandb.Image(_fig_to_array(f)) for k, f in figs.items() if f is not None},
+                     step=self._last_step)
+
+
+def _rebalance_fields(ev: dict) -> dict:
+    before = (ev.get("balancedness_before") or {}).get("mean")
+    after = (ev.get("balancedness_after") or {}).get("mean")
+    out = {"rebalance/attempt": 1, "rebalance/ok": int(bool(ev.get("ok"))),
+           "rebalance/status": str(ev.get("status")), "rebalance/trigger": str(ev.get("trigger")),
+           "rebalance/experts_moved": int(ev.get("experts_moved") or 0),
+           "rebalance/remote_moves": int(ev.get("remote_moves") or 0),
+           "rebalance/bytes_moved": int(ev.get("bytes_moved") or 0),
+           "rebalance/time_ms": float(ev.get("time_ms") or 0.0)}
+    if before is not None:
+        out["rebalance/predicted_balancedness_before"] = float(before)
+    if after is not None:
+        out["rebalance/predicted_balancedness_after"] = float(after)
+    if before is not None and after is not None:
+        out["rebalance/predicted_gain"] = float(after) - float(before)
+    return out
+
+
+def summary_scalars(summary: dict, prefix: str = "") -> dict:
+    """Numbers of a nested summary dict flattened to 'a/b' keys (lists and strings left out)."""
+    out = {}
+    for k, v in summary.items():
+        if k in ("config", "steps", "images", "placement", "rebalances"):
+            continue
+        key = f"{prefix}{k}"
+        if isinstance(v, bool):
+            out[key] = int(v)
+        elif isinstance(v, (int, float)) and math.isfinite(v):
+            out[key] = v
+        elif isinstance(v, dict):
+            out.update(summary_scalars(v, key + "/"))
+    if not prefix:
+        out["num_rebalances"] = sum(1 for e in summary.get("rebalances", []) if e.get("ok"))
+    return out
+
+
+def read_metrics(path: str) -> list[dict]:
+    """metrics.jsonl -> list of records (a torn last line, from a killed run, is skipped)."""
+    out = []
+    if not os.path.isfile(path):
+        return out
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+# ---------------------------------------------------------------- plots (matplotlib, Agg)
+# Used by `finish` (logged to wandb) and by launch/report.py (written as PNG files).
+
+PHASE_COLORS = {"attention": "#4C72B0", "router": "#DD8452", "dispatch": "#55A868", "experts": "#C44E52",
+                "combine": "#8172B3", "other": "#B0B0B0"}
+
+
+def _figure(w: float, h: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(w, h), dpi=110, layout="constrained")
+
+
+def _fig_to_array(fig) -> np.ndarray:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def save_figure(fig, path: str) -> None:
+    """PNG, atomically (temp file in the same folder, then os.replace)."""
+    import tempfile
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            FigureCanvasAgg(fig).print_png(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _ticks(n: int, max_labels: int = 32) -> list[int]:
+    step = max(1, math.ceil(n / max_labels))
+    return list(range(0, n, step))
+
+
+def plot_load_heatmap(load: np.ndarray, title: str):
+    """load [L, E] -> heatmap of each expert's share of its layer's tokens (1/E = even)."""
+    load = np.asarray(load, dtype=np.float64)
+    L, E = load.shape
+    share = load / np.maximum(load.sum(1, keepdims=True), 1.0)
+    fig = _figure(min(14.0, 3.0 + 0.42 * E), min(12.0, 1.9 + 0.42 * L))
+    ax = fig.add_subplot()
+    im = ax.imshow(share, aspect="auto", cmap="viridis", vmin=0.0, interpolation="nearest")
+    ax.set_xticks(_ticks(E))
+    ax.set_yticks(_ticks(L))
+    ax.set_xlabel("logical expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_title(title)
+    if L * E <= 256:
+        top = share.max() if share.size else 0.0
+        for l in range(L):
+            for e in range(E):
+                ax.text(e, l, f"{share[l, e]:.2f}", ha="center", va="center", fontsize=7,
+                        color="black" if share[l, e] > 0.6 * top else "white")
+    cb = fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02)
+    cb.set_label(f"share of layer's tokens (even = 1/{E} = {1 / E:.3f})")
+    return fig
+
+
+def plot_layer_windows(windows: np.ndarray, max_layers: int = 12):
+    """windows [W, L, E] -> one heatmap per layer (rows = windows in time order), at most
+    `max_layers` layers (evenly spaced) so a 60-layer model stays readable."""
+    windows = np.asarray(windows, dtype=np.float64)
+    W, L, E = windows.shape
+    layers = list(range(L)) if L <= max_layers else sorted({round(i * (L - 1) / (max_layers - 1))
+                                                           for i in range(max_layers)})
+    cols = min(3, len(layers))
+    rows = math.ceil(len(layers) / cols)
+    fig = _figure(min(16.0, 1.5 + cols * (1.4 + 0.3 * E)), 1.0 + rows * (0.9 + 0.22 * W))
+    share = windows / np.maximum(windows.sum(2, keepdims=True), 1.0)                 # [W, L, E]
+    vmax = float(share[:, layers].max()) if share.size else 1.0
+    axes = fig.subplots(rows, cols, squeeze=False)
+    im = None
+    for k, ax in enumerate(axes.flat):
+        if k >= len(layers):
+            ax.set_visible(False)
+            continue
+        l = layers[k]
+        im = ax.imshow(share[:, l], aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
+        ax.set_title(f"layer {l}", fontsize=9)
+        ax.set_xticks(_ticks(E, 16))
+        ax.set_yticks(_ticks(W, 12))
+        ax.tick_params(labelsize=7)
+        if k % cols == 0:
+            ax.set_ylabel("window", fontsize=8)
+        if k // cols == rows - 1 or k + cols >= len(layers):
+            ax.set_xlabel("expert", fontsize=8)
+    extra = "" if len(layers) == L else f" ({len(layers)} of {L} layers shown)"
+    fig.suptitle(f"Expert load per window, per layer{extra}", fontsize=11)
+    if im is not None:
+        cb = fig.colorbar(im, ax=axes, fraction=0.03, pad=0.02)
+        cb.set_label("share of layer's tokens", fontsize=8)
+    return fig
+
+
+def plot_balancedness(records: Sequence[dict], rebalances: Sequence[dict]):
+    """Balancedness (mean over layers, and per layer) at each window close, with rebalance
+    attempts as vertical lines (solid green: moved; dotted grey: skipped or failed)."""
+    pts = [r for r in records if "balancedness" in r]
+    fig = _figure(8.0, 4.0)
+    ax = fig.add_subplot()
+    if pts:
+        x = [r["forward"] for r in pts]
+        layer_keys = sorted({k for r in pts for k in r if k.startswith("balancedness/layer")},
+                            key=lambda k: int(k.rsplit("layer", 1)[1]))
+        for k in layer_keys[:16]:
+            ax.plot(x, [r.get(k, np.nan) for r in pts], lw=0.9, alpha=0.45, marker=".", ms=3,
+                    label=k.split("/")[1])
+        ax.plot(x, [r["balancedness"] for r in pts], color="black", lw=2.2, marker="o", ms=5, label="mean")
+    moved = skipped = False
+    for ev in rebalances:
+        f = ev.get("forward_idx", -1)
+        if f is None or f < 0:
+            continue
+        if ev.get("ok"):
+            ax.axvline(f + 0.5, color="tab:green", lw=1.5, label=None if moved else "rebalance (moved)")
+            moved = True
+        else:
+            ax.axvline(f + 0.5, color="grey", lw=1.0, ls=":", label=None if skipped else "rebalance skipped/failed")
+            skipped = True
+    ax.set_ylim(min(0.5, min([r["balancedness"] for r in pts], default=1.0) - 0.05), 1.02)
+    ax.set_xlabel("forward pass (window closes after it)")
+    ax.set_ylabel("balancedness (mean / max GPU load)")
+    ax.set_title("Balancedness per statistics window")
+    ax.grid(alpha=0.3)
+    if pts or moved or skipped:
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+    return fig
+
+
+def plot_latency(records: Sequence[dict]):
+    """Stacked bars per forward: mean over ranks of attention, router, dispatch, experts,
+    combine and other (rest of the step); line: slowest rank's step latency."""
+    recs = [r for r in records if "forward" in r]
+    fig = _figure(8.0, 4.0)
+    ax = fig.add_subplot()
+    if not recs:
+        ax.text(0.5, 0.5, "no step records", ha="center", va="center", transform=ax.transAxes)
+        return fig
+    x = np.array([r["forward"] for r in recs])
+    bottom = np.zeros(len(recs))
+    has_phases = any("phase_ms/attention" in r for r in recs)
+    if has_phases:
+        for p in ALL_PHASES:
+            v = np.array([r.get(f"phase_ms/{p}", 0.0) for r in recs])
+            ax.bar(x, v, bottom=bottom, color=PHASE_COLORS[p], label=p, width=0.8)
+            bottom += v
+    else:
+        ax.bar(x, [r.get("latency_ms", 0.0) for r in recs], color=PHASE_COLORS["other"], label="step (no phases)")
+    ranks = sorted({int(k[4:].split("/")[0]) for r in recs for k in r if k.startswith("rank") and k.endswith("/latency_ms")})
+    if ranks:
+        slow = [max(r.get(f"rank{k}/latency_ms", 0.0) for k in ranks) for r in recs]
+        ax.plot(x, slow, color="black", marker="_", ms=14, lw=0, label="slowest rank")
+    ax.set_xlabel("forward pass")
+    ax.set_ylabel("milliseconds")
+    ax.set_title("Latency per forward, by phase (mean over ranks)")
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    if len(x) <= 40:
+        ax.set_xticks(x[::max(1, len(x) // 20)])
+    return fig
+
+
+def plot_rank_phases(per_rank: Sequence[dict]):
+    """per_rank [{phase: ms}] (summary.json phase_ms.per_rank_mean_per_forward) -> stacked bar per rank."""
+    fig = _figure(max(4.5, 2.5 + 0.5 * len(per_rank)), 3.6)
+    ax = fig.add_subplot()
+    bottom = np.zeros(len(per_rank))
+    x = np.arange(len(per_rank))
+    for p in ALL_PHASES:
+        v = np.array([row.get(p, 0.0) for row in per_rank])
+        ax.bar(x, v, bottom=bottom, color=PHASE_COLORS[p], label=p, width=0.6)
+        bottom += v
+    ax.set_xticks(x, [f"rank {i}" for i in x])
+    ax.set_ylabel("ms per forward")
+    ax.set_title("Mean time per forward, by rank")
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    return fig

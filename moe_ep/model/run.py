@@ -131,6 +131,7 @@ def run(cfg: Config, ctx: ParallelContext, progress: bool = True) -> dict:
     rebalancer, rebalancer_note = make_rebalancer(cfg, model, ctx, stats)
     apply_eplb_files(cfg, model, stats, rebalancer, weight_source)
     telemetry = Telemetry(cfg, ctx, out_dir)
+    telemetry.attach(model, stats)  # phase timers on the blocks and MoE layers; window loads for heatmaps
     pipe = MoEDiTPipeline(model, PromptEncoder(cfg.model, model.text_encoder, ctx.device, model.dtype),
                           FlowMatchEulerScheduler(s.shift))
     groups = (ctx.ep_group, ctx.dp_group)
