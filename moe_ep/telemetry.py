@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
+import threading
 import time
 import warnings
 from typing import Optional, Sequence
@@ -51,6 +53,9 @@ class Telemetry:
         self._phase_rank_sum: Optional[np.ndarray] = None  # [world, phases + latency]
         self._forwards = 0
         self._cmap = None
+        self._queue: Optional[queue.Queue] = None     # wandb work for the writer thread
+        self._writer: Optional[threading.Thread] = None
+        self._log_s = 0.0                              # rank 0: seconds spent in log_step (sampling thread)
         try:
             if ctx.is_main:
                 self._open(cfg, out_dir)
@@ -78,6 +83,31 @@ class Telemetry:
             except Exception as err:  # telemetry never stops a run
                 warnings.warn(f"wandb disabled: {err}")
                 self.run = None
+        if self.run is not None:
+            self._heatmap_array(np.zeros((1, 1)))     # import the colour map now, not while sampling
+            self._queue = queue.Queue()
+            self._writer = threading.Thread(target=self._write_loop, name="moe-ep-wandb", daemon=True)
+            self._writer.start()
+
+    def _write_loop(self) -> None:
+        """The writer thread: builds wandb media and calls run.log, so the sampling thread only
+        enqueues (wandb.log costs ~2 ms a call, a few % of a small model's step)."""
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            rec, window_load, step = item
+            try:
+                media = self._window_media(window_load, rec["window"]) if window_load is not None else {}
+                self.run.log({**rec, **media}, step=step)
+            except Exception as err:  # telemetry never stops a run
+                warnings.warn(f"wandb.log failed: {err}")
+
+    def _drain(self) -> None:
+        if self._writer is not None:
+            self._queue.put(None)
+            self._writer.join()
+            self._writer = None
 
     # ------------------------------------------------------------ hooks
     def attach(self, model, stats=None) -> None:
@@ -117,6 +147,7 @@ class Telemetry:
         per_rank = self._gather_phases(data.get("latency_ms", 0.0))                  # [world, P+1]
         if not self.ctx.is_main:
             return
+        t_in = time.perf_counter()
         rec = {k: v for k, v in data.items() if isinstance(v, (int, float, str, bool)) or v is None}
         rec["time_s"] = time.perf_counter() - self.t0
         timed = per_rank[:, :len(PHASES)]
@@ -147,20 +178,17 @@ class Telemetry:
             if before is not None:
                 rec["rebalance/measured_gain"] = float(m["mean"]) - float(before)
         self._awaiting_measure = still
-        media = {}
+        window_load = None
         if "balancedness" in data and self.stats is not None and self.stats.windows:
             rec["window"] = len(self.stats.windows) - 1
-            if self.run is not None:
-                media = self._window_media(self.stats.windows[-1].sum(axis=(0, 1)), rec["window"])
+            window_load = self.stats.windows[-1].sum(axis=(0, 1))                      # [L, E] (a new array)
         self._metrics.write(json.dumps(rec) + "\n")
         self._metrics.flush()
         step = int(rec.get("forward", self._last_step + 1))
         self._last_step = max(self._last_step, step)
-        if self.run is not None:
-            try:
-                self.run.log({**rec, **media}, step=step)
-            except Exception as err:
-                warnings.warn(f"wandb.log failed: {err}")
+        if self._queue is not None:
+            self._queue.put((rec, window_load, step))
+        self._log_s += time.perf_counter() - t_in
 
     def log_rebalance(self, event: dict) -> None:
         """A rebalance attempt (any rank may call it; rank 0 keeps it): merged into the next
@@ -175,6 +203,7 @@ class Telemetry:
         if self.run is not None and self.cfg.telemetry.log_images and paths:
             import wandb
 
+            self._drain()
             self._last_step += 1
             self.run.log({"images": [wandb.Image(p, caption=c) for p, c in zip(paths, captions)]},
                          step=self._last_step)
@@ -184,20 +213,21 @@ class Telemetry:
         plots and summary numbers to wandb and close the run; returns the path."""
         if not self.ctx.is_main:
             return None
+        self._drain()
         if self._forwards:
             summary["phase_ms"] = {
                 "mean_per_forward": {p: float(v) for p, v in zip(ALL_PHASES, self._phase_sum / self._forwards)},
                 "per_rank_mean_per_forward": [{p: float(v) for p, v in zip(ALL_PHASES, row)}
                                               for row in self._phase_rank_sum / self._forwards]}
-        summary["telemetry"] = {"metrics_file": METRICS_FILE,
-                                "wandb_dir": os.path.relpath(self.run.dir, self.out_dir) if self.run else None,
-                                "wandb_mode": self.cfg.telemetry.wandb_mode if self.run else None}
+        summary["telemetry"] = {
+            "metrics_file": METRICS_FILE,
+            "wandb_run_dir": os.path.relpath(os.path.dirname(self.run.dir), self.out_dir) if self.run else None,
+            "wandb_mode": self.cfg.telemetry.wandb_mode if self.run else None,
+            "rank0_log_step_ms_per_forward": 1e3 * self._log_s / max(self._forwards, 1)}
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
         path = os.path.join(self.out_dir, "summary.json")
-        if self.run is not None:
-            summary["telemetry"]["wandb_run_dir"] = os.path.relpath(os.path.dirname(self.run.dir), self.out_dir)
         write_json_atomic(summary, path)
         if self.run is not None:
             try:
@@ -371,7 +401,7 @@ def plot_load_heatmap(load: np.ndarray, title: str):
                 ax.text(e, l, f"{share[l, e]:.2f}", ha="center", va="center", fontsize=7,
                         color="black" if share[l, e] > 0.6 * top else "white")
     cb = fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02)
-    cb.set_label(f"share of layer's tokens (even = 1/{E} = {1 / E:.3f})")
+    cb.set_label(f"share of layer's tokens\n(even: 1/{E} = {1 / E:.3f})")
     return fig
 
 
@@ -437,6 +467,8 @@ def plot_balancedness(records: Sequence[dict], rebalances: Sequence[dict]):
             ax.axvline(f + 0.5, color="grey", lw=1.0, ls=":", label=None if skipped else "rebalance skipped/failed")
             skipped = True
     ax.set_ylim(min(0.5, min([r["balancedness"] for r in pts], default=1.0) - 0.05), 1.02)
+    last = max([r.get("forward", 0) for r in records] + [ev.get("forward_idx") or 0 for ev in rebalances] + [0])
+    ax.set_xlim(-0.5, last + 1.0)
     ax.set_xlabel("forward pass (window closes after it)")
     ax.set_ylabel("balancedness (mean / max GPU load)")
     ax.set_title("Balancedness per statistics window")
