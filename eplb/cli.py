@@ -1,4 +1,4 @@
-"""Command line: ``python -m eplb plan ...`` and ``python -m eplb bench [--quick]``."""
+"""Command line: ``python -m eplb plan ...``, ``python -m eplb bench [--quick]`` and ``python -m eplb simulate ...``."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--previous", help="current placement file: keep experts in place where possible")
     bench = sub.add_parser("bench", help="compare greedy and default on synthetic loads")
     bench.add_argument("--quick", action="store_true", help="fewer, smaller cases")
+    from .simulate import add_parser as add_simulate_parser
+    add_simulate_parser(sub)
     return p
 
 
@@ -59,6 +61,9 @@ def main(argv=None) -> int:
     try:
         if args.cmd == "plan":
             return _plan(args)
+        if args.cmd == "simulate":
+            from .simulate import run_cli
+            return run_cli(args)
         from .bench import main as bench_main
         return bench_main(quick=args.quick)
     except ValueError as exc:
