@@ -143,12 +143,13 @@ def topk_inclusion(skew: float, num_experts: int, top_k: int, samples: int = 1 <
 
 
 def zipf_trace(skew: float, num_layers: int, num_experts: int, top_k: int = 8, num_windows: int = 3,
-               tokens_per_window: int = 8192 * 64, seed: int = 0) -> list[np.ndarray]:
+               tokens_per_window: int = 8192 * 64, seed: int = 0, samples: int = 1 << 17) -> list[np.ndarray]:
     """Synthetic windows ``[[L, E], ...]``: Zipf(``skew``) popularity over a random expert order per layer
     (the same order in every window), each token choosing ``top_k`` distinct experts (Plackett-Luce);
-    a window's load of expert ``e`` is Binomial(``tokens_per_window``, inclusion probability of ``e``)."""
+    a window's load of expert ``e`` is Binomial(``tokens_per_window``, inclusion probability of ``e``);
+    ``samples``: Monte Carlo tokens for the inclusion probabilities (:func:`topk_inclusion`)."""
     rng = np.random.default_rng(seed)
-    pi = topk_inclusion(skew, num_experts, top_k, seed=seed)  # [E] by rank
+    pi = topk_inclusion(skew, num_experts, top_k, samples=samples, seed=seed)  # [E] by rank
     prob = np.empty((num_layers, num_experts))  # [L, E]
     for layer in range(num_layers):
         prob[layer, rng.permutation(num_experts)] = pi
