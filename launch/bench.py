@@ -5,6 +5,8 @@ sizes, the same gate weights and the same expert weights, in one run.
     deepspeed --num_gpus 2 launch/bench.py layer --tokens 2048 --hidden 256 --expert-hidden 192
     # one GPU, the HunyuanImage-like shape
     python launch/bench.py layer --device cuda --dtype bfloat16 --tokens 8192 --hidden 4096 --expert-hidden 3072
+    # a full sampling step of a model preset: time per step, MoE share, memory per GPU
+    python launch/bench.py step --config configs/hunyuan_like.json --set sampling.batch_size=4
 
 Prints one table row per system (median forward time, max over ranks per iteration), and
 checks that both systems compute the same function (relative error of the outputs).
@@ -168,6 +170,60 @@ def bench_layer(args) -> list[dict]:
     return rows
 
 
+def bench_step(args) -> dict:
+    """Per-step latency of the whole transformer forward (CFG batched) and peak memory."""
+    from moe_ep import config as config_mod
+    from moe_ep.model.dit import MoEDiT
+    from moe_ep.model.sampler import FlowMatchEulerScheduler, MoEDiTPipeline
+    from moe_ep.model.text import PromptEncoder
+    from moe_ep.timing import PhaseTimer
+
+    cfg = config_mod.load(args.config, args.set)
+    ctx = init_distributed(cfg.parallel)
+    model = MoEDiT(cfg.model, ctx, num_redundant=cfg.eplb.num_redundant_experts)
+    model.init_from_seed(expert_device=init_device(ctx))
+    pipe = MoEDiTPipeline(model, PromptEncoder(cfg.model, model.text_encoder, ctx.device, model.dtype),
+                          FlowMatchEulerScheduler(cfg.sampling.shift))
+    s = cfg.sampling
+    prompts = (s.prompts * s.batch_size)[:s.batch_size]
+    sync = torch.cuda.synchronize if ctx.device.type == "cuda" else (lambda: None)
+    run = lambda steps, **hooks: pipe(prompts, num_inference_steps=steps, guidance_scale=s.guidance_scale,  # noqa: E731
+                                      height=s.height, width=s.width, **hooks)
+    run(2)  # warm-up
+    timers = [PhaseTimer(ctx.device) for _ in model.moe_layers()]
+    for layer, timer in zip(model.moe_layers(), timers):
+        layer.timer = timer
+    times, t0 = [], [0.0]
+
+    def begin(i, t, info):
+        sync()
+        t0[0] = time.perf_counter()
+
+    def end(i, t, info):
+        sync()
+        times.append((time.perf_counter() - t0[0]) * 1e3)
+
+    if ctx.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    run(args.steps, callback_on_forward_begin=begin, callback_on_forward_end=end)
+    moe_ms = sum(sum(t.collect().values()) for t in timers) / args.steps
+    rows = len(prompts) * 2 * (s.height // cfg.model.vae_scale_factor // cfg.model.patch_size) * \
+        (s.width // cfg.model.vae_scale_factor // cfg.model.patch_size)
+    result = {"config": args.config, "overrides": args.set, "ranks": ctx.world_size, "ep": ctx.ep_size,
+              "device": torch.cuda.get_device_name() if ctx.device.type == "cuda" else "cpu",
+              "moe_layers": len(model.moe_layers()), "rows_per_forward": rows,
+              "step_ms_median": statistics.median(times), "moe_ms_per_step": moe_ms,
+              "peak_mem_gib": (torch.cuda.max_memory_allocated() / 2 ** 30) if ctx.device.type == "cuda" else None,
+              "expert_weights_gib": sum(l.experts.w13.numel() + l.experts.w2.numel() for l in model.moe_layers())
+              * model.moe_layers()[0].experts.w13.element_size() / 2 ** 30}
+    if ctx.is_main:
+        print(json.dumps(result))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+    return result
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
@@ -188,9 +244,13 @@ def main(argv=None):
     lay.add_argument("--skip-deepspeed", action="store_true")
     lay.add_argument("--peak-tflops", type=float, default=781.0, help="dense GEMM rate for the floor (ANCHORS.md)")
     lay.add_argument("--json", help="also write the rows to this file (rank 0)")
+    st = sub.add_parser("step", help="a full sampling step of a model preset")
+    st.add_argument("--config", required=True)
+    st.add_argument("--set", action="append", default=[], help="section.key=value override")
+    st.add_argument("--steps", type=int, default=5)
+    st.add_argument("--json")
     args = p.parse_args(argv)
-    if args.cmd == "layer":
-        bench_layer(args)
+    {"layer": bench_layer, "step": bench_step}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -168,8 +168,10 @@ class MoEDiT(nn.Module):
 
     # ------------------------------------------------------------ initialisation
     @torch.no_grad()
-    def init_from_seed(self, seed: Optional[int] = None) -> None:
-        """Deterministic weights from `model.seed`, the same on every rank and for every EP size."""
+    def init_from_seed(self, seed: Optional[int] = None, expert_device: Optional[torch.device] = None) -> None:
+        """Deterministic weights from `model.seed`, the same on every rank and for every EP size.
+        `expert_device` draws expert weights with that device's generator (fast on a GPU, values
+        differ from the CPU draw; benchmarks use it)."""
         seed = self.cfg.seed if seed is None else seed
         g = torch.Generator().manual_seed(seed)
         for module in self.modules():                      # registration order: fixed
@@ -178,7 +180,7 @@ class MoEDiT(nn.Module):
             for name, param in module.named_parameters(recurse=False):
                 param.copy_(_init_value(module, name, param, g).to(param.dtype))
         self.load_experts(lambda layer: lambda e: init_expert_weights(
-            seed, layer, e, self.cfg.hidden_size, self.cfg.moe.expert_hidden_size, self.dtype))
+            seed, layer, e, self.cfg.hidden_size, self.cfg.moe.expert_hidden_size, self.dtype, expert_device))
 
     def load_experts(self, source: LayerWeightSource) -> None:
         """Fill every MoE layer's local slots: `source(layer_idx)(expert) -> (w13, w2)`."""
