@@ -1,0 +1,160 @@
+"""Telemetry on real (tiny) 2-rank runs: the offline wandb run's history holds the documented
+keys (read back from the .wandb file, no mocks), metrics.jsonl holds the same step records,
+summary.json gets the phase breakdown, and telemetry.wandb=false leaves no wandb folder."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import struct
+
+import pytest
+
+from moe_ep import config as config_mod
+from mp import run_ranks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART = os.path.join(ROOT, "configs", "quickstart.json")
+DOCS = os.path.join(ROOT, "docs", "dashboards.md")
+
+# 2 prompts, one per rank, 4 steps: windows close after forwards 1 and 3, a rebalance at
+# forward 1 is measured at forward 3.
+TINY = ["sampling.num_inference_steps=4", "sampling.height=16", "sampling.width=16",
+        'sampling.prompts=["a red fox", "a blue lake"]', "sampling.batch_size=1",
+        "eplb.min_gain=0.0", "telemetry.run_name=test-telemetry", 'telemetry.tags=["test"]']
+
+
+def _ranks_run(rank: int, world: int, overrides: list[str]) -> None:
+    from moe_ep.model.run import run
+    from moe_ep.parallel import context_for_tests
+
+    cfg = config_mod.load(QUICKSTART, overrides)
+    run(cfg, context_for_tests(rank, world, cfg.parallel.ep_size), progress=False)
+
+
+def tiny_run(out: str, extra=()) -> str:
+    run_ranks(2, _ranks_run, TINY + [f"output_dir={out}"] + list(extra))
+    return out
+
+
+def wandb_records(path: str):
+    """Records of a .wandb file (LevelDB-style log: 7-byte header ':W&B' 0xBEE1 version, then
+    32 KiB blocks of chunks [crc32 u32, length u16, type u8: 1 full, 2 first, 3 middle, 4 last])."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = open(path, "rb").read()
+    assert data[:4] == b":W&B", data[:8]
+    pos, block, buf = 7, 32768, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _crc, n, typ = struct.unpack("<IHB", data[pos:pos + 7])
+        if n == 0 and typ == 0:
+            pos += left
+            continue
+        buf += data[pos + 7:pos + 7 + n]
+        pos += 7 + n
+        if typ in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(buf)
+            buf = b""
+            yield rec
+
+
+def history_and_summary(run_dir: str) -> tuple[list[dict], dict, object]:
+    files = glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "run-*.wandb"))
+    assert len(files) == 1, files
+    history, summary, run_rec = [], {}, None
+    for rec in wandb_records(files[0]):
+        kind = rec.WhichOneof("record_type")
+        if kind == "history":
+            history.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item})
+        elif kind == "summary":
+            summary.update({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.summary.update})
+        elif kind == "run":
+            run_rec = rec.run
+    return history, summary, run_rec
+
+
+def documented_keys() -> set[str]:
+    """Keys in the first column of docs/dashboards.md's key tables (`key` in backticks)."""
+    keys = set()
+    for line in open(DOCS):
+        m = re.match(r"\|\s*`([^`]+)`", line)
+        if m:
+            keys.update(k.strip() for k in m.group(1).split(","))
+    return keys
+
+
+def normalise(key: str) -> str:
+    key = re.sub(r"^rank\d+/", "rank{r}/", key)
+    key = re.sub(r"^balancedness/layer\d+$", "balancedness/layer{l}", key)
+    return key
+
+
+@pytest.fixture(scope="module")
+def offline_run(tmp_path_factory):
+    return tiny_run(str(tmp_path_factory.mktemp("tel") / "run"))
+
+
+def test_offline_wandb_history_has_documented_keys(offline_run):
+    history, summary, run_rec = history_and_summary(offline_run)
+    assert run_rec is not None and run_rec.display_name == "test-telemetry" and list(run_rec.tags) == ["test"]
+    steps = [h for h in history if "forward" in h]
+    assert [h["forward"] for h in steps] == [0, 1, 2, 3]
+    for h in steps:
+        for p in ("attention", "router", "dispatch", "experts", "combine"):
+            assert h[f"phase_ms/{p}"] > 0, (p, h)
+        assert h["tokens_per_s"] > 0 and h["latency_ms"] > 0
+        assert {"rank0/latency_ms", "rank1/latency_ms", "rank1/phase_ms/experts"} <= set(h)
+    windows = [h for h in steps if "balancedness" in h]
+    assert [h["forward"] for h in windows] == [1, 3]
+    for h in windows:
+        assert 0 < h["balancedness"] <= 1 and {"balancedness/layer0", "balancedness/layer2"} <= set(h)
+        assert h["load/heatmap/_type"] == "image-file" and h["load/table/_type"] == "table-file"
+    reb = [h for h in steps if "rebalance/attempt" in h]
+    assert reb and reb[0]["forward"] == 1
+    assert {"rebalance/experts_moved", "rebalance/bytes_moved", "rebalance/time_ms",
+            "rebalance/predicted_gain"} <= set(reb[0])
+    if reb[0]["rebalance/ok"]:
+        assert reb[0]["rebalance/bytes_moved"] > 0
+        assert "rebalance/measured_gain" in steps[3] and steps[3]["rebalance/measured_forward"] == 1
+    keys = {k for h in history for k in h}
+    assert {"images/_type", "plots/load_heatmap/_type", "plots/balancedness/_type",
+            "plots/latency_breakdown/_type"} <= keys
+    assert summary["tokens_per_s"] > 0 and "phase_ms/mean_per_forward/experts" in summary
+
+    # every logged key (rank and layer numbers folded) is documented in docs/dashboards.md
+    logged = {normalise(k) for k in keys if not k.startswith("_")}
+    media_sub = re.compile(r"^(load/heatmap|load/table|images|plots/\w+)/")
+    logged = {media_sub.match(k).group(1) if media_sub.match(k) else k for k in logged}
+    missing = logged - documented_keys()
+    assert not missing, f"logged but not in docs/dashboards.md: {sorted(missing)}"
+
+
+def test_metrics_jsonl_and_summary_match_wandb(offline_run):
+    lines = [json.loads(x) for x in open(os.path.join(offline_run, "metrics.jsonl"))]
+    history, _, _ = history_and_summary(offline_run)
+    by_step = {h["forward"]: h for h in history if "forward" in h}
+    assert [r["forward"] for r in lines] == [0, 1, 2, 3]
+    for r in lines:
+        h = by_step[r["forward"]]
+        assert {k: h[k] for k in r} == r          # the same record (media keys only in wandb)
+    summary = json.load(open(os.path.join(offline_run, "summary.json")))
+    ph = summary["phase_ms"]["mean_per_forward"]
+    assert set(ph) == {"attention", "router", "dispatch", "experts", "combine", "other"}
+    assert len(summary["phase_ms"]["per_rank_mean_per_forward"]) == 2
+    assert summary["telemetry"]["wandb_run_dir"].startswith(os.path.join("wandb", "offline-run-"))
+    assert not [f for f in os.listdir(offline_run) if f.startswith(".tmp")]
+
+
+def test_telemetry_off_leaves_no_wandb_folder(tmp_path):
+    out = tiny_run(str(tmp_path / "off"), ["telemetry.wandb=false", "sampling.num_inference_steps=2"])
+    assert not os.path.exists(os.path.join(out, "wandb"))
+    lines = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    assert len(lines) == 2 and all(r["phase_ms/experts"] > 0 for r in lines)
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["telemetry"]["wandb_run_dir"] is None
