@@ -1,12 +1,10 @@
 """``python -m eplb bench``: greedy vs default on seeded synthetic loads, judged on the next window too."""
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
 
-from .greedy import greedy_reference
 from .metrics import lower_bound_balancedness, plan_balancedness
 from .rebalance import rebalance_experts
 from .synthetic import zipf_windows
@@ -25,63 +23,89 @@ SKEWS = (0.8, 1.1, 1.5)
 QUICK_SIZES = (SIZES[0], SIZES[2], SIZES[-1])
 
 
-def _time(fn, repeat: int) -> tuple[float, object]:
-    """Best-of-``repeat`` wall time in ms and the last result."""
-    best, out = math.inf, None
+def _time(fn, repeat: int) -> tuple[float, float, object]:
+    """Best and median of ``repeat`` wall times in ms, and the last result."""
+    times, out = [], None
     for _ in range(repeat):
         t = time.perf_counter()
         out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best * 1e3, out
+        times.append(time.perf_counter() - t)
+    return min(times) * 1e3, float(np.median(times)) * 1e3, out
 
 
-def run(quick: bool = False, seed: int = 0, repeat: int = 3) -> list[dict]:
-    """Run every case; returns one dict per (size, skew) with balancedness and runtimes (ms)."""
+def run(quick: bool = False, seed: int = 0, repeat: int = 5, seeds=None, baseline_repeat: int = 3) -> list[dict]:
+    """Run every case; returns one dict per (size, skew) with balancedness and runtimes (ms).
+
+    ``seeds``: seed offsets (default: just ``seed``). Times are best of ``repeat`` (greedy, default)
+    or ``baseline_repeat`` (the loop baselines); default without the drift hedge is timed once. Every
+    policy runs through ``rebalance_experts`` (one torch thread, input checks and ``log2phy`` included).
+    """
     rows = []
     sizes = QUICK_SIZES if quick else SIZES
     skews = (SKEWS[0], SKEWS[-1]) if quick else SKEWS
-    for ci, (L, E, R, G, N, P) in enumerate(sizes):
-        for si, skew in enumerate(skews):
-            w1, w2 = zipf_windows(seed + 100 * ci + si, L, E, skew)
-            hier = G % N == 0
-            t_g, (pg, _, _) = _time(lambda: rebalance_experts(w1, R, G, N, P, policy="greedy"), repeat)
-            t_r, pr = _time(lambda: greedy_reference(w1, R, G if hier else 1, N if hier else 1, P), 1)
-            t_d, (pd, _, _) = _time(lambda: rebalance_experts(w1, R, G, N, P), repeat)
-            rows.append(dict(
-                L=L, E=E, R=R, G=G, N=N, P=P, skew=skew,
-                greedy=plan_balancedness(w1, pg, P), default=plan_balancedness(w1, pd, P),
-                greedy_next=plan_balancedness(w2, pg, P), default_next=plan_balancedness(w2, pd, P),
-                bound=lower_bound_balancedness(w1, R, G if hier else 1, N if hier else 1, P),
-                t_greedy=t_g, t_reference=t_r, t_default=t_d,
-            ))
+    for sd in (seeds or (seed,)):
+        for ci, (L, E, R, G, N, P) in enumerate(sizes):
+            for si, skew in enumerate(skews):
+                w1, w2 = zipf_windows(sd + 100 * ci + si, L, E, skew)
+                hier = G % N == 0
+                g, n = (G, N) if hier else (1, 1)
+                t_g, _, (pg, _, _) = _time(lambda: rebalance_experts(w1, R, G, N, P, policy="greedy"), repeat)
+                t_t, _, _ = _time(lambda: rebalance_experts(w1, R, G, N, P, policy="greedy_torch_loops"), baseline_repeat)
+                t_l, _, _ = _time(lambda: rebalance_experts(w1, R, G, N, P, policy="greedy_pylist"), baseline_repeat)
+                t_d, t_dm, (pd, _, _) = _time(lambda: rebalance_experts(w1, R, G, N, P), repeat)
+                t_p, _, (pp, _, _) = _time(lambda: rebalance_experts(w1, R, G, N, P, drift_hedge=False), 1)
+                rows.append(dict(
+                    L=L, E=E, R=R, G=G, N=N, P=P, skew=skew, seed=sd,
+                    greedy=plan_balancedness(w1, pg, P), default=plan_balancedness(w1, pd, P),
+                    plain=plan_balancedness(w1, pp, P),
+                    greedy_next=plan_balancedness(w2, pg, P), default_next=plan_balancedness(w2, pd, P),
+                    plain_next=plan_balancedness(w2, pp, P),
+                    bound=lower_bound_balancedness(w1, R, g, n, P),
+                    t_greedy=t_g, t_torch=t_t, t_pylist=t_l, t_default=t_d, t_default_median=t_dm,
+                ))
     return rows
 
 
+def _gm(xs) -> float:
+    return float(np.exp(np.mean(np.log(xs))))
+
+
+def summary(rows: list[dict]) -> list[str]:
+    """Geometric means and worst cases of default (with and without the drift hedge) against greedy."""
+    out = []
+    for key, name in (("default", "default"), ("plain", "default, no hedge")):
+        gain = _gm([r[key] / r["greedy"] for r in rows])
+        gain_next = _gm([r[key + "_next"] / r["greedy_next"] for r in rows])
+        worst = min(r[key] - r["greedy"] for r in rows)
+        worst_next = min(r[key + "_next"] - r["greedy_next"] for r in rows)
+        behind = sum(r[key + "_next"] < r["greedy_next"] - 1e-12 for r in rows)
+        out.append(f"{name} / greedy: planning window {gain:.4f} ({(gain - 1) * 100:+.1f}%), next window {gain_next:.4f} "
+                   f"({(gain_next - 1) * 100:+.1f}%); min(default - greedy): planning {worst:+.4f}, next {worst_next:+.4f}; "
+                   f"behind greedy on the next window in {behind} of {len(rows)} cases")
+    return out
+
+
 def format_table(rows: list[dict]) -> str:
-    """Markdown table plus a summary line."""
-    head = ("| L x E, R slots | G/N/P | skew | greedy | default | bound | next: greedy | next: default "
-            "| greedy ms | reference ms | default ms |")
-    lines = [head, "|" + "---|" * 11]
+    """Markdown table plus summary lines."""
+    head = ("| L x E, R slots | G/N/P | skew | greedy | default | no hedge | bound | next: greedy | next: default "
+            "| next: no hedge | greedy ms | torch-loops ms | pylist ms | default ms |")
+    lines = [head, "|" + "---|" * 14]
     for r in rows:
         lines.append(
             f"| {r['L']}x{r['E']}, {r['R']} | {r['G']}/{r['N']}/{r['P']} | {r['skew']} | {r['greedy']:.4f} | "
-            f"{r['default']:.4f} | {r['bound']:.4f} | {r['greedy_next']:.4f} | {r['default_next']:.4f} | "
-            f"{r['t_greedy']:.1f} | {r['t_reference']:.1f} | {r['t_default']:.1f} |")
-    gain = np.exp(np.mean([np.log(r["default"] / r["greedy"]) for r in rows]))
-    gain_next = np.exp(np.mean([np.log(r["default_next"] / r["greedy_next"]) for r in rows]))
-    worst = min(r["default"] - r["greedy"] for r in rows)
-    worst_next = min(r["default_next"] - r["greedy_next"] for r in rows)
-    big = rows[-1]
+            f"{r['default']:.4f} | {r['plain']:.4f} | {r['bound']:.4f} | {r['greedy_next']:.4f} | {r['default_next']:.4f} | "
+            f"{r['plain_next']:.4f} | {r['t_greedy']:.1f} | {r['t_torch']:.0f} | {r['t_pylist']:.1f} | {r['t_default']:.1f} |")
     lines.append("")
-    lines.append(f"geomean default/greedy: planning window {gain:.4f} ({(gain - 1) * 100:+.1f}%), "
-                 f"next window {gain_next:.4f} ({(gain_next - 1) * 100:+.1f}%); "
-                 f"min(default - greedy): planning {worst:+.4f}, next {worst_next:+.4f}")
-    lines.append(f"largest case ({big['L']}x{big['E']}, {big['R']} slots, {big['P']} GPUs, {big['N']} nodes, skew {big['skew']}): "
-                 f"default {big['t_default']:.1f} ms, greedy {big['t_greedy']:.1f} ms, reference {big['t_reference']:.1f} ms "
-                 f"(default is {big['t_reference'] / big['t_default']:.1f}x faster than the reference)")
+    lines.extend(summary(rows))
+    for big in rows:
+        if (big["L"], big["E"], big["R"], big["N"], big["P"]) == (58, 256, 320, 8, 64):
+            lines.append(f"largest case ({big['L']}x{big['E']}, {big['R']} slots, G/N/P {big['G']}/{big['N']}/{big['P']}, skew {big['skew']}): "
+                         f"default {big['t_default']:.1f} ms best / {big['t_default_median']:.1f} ms median of 5; "
+                         f"{big['t_torch'] / big['t_default']:.0f}x faster than torch loops ({big['t_torch']:.0f} ms), "
+                         f"{big['t_pylist'] / big['t_default']:.1f}x faster than pylist ({big['t_pylist']:.1f} ms)")
     return "\n".join(lines)
 
 
-def main(quick: bool = False) -> int:
-    print(format_table(run(quick=quick)))
+def main(quick: bool = False, seeds=None) -> int:
+    print(format_table(run(quick=quick, seeds=seeds)))
     return 0

@@ -18,11 +18,14 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--groups", type=int, default=1, help="expert groups G (hierarchical when G %% N == 0)")
     plan.add_argument("--nodes", type=int, default=1, help="nodes N")
     plan.add_argument("--gpus", type=int, required=True, help="GPUs P (EP ranks)")
-    plan.add_argument("--policy", default="default", choices=["default", "greedy", "greedy_reference"])
+    plan.add_argument("--policy", default="default", choices=["default", "greedy", "greedy_torch_loops", "greedy_pylist", "greedy_reference"])
     plan.add_argument("--out", help="placement file to write (atomically)")
     plan.add_argument("--previous", help="current placement file: keep experts in place where possible")
+    plan.add_argument("--max-moves", type=int, help="with --previous: a layer whose plan changes more slots keeps its placement")
+    plan.add_argument("--no-drift-hedge", action="store_true", help="default policy: keep the plan best on the stats alone")
     bench = sub.add_parser("bench", help="compare greedy and default on synthetic loads")
     bench.add_argument("--quick", action="store_true", help="fewer, smaller cases")
+    bench.add_argument("--seeds", type=int, nargs="+", help="seed offsets of the synthetic loads (default: 0)")
     from .simulate import add_parser as add_simulate_parser
     add_simulate_parser(sub)
     return p
@@ -37,7 +40,7 @@ def _plan(args) -> int:
         prev = load_placement(args.previous)
         if prev.shape != (L, args.replicas):
             raise ValueError(f"--previous: phy2log shape {prev.shape} does not match ({L}, {args.replicas})")
-    opts = dict(policy=args.policy, previous_phy2log=prev)
+    opts = dict(policy=args.policy, previous_phy2log=prev, max_moves=args.max_moves, drift_hedge=not args.no_drift_hedge)
     phy2log, _, logcnt = rebalance_experts(load, args.replicas, args.groups, args.nodes, args.gpus, **opts)
     P = args.gpus
     if args.replicas == E:
@@ -65,7 +68,7 @@ def main(argv=None) -> int:
             from .simulate import run_cli
             return run_cli(args)
         from .bench import main as bench_main
-        return bench_main(quick=args.quick)
+        return bench_main(quick=args.quick, seeds=args.seeds)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

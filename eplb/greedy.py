@@ -6,9 +6,11 @@
 * hierarchical: group loads packed onto nodes, replicas made within each node
   (R/N slots per node), then physical experts packed onto the node's GPUs.
 
-``greedy_plan`` is vectorised across layers; ``greedy_reference`` is the same algorithm as
-straightforward per-layer Python loops (the speed baseline). Both give identical placements
-(exactly so when sums are exact, e.g. integer token counts).
+``greedy_plan`` is vectorised across layers. Two speed baselines run the same algorithm as per-layer
+Python loops: ``greedy_torch_loops`` over torch tensors with tensor scalar indexing (the style of
+DeepSeek's published ``eplb.py``, the issue's "greedy baseline written as per-layer Python loops"),
+and ``greedy_pylist`` over plain Python lists (faster; ``greedy_reference`` is its old name). All three
+give identical placements (exactly so when sums are exact, e.g. integer token counts).
 """
 from __future__ import annotations
 
@@ -54,8 +56,8 @@ def _replicate_loop(w: list[float], num_slots: int) -> list[int]:
     return counts
 
 
-def greedy_reference(weight, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int) -> torch.Tensor:
-    """Greedy placement as per-layer Python loops (speed baseline). Same inputs/outputs as :func:`greedy_plan`."""
+def greedy_pylist(weight, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int) -> torch.Tensor:
+    """Greedy placement as per-layer Python loops over lists (speed baseline). Same inputs/outputs as :func:`greedy_plan`."""
     w_all = np.asarray(weight, dtype=np.float64)
     L, E = w_all.shape
     R, G, N, P = num_replicas, num_groups, num_nodes, num_gpus
@@ -82,3 +84,57 @@ def greedy_reference(weight, num_replicas: int, num_groups: int, num_nodes: int,
             for i, e in enumerate(item_expert):
                 out[layer, nd * m + pack[i] * k + rank_in[i]] = experts[e]
     return torch.from_numpy(out)
+
+
+greedy_reference = greedy_pylist  # the old name
+
+
+def _pack_torch(items: torch.Tensor, num_packs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy balanced packing of one row, item by item over torch scalars: ``[m]`` -> ``(pack [m], rank [m])``."""
+    m = items.numel()
+    per_pack = m // num_packs
+    pack = torch.full((m,), -1, dtype=torch.int64)
+    rank = torch.full((m,), -1, dtype=torch.int64)
+    pack_weights = [0] * num_packs  # become 0-d tensors
+    pack_items = [0] * num_packs
+    for item in items.sort(descending=True, stable=True).indices:
+        p = min((q for q in range(num_packs) if pack_items[q] < per_pack), key=pack_weights.__getitem__)
+        pack[item] = p
+        rank[item] = pack_items[p]
+        pack_weights[p] += items[item]
+        pack_items[p] += 1
+    return pack, rank
+
+
+def greedy_torch_loops(weight, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int) -> torch.Tensor:
+    """Greedy placement as per-layer Python loops over torch tensors (tensor scalar indexing), the
+    style of DeepSeek's published ``eplb.py``; written from the algorithm's description. The speed
+    baseline of the issue. Same inputs/outputs as :func:`greedy_plan`."""
+    w_all = torch.as_tensor(weight, dtype=torch.float64)
+    L, E = w_all.shape
+    R, G, N, P = num_replicas, num_groups, num_nodes, num_gpus
+    gs, n, m, ppn, k = E // G, E // N, R // N, P // N, R // P
+    phy2log = torch.empty(L, R, dtype=torch.int64)
+    for layer in range(L):
+        w = w_all[layer]  # [E]
+        if N > 1:
+            node, rank = _pack_torch(w.view(G, gs).sum(-1), N)  # [G] each
+        else:
+            node, rank = torch.zeros(G, dtype=torch.int64), torch.arange(G)
+        mlog2log = torch.empty(E, dtype=torch.int64)
+        for g in range(G):
+            base = (node[g] * (G // N) + rank[g]) * gs
+            for j in range(gs):
+                mlog2log[base + j] = g * gs + j
+        for nd in range(N):
+            experts = mlog2log[nd * n:(nd + 1) * n]  # [n]
+            wn = w[experts]
+            cnt = torch.ones(n, dtype=torch.int64)
+            for _ in range(m - n):
+                cnt[(wn / cnt).argmax()] += 1
+            item_expert = torch.repeat_interleave(torch.arange(n), cnt)  # [m]
+            items = wn[item_expert] / cnt[item_expert]
+            pack, rank_in = _pack_torch(items, ppn)
+            for i in range(m):
+                phy2log[layer, nd * m + pack[i] * k + rank_in[i]] = experts[item_expert[i]]
+    return phy2log
