@@ -22,19 +22,26 @@ def _read_json(path) -> dict:
         raise ValueError(f"{path}: file not found") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not valid JSON (not UTF-8 text)") from None
+    except RecursionError:
+        raise ValueError(f"{path}: not valid JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object at the top level")
     return data
 
 
 def write_json_atomic(path, data: dict) -> None:
-    """Write ``data`` as JSON to ``path`` via a temp file in the same folder and ``os.replace``."""
+    """Write ``data`` as JSON to ``path`` via a temp file in the same folder, fsync and ``os.replace``."""
     folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f)
             f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -51,7 +58,10 @@ def check_load_matrix(value, field: str, shape: tuple[int, int] | None = None) -
         raise ValueError(f"{field}: rows must all have the same non-zero length")
     if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for r in value for x in r):
         raise ValueError(f"{field}: entries must be numbers")
-    arr = np.asarray(value, dtype=np.float64)  # [L, E]
+    try:
+        arr = np.asarray(value, dtype=np.float64)  # [L, E]
+    except OverflowError:  # an integer beyond float64 (JSON allows any size)
+        raise ValueError(f"{field}: contains a number too large for float64") from None
     if not np.isfinite(arr).all():
         raise ValueError(f"{field}: contains NaN or inf")
     if (arr < 0).any():

@@ -7,13 +7,19 @@
 The config is validated (including sizes against the world size and the checkpoint
 header) before any process group starts; a bad value prints one line
 `error: config field 'x' = v: ...` and exits 2 with nothing written to output_dir.
+
+When a rank dies or hangs while sampling, the others stop within `parallel.timeout_s` (or at
+the launcher's SIGTERM) with `error: rank N lost contact with its peers during <phase>: ...`
+and exit 1, leaving the images of finished batches and stats.json (closed windows) on disk.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import shlex
+import signal
 import sys
+import threading
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -50,6 +56,9 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+PEER_LOST = 1  # exit status when a rank lost contact with its peers (2: bad config)
+
+
 def error(msg: str) -> int:
     """One line on stderr (from rank 0 only under a launcher: every rank finds the same error)."""
     if os.environ.get("RANK", "0") == "0":
@@ -63,13 +72,15 @@ def main(argv=None) -> int:
         cfg = config_mod.load(args.config, args.set)
     except ConfigError as err:
         return error(str(err))
+    except (ValueError, TypeError, RecursionError, OSError) as err:  # a file config.load cannot parse
+        return error(f"config file {args.config!r} cannot be read: {type(err).__name__}: {err}")
     if args.print_launch_cmd:
         print(shlex.join(launch_command(args.hostfile, args.num_nodes, args.num_gpus, args.config, args.set)))
         return 0
 
     import torch
 
-    from moe_ep.model.run import preflight, run
+    from moe_ep.model.run import PeerLostError, RunInterrupted, preflight, run
     from moe_ep.parallel import init_distributed, shutdown
 
     try:
@@ -83,10 +94,27 @@ def main(argv=None) -> int:
         ctx = init_distributed(cfg.parallel)
     except ConfigError as err:
         return error(str(err))
+
+    def on_sigterm(signum, frame):  # the launcher stops every rank when one fails: end through the error path
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise RunInterrupted("SIGTERM")
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
     try:
         summary = run(cfg, ctx, progress=not args.no_progress)
-    finally:
+    except ConfigError as err:  # e.g. a placement file that does not fit this run
         shutdown()
+        return error(str(err))
+    except PeerLostError as err:
+        # every rank that notices says so (rank 0 may be the one that died); no process-group
+        # teardown with dead peers: the caller exits at once (see __main__ below)
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return PEER_LOST
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    shutdown()
     if ctx.is_main:
         print(f"wrote {len(summary['images'])} images, stats.json and summary.json to {cfg.output_dir} "
               f"({summary['wall_s']:.1f} s sampling, {summary['tokens_per_s']:.0f} tokens/s, "
@@ -95,4 +123,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    if rc == PEER_LOST:  # do not wait on a process group (or threads) whose peers are gone
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)

@@ -22,12 +22,12 @@ import dataclasses
 import json
 import os
 import struct
-import tempfile
 from typing import Callable, Iterable, Optional
 
 import torch
 import torch.distributed as dist
 
+from .atomic import atomic_write
 from .config import ConfigError, ModelConfig
 from .parallel import ParallelContext
 
@@ -86,23 +86,14 @@ def write_safetensors(path: str, entries: Iterable[tuple[str, tuple, torch.dtype
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)))
-            f.write(blob)
-            for key, shape, dtype, make in entries:
-                t = make()
-                if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
-                    raise ValueError(f"{key}: made {tuple(t.shape)} {t.dtype}, expected {tuple(shape)} {dtype}")
-                f.write(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, "wb") as f:  # temp file in the same folder, fsync, os.replace
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for key, shape, dtype, make in entries:
+            t = make()
+            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                raise ValueError(f"{key}: made {tuple(t.shape)} {t.dtype}, expected {tuple(shape)} {dtype}")
+            f.write(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def _metadata(cfg: ModelConfig) -> dict[str, str]:

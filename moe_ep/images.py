@@ -8,11 +8,11 @@ but the number of channels, so the same latents always give the same pixels.
 """
 from __future__ import annotations
 
-import os
-import tempfile
-
 import numpy as np
 import torch
+
+from .atomic import atomic_write
+from .atomic import write_json_atomic as _write_json_atomic
 
 DECODER_SEED = 1234
 DECODER_GAIN = 0.3  # guided samples have latent std of a few units; keep tanh out of saturation
@@ -36,35 +36,13 @@ def decode_latents(latents: torch.Tensor, vae_scale_factor: int = 1) -> np.ndarr
 
 
 def save_png(image: np.ndarray, path: str) -> None:
-    """Write [H, W, 3] uint8 to `path` atomically (temp file in the same folder, then os.replace)."""
+    """Write [H, W, 3] uint8 to `path` atomically (moe_ep.atomic: temp file, fsync, os.replace)."""
     from PIL import Image
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(np.ascontiguousarray(image)).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, "wb") as f:
+        Image.fromarray(np.ascontiguousarray(image)).save(f, format="PNG")
 
 
 def write_json_atomic(data, path: str) -> None:
-    """json.dump to `path` atomically."""
-    import json
-
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """json.dump to `path` atomically (moe_ep.atomic)."""
+    _write_json_atomic(path, data)

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from typing import Any, Optional
 
 import numpy as np
@@ -141,20 +139,11 @@ class ExpertLoadStats:
 
     # ------------------------------------------------------------ files
     def save(self, path: str) -> None:
-        """Write `to_json()` atomically: a temp file in the same folder, then os.replace."""
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".stats-", suffix=".json.tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_json(), f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        """Write `to_json()` atomically (moe_ep.atomic: temp file in the same folder, fsync, os.replace)."""
+        from .atomic import atomic_write
+
+        with atomic_write(path, "w") as f:
+            json.dump(self.to_json(), f)
 
     def load_seed(self, path: str) -> dict:
         """Read a stats file written by `save` (or by another run) and use its load as the
@@ -173,6 +162,14 @@ class ExpertLoadStats:
         return data
 
 
+def _finite(v) -> bool:
+    """True for a number float64 holds (a JSON integer can be arbitrarily large)."""
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
+
+
 def _load_matrix(value: Any, num_layers: int, num_experts: int, where: str, path: str) -> np.ndarray:
     """Check a [num_layers][num_experts] list of non-negative finite numbers."""
     def bad(msg):
@@ -185,7 +182,7 @@ def _load_matrix(value: Any, num_layers: int, num_experts: int, where: str, path
             n = len(row) if isinstance(row, list) else type(row).__name__
             raise bad(f"[{l}] must list {num_experts} experts (this run's num_experts), got {n}")
         for e, v in enumerate(row):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or not _finite(v):
                 raise bad(f"[{l}][{e}] = {v!r}: must be a non-negative finite number")
     return np.asarray(value, dtype=np.float64)
 

@@ -358,22 +358,13 @@ def _fig_to_array(fig) -> np.ndarray:
 
 
 def save_figure(fig, path: str) -> None:
-    """PNG, atomically (temp file in the same folder, then os.replace)."""
-    import tempfile
-
+    """PNG, atomically (moe_ep.atomic: temp file in the same folder, fsync, os.replace)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            FigureCanvasAgg(fig).print_png(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from .atomic import atomic_write
+
+    with atomic_write(path, "wb") as f:
+        FigureCanvasAgg(fig).print_png(f)
 
 
 def _ticks(n: int, max_labels: int = 32) -> list[int]:

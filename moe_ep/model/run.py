@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
 import warnings
 from typing import Callable, Optional
@@ -44,6 +47,37 @@ def preflight(cfg: Config, world_size: int) -> None:
         path = getattr(cfg.eplb, name)
         if path and not os.path.isfile(path):
             raise ConfigError(f"eplb.{name}", path, "file not found")
+    # range checks config.validate does not make (yet): finite numbers, seeds torch.Generator takes
+    for name, value in (("parallel.timeout_s", cfg.parallel.timeout_s),
+                        ("sampling.guidance_scale", cfg.sampling.guidance_scale),
+                        ("sampling.shift", cfg.sampling.shift), ("model.moe.route_scale", cfg.model.moe.route_scale),
+                        ("eplb.min_gain", cfg.eplb.min_gain)):
+        if not math.isfinite(value):
+            raise ConfigError(name, value, "must be a finite number")
+    if cfg.parallel.timeout_s > 10 ** 9:  # datetime.timedelta and the backends take no more
+        raise ConfigError("parallel.timeout_s", cfg.parallel.timeout_s, "must be <= 1e9 seconds")
+    for name, lo, hi in (("model.seed", cfg.model.seed, cfg.model.seed),
+                         ("sampling.seed", cfg.sampling.seed, cfg.sampling.seed + len(cfg.sampling.prompts) - 1)):
+        if lo < -2 ** 63 or hi >= 2 ** 64:
+            raise ConfigError(name, lo, "must be in [-2**63, 2**64) (with sampling.seed + prompt index) "
+                                        "for torch.Generator")
+    L, E = cfg.model.num_layers // cfg.model.moe_every, cfg.model.moe.num_experts   # MoE layers, experts
+    if L < 1:
+        raise ConfigError("model.moe_every", cfg.model.moe_every,
+                          f"must be <= model.num_layers ({cfg.model.num_layers}), or the model has no MoE layer")
+    # parse the eplb files here, so a bad one stops the run before any process group or output file
+    if cfg.eplb.stats_file:
+        from ..stats import read_stats_file
+        try:
+            read_stats_file(cfg.eplb.stats_file, L, E)
+        except ValueError as err:
+            raise ConfigError("eplb.stats_file", cfg.eplb.stats_file, str(err)) from None
+    if cfg.eplb.placement_file:
+        from ..rebalance import read_placement_file
+        try:
+            read_placement_file(cfg.eplb.placement_file, L, E, E + cfg.eplb.num_redundant_experts, ep)
+        except ValueError as err:
+            raise ConfigError("eplb.placement_file", cfg.eplb.placement_file, str(err)) from None
 
 
 def build_model(cfg: Config, ctx: ParallelContext):
@@ -103,6 +137,9 @@ def apply_eplb_files(cfg: Config, model: MoEDiT, stats: ExpertLoadStats, rebalan
                 raise ConfigError("eplb.stats_file", e.stats_file,
                                   f"'load' must be [{L}][{cfg.model.moe.num_experts}], got {list(load.shape)}")
             stats.seed_load = load
+        if rebalancer is not None and not e.placement_file and hasattr(rebalancer, "rebalance_now"):
+            # resume: start from a placement planned on the earlier run's load (collective)
+            rebalancer.rebalance_now(-1, trigger="stats_file")
     if e.placement_file:
         if rebalancer is not None and hasattr(rebalancer, "load_placement_file"):
             try:
@@ -118,14 +155,89 @@ def apply_eplb_files(cfg: Config, model: MoEDiT, stats: ExpertLoadStats, rebalan
             layer.set_placement(row, weight_source(layer.layer_idx))
 
 
+class RunInterrupted(Exception):
+    """Raised in the main thread by launch/infer.py's SIGTERM handler (the DeepSpeed launcher
+    sends SIGTERM to every rank when one exits non-zero)."""
+
+
+class PeerLostError(RuntimeError):
+    """A collective failed or timed out (a rank died or hangs), or the launcher stopped this rank."""
+
+    def __init__(self, rank: int, phase: str, detail: str):
+        self.rank, self.phase, self.detail = rank, phase, detail
+        super().__init__(f"rank {rank} lost contact with its peers during {phase}: {detail}")
+
+
+TEST_DIE_ENV = "MOE_EP_TEST_DIE_AT_STEP"   # tests: "<forward>:<rank>[:hang]", see _test_die_at
+STATS_SAVE_EVERY_S = 10.0                  # rank 0 also rewrites stats.json when a window closes this long after the last write
+_PEER_WORDS = ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket", "broken pipe", "closed")
+
+
+def _test_die_at() -> Optional[tuple[int, int, str]]:
+    """MOE_EP_TEST_DIE_AT_STEP="<forward>:<rank>[:hang]" (tests only): exit, or hang, there."""
+    raw = os.environ.get(TEST_DIE_ENV)
+    if not raw:
+        return None
+    forward, rank, *mode = raw.split(":")
+    return int(forward), int(rank), (mode or ["exit"])[0]
+
+
+def _lost_peer(err: BaseException, ctx: ParallelContext) -> bool:
+    if isinstance(err, RunInterrupted):
+        return True
+    if ctx.world_size <= 1 or not isinstance(err, RuntimeError):
+        return False
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    return any(w in str(err).lower() for w in _PEER_WORDS)
+
+
+def _save_stats_on_error(stats: Optional[ExpertLoadStats], out_dir: str) -> None:
+    """Every surviving rank writes the closed windows (the same on every rank: they are
+    all-reduced over the world) to stats.json; SIGTERM is held off during the write."""
+    if stats is None or not stats.windows:
+        return
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, signal.SIG_IGN) if main else None
+    try:
+        write_json_atomic(stats.to_json(), os.path.join(out_dir, "stats.json"))
+    except Exception as err:  # noqa: BLE001 - report, keep the original error
+        print(f"warning: could not write stats.json on the error path: {err}", file=sys.stderr, flush=True)
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, old)
+
+
 def run(cfg: Config, ctx: ParallelContext, progress: bool = True) -> dict:
-    """Sample every prompt; write output_dir/images/*.png, stats.json, summary.json. Collective."""
+    """Sample every prompt; write output_dir/images/*.png, stats.json, summary.json. Collective.
+
+    Images are written as each batch finishes and stats.json after each round, so a failed run
+    keeps what it finished. When a collective fails or times out (a rank died or hangs;
+    `parallel.timeout_s`) or the launcher stops this rank, the closed statistics windows are
+    written to stats.json and PeerLostError names this rank and the phase (no summary.json)."""
+    track = {"phase": "start-up", "stats": None}
+    try:
+        return _run(cfg, ctx, progress, track)
+    except ConfigError:
+        raise
+    except BaseException as err:
+        _save_stats_on_error(track["stats"], cfg.output_dir)
+        if _lost_peer(err, ctx):
+            detail = "stopped by SIGTERM (the launcher stops every rank when one exits non-zero)" \
+                if isinstance(err, RunInterrupted) else \
+                f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]}"
+            raise PeerLostError(ctx.rank, track["phase"], detail) from err
+        raise
+
+
+def _run(cfg: Config, ctx: ParallelContext, progress: bool, track: dict) -> dict:
     s, out_dir = cfg.sampling, cfg.output_dir
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     model, weight_source, reader = build_model(cfg, ctx)
     L = len(model.moe_layers())
     stats = ExpertLoadStats(L, cfg.model.moe.num_experts, ctx.device, cfg.eplb.window_size,
                             cfg.eplb.timestep_buckets, cfg.model.moe.top_k)
+    track["stats"] = stats
     for layer in model.moe_layers():
         layer.stats = stats
     rebalancer, rebalancer_note = make_rebalancer(cfg, model, ctx, stats)
@@ -155,7 +267,22 @@ def run(cfg: Config, ctx: ParallelContext, progress: bool = True) -> dict:
         return sum(len(batches[j]) for j in range(r * ctx.world_size, min((r + 1) * ctx.world_size, len(batches)))) \
             * rows_per_prompt
 
+    die_at = _test_die_at()
+    last_save = [time.perf_counter()]
+
+    def save_stats() -> None:  # rank 0: the statistics so far (complete windows), atomically
+        write_json_atomic(stats.to_json(), os.path.join(out_dir, "stats.json"))
+        last_save[0] = time.perf_counter()
+
     def on_begin(step: int, t: float, info: dict) -> None:
+        track["phase"] = f"forward {state['forward']} (round {state['round']}, step {step})"
+        if die_at is not None and die_at[:2] == (state["forward"], ctx.rank):
+            print(f"{TEST_DIE_ENV}: rank {ctx.rank} {die_at[2]}s before forward {state['forward']}",
+                  file=sys.stderr, flush=True)
+            if die_at[2] == "hang":
+                while True:
+                    time.sleep(1)
+            os._exit(1)
         stats.begin_forward(t, info["cond_rows"])
         sync()
         state["t0"] = time.perf_counter()
@@ -166,6 +293,7 @@ def run(cfg: Config, ctx: ParallelContext, progress: bool = True) -> dict:
         windows_before = len(stats.windows)
         placements = [l.placement.phy2log.numpy() for l in model.moe_layers()]  # in effect for this window
         event = None
+        track["phase"] = f"the statistics window / rebalance after forward {state['forward']}"
         if rebalancer is not None:  # it closes the statistics windows itself
             steps_t = pipe.scheduler.timesteps.tolist()
             next_t = steps_t[step + 1] if step + 1 < len(steps_t) else steps_t[0]
@@ -186,7 +314,10 @@ def run(cfg: Config, ctx: ParallelContext, progress: bool = True) -> dict:
             telemetry.log_rebalance(event)
             rec["rebalanced"] = int(bool(event.get("ok", True)))
         steps.append(rec)
+        track["phase"] = f"the telemetry gather after forward {state['forward']}"
         telemetry.log_step(rec)
+        if closed and ctx.is_main and time.perf_counter() - last_save[0] >= STATS_SAVE_EVERY_S:
+            save_stats()
         state["forward"] += 1
         bar.update(1)
 
@@ -204,12 +335,17 @@ def run(cfg: Config, ctx: ParallelContext, progress: bool = True) -> dict:
             path = os.path.join(out_dir, "images", f"{i:03d}.png")
             save_png(image, path)
             written.append((i, path))
+        if ctx.is_main:
+            save_stats()  # after every round, with its images: what a killed run leaves is complete
     wall = time.perf_counter() - t_start
     bar.close()
+    track["phase"] = "the last statistics window"
     if getattr(stats, "window_open", stats._forwards_in_window > 0):  # close the last, partial window (collective; same count on every rank)
         stats.close_window(groups)
+    track["phase"] = "the final barrier"
     if ctx.world_size > 1:
         dist.barrier()  # every rank's images are on disk
+    track["phase"] = "writing the outputs"
 
     total = stats.total().sum(axis=(0, 1)).astype(np.float64)          # [L, E]
     bal = layer_balancedness(total, model)

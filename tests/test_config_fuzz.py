@@ -1,0 +1,274 @@
+"""Property-based config validation: broken configs (made by mutating the quickstart config) are
+refused with ConfigError naming the field -- never another exception from deep inside -- by what
+launch/infer.py runs before any process group starts: `config.from_dict` then
+`run.preflight(cfg, world_size)`. Impossible size combinations are checked against an
+independent oracle. docs/reliability.md lists the cases and counts."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moe_ep import config
+from moe_ep.config import ConfigError
+from moe_ep.model.run import preflight
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = json.load(open(os.path.join(ROOT, "configs", "quickstart.json")))
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _leaves(d: dict, prefix=()) -> list[tuple[str, ...]]:
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out += _leaves(v, prefix + (k,))
+        else:
+            out.append(prefix + (k,))
+    return out
+
+
+SECTIONS = [p for p in [("model",), ("model", "moe"), ("parallel",), ("eplb",), ("sampling",), ("telemetry",), ()]]
+
+
+def _get(d, path):
+    for k in path:
+        d = d[k]
+    return d
+
+
+def _set(d, path, value):
+    for k in path[:-1]:
+        d = d.setdefault(k, {})
+    d[path[-1]] = value
+
+
+def _merged(defaults: dict, base: dict) -> dict:
+    out = dict(defaults)
+    for k, v in base.items():
+        out[k] = _merged(defaults[k], v) if isinstance(v, dict) else v
+    return out
+
+
+FULL = _merged(config.Config().to_dict(), BASE)  # every key, the quickstart's values where it sets them
+FULL["output_dir"] = "outputs/fuzz"             # never created: nothing here runs the job
+LEAVES = _leaves(FULL)
+NUMERIC = [p for p in LEAVES if isinstance(_get(FULL, p), (int, float)) and not isinstance(_get(FULL, p), bool)]
+EDGES = [0, -1, 1, 3, 0.5, -0.0, 10 ** 30, -10 ** 30, 2 ** 63, 2 ** 64, 1e308, float("nan"), float("inf"), float("-inf")]
+
+def validate_like_infer(data: dict, world: int = 2):
+    """What launch/infer.py does before any process group: load + validate, then preflight."""
+    cfg = config.from_dict(data)
+    preflight(cfg, world)
+    return cfg
+
+
+def accepted_or_config_error(data: dict, world: int = 2):
+    """-> the Config or the ConfigError; any other exception fails the test."""
+    try:
+        return validate_like_infer(data, world)
+    except ConfigError as err:
+        assert str(err).startswith(f"config field '{err.field_name}' = "), str(err)
+        assert "\n" not in str(err), str(err)
+        return err
+
+
+def assert_sane(cfg) -> None:
+    """An accepted config has only values the runtime can use."""
+    for path in _leaves(cfg.to_dict()):
+        v = _get(cfg.to_dict(), path)
+        if isinstance(v, float):
+            assert math.isfinite(v), (path, v)
+    m, s = cfg.model, cfg.sampling
+    assert m.num_layers >= m.moe_every >= 1
+    assert 1 <= m.moe.top_k <= m.moe.num_experts and m.moe.num_experts % m.moe.n_group == 0
+    assert s.height % (m.patch_size * m.vae_scale_factor) == 0 and s.width % (m.patch_size * m.vae_scale_factor) == 0
+    assert s.prompts and all(isinstance(p, str) for p in s.prompts)
+
+
+OTHER_TYPES = st.one_of(st.text(max_size=5), st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+                        st.booleans(), st.none(), st.floats(allow_nan=True, allow_infinity=True), st.integers(-10**30, 10**30))
+
+
+@FUZZ
+@given(path=st.sampled_from(LEAVES), value=OTHER_TYPES)
+def test_fuzz_replace_a_value(path, value):
+    """Any leaf replaced by any JSON value (wrong type, out of range, NaN, inf, huge): refused with
+    ConfigError or accepted as a usable config."""
+    data = copy.deepcopy(FULL)
+    _set(data, path, value)
+    out = accepted_or_config_error(data)
+    if isinstance(out, ConfigError):
+        return
+    assert_sane(out)
+    got = _get(out.to_dict(), path)
+    assert got == value or (isinstance(value, int) and not isinstance(value, bool) and got == float(value)), (path, value, got)
+    # a value of a JSON type the field cannot have is never accepted
+    if isinstance(value, (dict, list)) and path[-1] not in ("prompts", "tags"):
+        pytest.fail(f"{'.'.join(path)} accepted {value!r}")
+
+
+@settings(max_examples=300, deadline=None)
+@given(path=st.sampled_from(NUMERIC), value=st.sampled_from(EDGES))
+def test_fuzz_numeric_edges(path, value):
+    """Every numeric field at 0, negative, fractional, huge (beyond int64 / uint64 / float64), NaN
+    and +-inf: refused with ConfigError or accepted as a usable config."""
+    data = copy.deepcopy(FULL)
+    _set(data, path, value)
+    out = accepted_or_config_error(data)
+    if not isinstance(out, ConfigError):
+        assert_sane(out)
+
+
+@FUZZ
+@given(path=st.sampled_from(LEAVES), suffix=st.sampled_from(["_", "s", "X", "__", "2"]), keep=st.booleans())
+def test_fuzz_renamed_key_is_named(path, suffix, keep):
+    """A misspelt key is refused, naming it (whether or not the right key is still there)."""
+    data = copy.deepcopy(FULL)
+    parent = _get(data, path[:-1])
+    value = parent[path[-1]] if keep else parent.pop(path[-1])
+    parent[path[-1] + suffix] = value
+    with pytest.raises(ConfigError) as err:
+        validate_like_infer(data)
+    assert err.value.field_name == ".".join(path[:-1] + (path[-1] + suffix,))
+    assert "unknown key" in str(err.value)
+
+
+@FUZZ
+@given(drop=st.lists(st.sampled_from(LEAVES + [s for s in SECTIONS if s]), max_size=6, unique=True))
+def test_fuzz_dropped_keys_take_defaults(drop):
+    """Dropping keys or whole sections: defaults fill in; the result is valid or refused cleanly."""
+    data = copy.deepcopy(FULL)
+    for path in drop:
+        try:
+            del _get(data, path[:-1])[path[-1]]
+        except KeyError:
+            pass
+    out = accepted_or_config_error(data)
+    if not isinstance(out, ConfigError):
+        assert_sane(out)
+
+
+@FUZZ
+@given(section=st.sampled_from(SECTIONS), value=st.one_of(st.integers(), st.text(max_size=4), st.lists(st.integers(), max_size=2), st.none()))
+def test_fuzz_section_of_wrong_type(section, value):
+    data = copy.deepcopy(BASE)
+    if not section:
+        data = value
+    else:
+        _set(data, section, value)
+    with pytest.raises(ConfigError) as err:
+        validate_like_infer(data)
+    assert err.value.field_name == (".".join(section) or "<root>")
+
+
+SIZES = st.fixed_dictionaries({
+    "E": st.integers(1, 24), "k": st.integers(0, 26), "n_group": st.integers(0, 8), "topk_group": st.integers(0, 8),
+    "redundant": st.integers(-1, 10), "ep": st.one_of(st.none(), st.integers(0, 9)), "world": st.sampled_from([1, 2, 3, 4, 6, 8]),
+    "num_groups": st.integers(0, 8), "heads": st.integers(0, 9), "hidden": st.sampled_from([8, 12, 16, 24, 30, 64]),
+    "layers": st.integers(0, 4), "moe_every": st.integers(0, 5), "hw": st.integers(0, 40), "patch": st.integers(0, 4),
+})
+
+
+def oracle_problems(z: dict) -> list[str]:
+    """The independent rule list (docs/config.md): every field that must be refused."""
+    bad = []
+    E, k, ng, tg = z["E"], z["k"], z["n_group"], z["topk_group"]
+    positive = {"model.moe.top_k": k, "model.moe.n_group": ng, "model.moe.topk_group": tg, "eplb.num_groups": z["num_groups"],
+                "model.num_heads": z["heads"], "model.num_layers": z["layers"], "model.moe_every": z["moe_every"],
+                "sampling.height": z["hw"], "model.patch_size": z["patch"]}
+    bad += [name for name, v in positive.items() if v < 1]
+    if z["ep"] is not None and z["ep"] < 1:
+        bad.append("parallel.ep_size")
+    if z["redundant"] < 0:
+        bad.append("eplb.num_redundant_experts")
+    if bad:
+        return bad
+    if k > E:
+        bad.append("model.moe.top_k")
+    if E % ng:
+        bad.append("model.moe.n_group")
+    if tg > ng:
+        bad.append("model.moe.topk_group")
+    if ng > 1 and E % ng == 0 and tg <= ng and k <= E and k > tg * (E // ng):
+        bad.append("model.moe.top_k")
+    if z["hidden"] % z["heads"]:
+        bad.append("model.num_heads")
+    if z["hw"] % z["patch"]:
+        bad.append("sampling.height")
+    if z["num_groups"] > 1 and E % z["num_groups"]:
+        bad.append("eplb.num_groups")
+    if z["moe_every"] > z["layers"]:
+        bad.append("model.moe_every")
+    ep = z["world"] if z["ep"] is None else z["ep"]
+    if z["world"] % ep:
+        bad.append("parallel.ep_size")
+    elif (E + z["redundant"]) % ep:
+        bad.append("eplb.num_redundant_experts" if z["redundant"] else "model.moe.num_experts")
+    return bad
+
+
+@settings(max_examples=400, deadline=None)
+@given(z=SIZES)
+def test_fuzz_size_combinations_match_oracle(z):
+    """Experts vs slots vs EP size vs world, top-k vs experts, groups, heads, patch size: refused
+    exactly when the rules say so, naming one of the offending fields."""
+    data = {"model": {"hidden_size": z["hidden"], "num_heads": z["heads"], "num_layers": z["layers"],
+                      "moe_every": z["moe_every"], "patch_size": z["patch"],
+                      "moe": {"num_experts": z["E"], "top_k": z["k"], "n_group": z["n_group"], "topk_group": z["topk_group"]}},
+            "parallel": {"ep_size": z["ep"]},
+            "eplb": {"num_redundant_experts": z["redundant"], "num_groups": z["num_groups"]},
+            "sampling": {"height": z["hw"], "width": 32 if z["patch"] in (1, 2, 4) else z["hw"]},
+            "telemetry": {"wandb": False}}
+    want = oracle_problems(z)
+    out = accepted_or_config_error(data, z["world"])
+    if want:
+        assert isinstance(out, ConfigError), f"accepted, but the rules refuse {want}: {z}"
+        assert out.field_name in want, (out.field_name, want, z)
+    else:
+        assert not isinstance(out, ConfigError), f"refused {out} but the rules accept: {z}"
+
+
+@settings(max_examples=100, deadline=None)
+@given(items=st.lists(st.text(alphabet="ab.=[]{}\"0123456789-e:,", max_size=12), max_size=4))
+def test_fuzz_overrides_never_crash(items):
+    """--set strings of any shape: a ConfigError or a valid config."""
+    try:
+        data = config.apply_overrides(BASE, items)
+    except ConfigError:
+        return
+    accepted_or_config_error(data)
+
+
+# Known gaps in moe_ep/config.py (not owned by the reliability work; docs/reliability.md has the
+# proposed fix). launch/infer.py turns each into one `error:` line with exit 2, but config.load
+# itself raises another exception type. strict: when config.py is fixed these XPASS and fail,
+# so move them into the tests above.
+@pytest.mark.xfail(strict=True, reason="config.load: non-UTF-8 file raises UnicodeDecodeError, not ConfigError")
+def test_gap_non_utf8_config_file(tmp_path):
+    p = tmp_path / "c.json"
+    p.write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ConfigError):
+        config.load(str(p))
+
+
+@pytest.mark.xfail(strict=True, reason="config.apply_overrides: a non-object top level raises TypeError")
+def test_gap_overrides_on_a_list_config(tmp_path):
+    p = tmp_path / "c.json"
+    p.write_text("[1, 2]")
+    with pytest.raises(ConfigError):
+        config.load(str(p), ["sampling.seed=1"])
+
+
+@pytest.mark.xfail(strict=True, reason="config.validate accepts NaN/inf floats and out-of-range seeds "
+                                       "(run.preflight refuses them before any process group)")
+@pytest.mark.parametrize("patch", [{"parallel": {"timeout_s": float("nan")}}, {"sampling": {"shift": float("inf")}},
+                                   {"sampling": {"seed": 2 ** 64}}, {"model": {"num_layers": 1, "moe_every": 2}}])
+def test_gap_validate_alone(patch):
+    with pytest.raises(ConfigError):
+        config.from_dict(patch)
