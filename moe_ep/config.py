@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -158,7 +159,13 @@ def _convert(value: Any, tp, name: str):
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:
+                raise ConfigError(name, value, "must be a finite number") from None
+            if not math.isfinite(number):
+                raise ConfigError(name, value, "must be a finite number")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -220,6 +227,15 @@ def validate(cfg: Config) -> Config:
     _positive("eplb.num_redundant_experts", e.num_redundant_experts, allow_zero=True)
     _positive("model.moe.route_scale", moe.route_scale)
     _positive("sampling.guidance_scale", s.guidance_scale, allow_zero=True)
+    if p.timeout_s > 1e9:  # datetime.timedelta and the backends take no more
+        raise ConfigError("parallel.timeout_s", p.timeout_s, "must be <= 1e9 seconds")
+    # torch.Generator takes seeds in [-2**63, 2**64); prompt i uses sampling.seed + i.
+    for name, lo, hi in (("model.seed", m.seed, m.seed), ("sampling.seed", s.seed, s.seed + len(s.prompts) - 1)):
+        if lo < -2 ** 63 or hi >= 2 ** 64:
+            raise ConfigError(name, lo, "must be in [-2**63, 2**64) (with sampling.seed + prompt index)")
+    if m.moe_every > m.num_layers:
+        raise ConfigError("model.moe_every", m.moe_every,
+                          f"must be <= model.num_layers ({m.num_layers}), or the model has no MoE layer")
     if moe.top_k > moe.num_experts:
         raise ConfigError("model.moe.top_k", moe.top_k, f"must be <= model.moe.num_experts ({moe.num_experts})")
     if moe.num_experts % moe.n_group:
@@ -256,6 +272,8 @@ def from_dict(data: dict) -> Config:
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `section.key=value` strings (value parsed as JSON, else kept as a string)."""
+    if not isinstance(data, dict):
+        raise ConfigError("<root>", type(data).__name__, "the config file must hold a JSON object")
     data = json.loads(json.dumps(data))  # deep copy
     for item in overrides:
         if "=" not in item:
@@ -280,8 +298,10 @@ def load(path: str, overrides: Optional[list[str]] = None) -> Config:
     if not os.path.isfile(path):
         raise ConfigError("--config", path, "file not found")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except json.JSONDecodeError as err:
-        raise ConfigError("--config", path, f"is not valid JSON ({err})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError("--config", path, f"is not valid UTF-8 JSON ({err})") from None
+    except RecursionError:
+        raise ConfigError("--config", path, "is nested too deeply") from None
     return from_dict(apply_overrides(data, overrides or []))

@@ -43,7 +43,7 @@ def test_missing_and_broken_files(tmp_path):
         config.load(str(tmp_path / "nope.json"))
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    with pytest.raises(ConfigError, match="not valid JSON"):
+    with pytest.raises(ConfigError, match="not valid UTF-8 JSON"):
         config.load(str(bad))
     with pytest.raises(ConfigError, match="--set"):
         config.apply_overrides({}, ["novalue"])

@@ -245,30 +245,23 @@ def test_fuzz_overrides_never_crash(items):
     accepted_or_config_error(data)
 
 
-# Known gaps in moe_ep/config.py (not owned by the reliability work; docs/reliability.md has the
-# proposed fix). launch/infer.py turns each into one `error:` line with exit 2, but config.load
-# itself raises another exception type. strict: when config.py is fixed these XPASS and fail,
-# so move them into the tests above.
-@pytest.mark.xfail(strict=True, reason="config.load: non-UTF-8 file raises UnicodeDecodeError, not ConfigError")
-def test_gap_non_utf8_config_file(tmp_path):
+# Inputs that once escaped config.load / validate as other exception types.
+def test_refused_non_utf8_config_file(tmp_path):
     p = tmp_path / "c.json"
     p.write_bytes(b"\xff\xfe{}")
     with pytest.raises(ConfigError):
         config.load(str(p))
 
 
-@pytest.mark.xfail(strict=True, reason="config.apply_overrides: a non-object top level raises TypeError")
-def test_gap_overrides_on_a_list_config(tmp_path):
+def test_refused_overrides_on_a_list_config(tmp_path):
     p = tmp_path / "c.json"
     p.write_text("[1, 2]")
     with pytest.raises(ConfigError):
         config.load(str(p), ["sampling.seed=1"])
 
 
-@pytest.mark.xfail(strict=True, reason="config.validate accepts NaN/inf floats and out-of-range seeds "
-                                       "(run.preflight refuses them before any process group)")
 @pytest.mark.parametrize("patch", [{"parallel": {"timeout_s": float("nan")}}, {"sampling": {"shift": float("inf")}},
                                    {"sampling": {"seed": 2 ** 64}}, {"model": {"num_layers": 1, "moe_every": 2}}])
-def test_gap_validate_alone(patch):
+def test_refused_validate_alone(patch):
     with pytest.raises(ConfigError):
         config.from_dict(patch)
