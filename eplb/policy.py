@@ -40,7 +40,7 @@ from .pipeline import node_stage
 
 # (cap replicas at GPUs per node?, delta of the divisor rule, packing) -- candidate 0 is greedy's.
 # A fourth rule (capped, delta = 0, differencing) was dropped: over 42 benchmark cases it never changed
-# a layer's heaviest GPU by more than 0.01% (docs/benchmarks_eplb.md).
+# a layer's heaviest GPU by more than 0.01% (docs/benchmarks.md (section 2)).
 COUNT_RULES = ((False, 0.0, "greedy"), (True, -0.5, "differencing"), (True, 1.0, "differencing"))
 # drift hedge: (perturbed load samples, sigma of the lognormal per-expert noise)
 HEDGE = (8, 0.2)

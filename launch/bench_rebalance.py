@@ -1,6 +1,6 @@
 """MoE-layer throughput with and without online rebalancing, on spawned CPU ranks (gloo).
 
-    python launch/bench_rebalance.py --ranks 4            # the table in docs/benchmarks_rebalance.md
+    python launch/bench_rebalance.py --ranks 4            # the table in docs/benchmarks.md (section 3)
 
 A stack of MoE layers (moe_ep.layer.MoELayer) with a router skewed the way trained MoE
 routers are: channel 0 of every token is 1 and the gate's weights on that channel are a
