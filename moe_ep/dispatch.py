@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .placement import count_per_bin
+
 
 def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
     """inv with inv[perm[i]] = i: [N] -> [N]. Lets the combine gather rows (fast) instead of
@@ -17,12 +19,6 @@ def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel(), device=perm.device)
     return inv
-
-
-def count_per_bin(ids: torch.Tensor, num_bins: int) -> torch.Tensor:
-    """bincount without a host sync (CUDA bincount reads the max back): ids [N] -> [num_bins] int64."""
-    out = torch.zeros(num_bins, dtype=torch.int64, device=ids.device)
-    return out.scatter_add_(0, ids, torch.ones_like(ids))
 
 
 @dataclass

@@ -76,6 +76,12 @@ def replica_choices(placement: Placement, ep_rank: int, ep_size: int) -> tuple[t
     return choices, use.sum(1)
 
 
+def count_per_bin(ids: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """bincount without a host sync (CUDA bincount reads the max back): ids [N] -> [num_bins] int64."""
+    out = torch.zeros(num_bins, dtype=torch.int64, device=ids.device)
+    return out.scatter_add_(0, ids, torch.ones_like(ids))
+
+
 def assign_slots(expert_ids: torch.Tensor, choices: torch.Tensor, nchoices: torch.Tensor,
                  spread_offset: int, has_replicas: bool) -> torch.Tensor:
     """Pick a physical slot for every token copy.
@@ -89,7 +95,7 @@ def assign_slots(expert_ids: torch.Tensor, choices: torch.Tensor, nchoices: torc
     N = expert_ids.numel()
     order = torch.argsort(expert_ids, stable=True)                             # [N]
     sorted_ids = expert_ids[order]
-    counts = torch.bincount(expert_ids, minlength=choices.shape[0])            # [E]
+    counts = count_per_bin(expert_ids, choices.shape[0])                       # [E]
     starts = torch.cumsum(counts, 0) - counts
     pos = torch.empty_like(order)
     pos[order] = torch.arange(N, device=expert_ids.device) - starts[sorted_ids]  # rank within expert
