@@ -9,7 +9,8 @@ def as_load_tensor(weight, name: str = "weight") -> torch.Tensor:
     """Convert ``weight`` (torch tensor, numpy array or nested lists) to a float64 CPU tensor.
 
     Input: loads ``[layers, logical_experts]``. Output: ``torch.float64`` ``[layers, logical_experts]``.
-    Raises ValueError (naming ``name``) for a wrong ndim, an empty axis, NaN/inf or negative values.
+    Raises ValueError (naming ``name``) for a wrong ndim, an empty axis, a number beyond float64,
+    NaN/inf or negative values.
     """
     if isinstance(weight, torch.Tensor):
         w = weight.detach().to("cpu")
@@ -19,6 +20,8 @@ def as_load_tensor(weight, name: str = "weight") -> torch.Tensor:
     else:
         try:
             arr = np.asarray(weight, dtype=np.float64)
+        except OverflowError:  # a Python int beyond float64 (JSON allows any size)
+            raise ValueError(f"{name}: contains a number too large for float64") from None
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{name}: not a numeric array ({exc})") from None
         w = torch.from_numpy(arr.copy())
@@ -31,6 +34,29 @@ def as_load_tensor(weight, name: str = "weight") -> torch.Tensor:
     if bool((w < 0).any()):
         raise ValueError(f"{name}: contains negative loads")
     return w.contiguous()
+
+
+# Layers whose largest load is above this are rescaled for planning (see scale_for_planning).
+PLANNING_SCALE_LIMIT = 2.0 ** 512  # ~1.3e154: even 2**400 experts of this load sum far below float64's max
+
+
+def scale_for_planning(w: torch.Tensor) -> torch.Tensor:
+    """Loads ``[L, E]`` float64 (checked by :func:`as_load_tensor`) -> loads safe to sum, ``[L, E]``.
+
+    Balance is scale-invariant per layer (a placement's per-GPU loads scale with the layer's loads),
+    so each layer whose largest load exceeds :data:`PLANNING_SCALE_LIMIT` is multiplied by a power
+    of two that brings that largest load into ``[0.5, 1)``. Power-of-two scaling is exact in
+    floating point (only entries below ~2**-1022 times the layer's largest lose precision, down to
+    0), so the plan is the one for the given loads, and no sum the planner forms (GPU, node and group loads, perturbed
+    loads of the drift hedge) can overflow. Other layers are returned bit for bit.
+    """
+    top = w.max(-1).values  # [L]
+    big = top > PLANNING_SCALE_LIMIT
+    if not bool(big.any()):
+        return w
+    _, exp = torch.frexp(top)  # top = mantissa * 2**exp, mantissa in [0.5, 1)
+    shift = torch.where(big, -exp, torch.zeros_like(exp))  # [L]
+    return torch.ldexp(w, shift.unsqueeze(-1).to(torch.float64))
 
 
 def _positive_int(value, name: str) -> int:

@@ -6,7 +6,7 @@ import contextlib
 import numpy as np
 import torch
 
-from .checks import as_load_tensor, check_topology
+from .checks import as_load_tensor, check_topology, scale_for_planning
 from .greedy import greedy_plan, greedy_pylist, greedy_torch_loops
 from .layout import log2phy_from_phy2log
 from .movement import minimize_movement
@@ -33,9 +33,20 @@ def _threads(n: int | None):
 
 def check_placement(phy2log, num_layers: int, num_experts: int, num_replicas: int, name: str = "previous_phy2log") -> torch.Tensor:
     """Validate a placement ``[L, R]`` (ints in ``[0, E)``); returns it as int64. ValueError names ``name``."""
-    p = phy2log if isinstance(phy2log, torch.Tensor) else torch.as_tensor(phy2log)
-    if p.is_floating_point() or p.is_complex() or p.dtype == torch.bool:
-        raise ValueError(f"{name}: expected integers, got dtype {p.dtype}")
+    if isinstance(phy2log, torch.Tensor):
+        p = phy2log
+        if p.is_floating_point() or p.is_complex() or p.dtype == torch.bool:
+            raise ValueError(f"{name}: expected integers, got dtype {p.dtype}")
+    else:
+        try:
+            arr = np.asarray(phy2log)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ValueError(f"{name}: not an integer array ({exc})") from None
+        if arr.dtype.kind not in "iu":
+            raise ValueError(f"{name}: expected integers, got dtype {arr.dtype}")
+        if arr.dtype.kind == "u" and arr.size and arr.max() > np.iinfo(np.int64).max:
+            raise ValueError(f"{name}: logical expert ids must be in [0, {num_experts})")
+        p = torch.from_numpy(arr.astype(np.int64))
     p = p.to("cpu", torch.int64)
     if tuple(p.shape) != (num_layers, num_replicas):
         raise ValueError(f"{name}: expected shape {(num_layers, num_replicas)}, got {tuple(p.shape)}")
@@ -61,7 +72,9 @@ def rebalance_experts(weight, num_replicas: int, num_groups: int, num_nodes: int
 
     Inputs:
         weight: ``[layers, logical_experts]`` loads (torch tensor, numpy array or nested lists),
-            finite and non-negative.
+            finite and non-negative. Any float64 value is accepted: a layer with loads above 2**512
+            is planned on its loads times a power of two (exact; balance is scale-invariant per
+            layer), so sums cannot overflow (see :func:`eplb.checks.scale_for_planning`).
         num_replicas: physical slots per layer ``R`` (``>= logical_experts``, divisible by ``num_gpus``).
         num_groups: expert groups (consecutive logical ids). When ``num_groups % num_nodes == 0`` the
             hierarchical policy is used: all replicas of a group's experts live on one node and every
@@ -85,7 +98,7 @@ def rebalance_experts(weight, num_replicas: int, num_groups: int, num_nodes: int
     Returns ``(phy2log [L, R], log2phy [L, E, R - E + 1] (-1 padded), logcnt [L, E])``, int64 tensors.
     Raises ValueError naming the offending argument for invalid input.
     """
-    w = as_load_tensor(weight)  # [L, E] float64
+    w = scale_for_planning(as_load_tensor(weight))  # [L, E] float64, per-layer rescaled if huge
     L, E = w.shape
     R, G, N, P, hierarchical = check_topology(E, num_replicas, num_groups, num_nodes, num_gpus)
     g, n = (G, N) if hierarchical else (1, 1)

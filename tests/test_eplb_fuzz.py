@@ -213,27 +213,43 @@ def test_cli_plan_bad_sizes(tmp_path, capsys, args):
     assert rc == 2 and err.startswith("error: ") and len(err.splitlines()) == 1, err
 
 
-# Known gaps in eplb/checks.py (not owned by the reliability work; docs/reliability.md has the
-# proposed fix). strict: these XPASS and fail once fixed, so move them into the tests above.
-@pytest.mark.xfail(strict=True, reason="as_load_tensor: a JSON-size integer beyond float64 raises OverflowError")
-def test_gap_integer_beyond_float64():
-    with pytest.raises(ValueError):
+def test_integer_beyond_float64_is_a_value_error():
+    """A JSON-size integer beyond float64 names the argument (not OverflowError)."""
+    with pytest.raises(ValueError, match="weight"):
         eplb.rebalance_experts([[10 ** 400] * 4], 4, 1, 1, 2)
+    with pytest.raises(ValueError, match="weight"):
+        eplb.rebalance_experts(np.array([[10 ** 400, 1, 1, 1]], dtype=object), 4, 1, 1, 2)
 
 
-@pytest.mark.xfail(strict=False, reason="loads whose sums overflow float64 (1.7e308) give IndexError/RuntimeError "
-                                        "or a plan that leaves experts without a slot (depends on the policy "
-                                        "version under work, so not strict)")
 @pytest.mark.parametrize("policy", ["default", "greedy"])
-def test_gap_loads_near_float64_max(policy):
-    w = np.full((2, 4), 1.7e308)
-    w[0, 0] = 1.7e308 / 3
-    out = plan_or_value_error(w, 8, 1, 1, 2, policy)
-    if out is not None:
-        check_plan(w, out, 8, 1, 1, 2)
+@pytest.mark.parametrize("top", [1.7e308, np.finfo(np.float64).max, 2.0 ** 600])
+def test_loads_near_float64_max_give_valid_plans(policy, top):
+    """Loads whose sums overflow float64: each layer is planned on a power-of-two rescale of its
+    loads, which gives the same plan as for loads that fit (balance is scale-invariant per layer)."""
+    w = np.full((2, 4), top)
+    w[0, 0] = top / 3
+    out = eplb.rebalance_experts(w, 8, 1, 1, 2, policy=policy)
+    check_plan(w, out, 8, 1, 1, 2)
+    small = np.ldexp(w, -int(np.frexp(top)[1]) + 20)  # exactly the same ratios, nowhere near overflow
+    ref = eplb.rebalance_experts(small, 8, 1, 1, 2, policy=policy)
+    assert torch.equal(out[0], ref[0])
+    w = np.full((2, 12), top)  # hierarchical, several nodes
+    w[:, ::3] /= 7
+    check_plan(w, eplb.rebalance_experts(w, 12, 4, 2, 4, policy=policy), 12, 4, 2, 4)
 
 
-@pytest.mark.xfail(strict=True, reason="check_placement: a non-numeric previous_phy2log raises TypeError from torch")
-def test_gap_previous_placement_string():
-    with pytest.raises(ValueError):
-        eplb.rebalance_experts(np.ones((2, 8)), 8, 1, 1, 2, previous_phy2log="x")
+def test_scale_for_planning_is_exact_and_leaves_normal_loads_alone():
+    from eplb.checks import scale_for_planning
+    w = torch.tensor([[3.0, 1e300, 1e-5], [1.0, 2.0, 5.0]], dtype=torch.float64)
+    out = scale_for_planning(w)
+    assert torch.equal(out[1], w[1])  # untouched layer, bit for bit
+    assert 0.5 <= float(out[0].max()) < 1.0
+    ratio = out[0] / w[0]
+    assert bool((ratio == ratio[0]).all()) and math.log2(float(ratio[0])).is_integer()
+
+
+@pytest.mark.parametrize("prev", ["x", ["a", "b"], [[0.5] * 8] * 2, [[1, 2], [3]], [[True] * 8] * 2,
+                                  np.array([[2 ** 63] * 8] * 2, dtype=np.uint64), [[10 ** 30] * 8] * 2, object()])
+def test_bad_previous_placement_is_a_value_error(prev):
+    with pytest.raises(ValueError, match="previous_phy2log"):
+        eplb.rebalance_experts(np.ones((2, 8)), 8, 1, 1, 2, previous_phy2log=prev)
