@@ -114,13 +114,16 @@ def check_phy2log(phy2log, field: str = "phy2log", num_experts: int | None = Non
         raise ValueError(f"{field}: entries must be integers")
     arr = arr.astype(np.int64)
     E = int(arr.max()) + 1 if num_experts is None else num_experts
-    if arr.min() < 0 or arr.max() >= E:
-        raise ValueError(f"{field}: logical expert ids must be in [0, {E})")
+    bad = (arr < 0) | (arr >= E)
+    if bad.any():
+        layer, slot = (int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"{field}[{layer}][{slot}]: logical expert id {int(arr[layer, slot])} not in [0, {E})")
     present = np.zeros((arr.shape[0], E), dtype=bool)
     present[np.arange(arr.shape[0])[:, None], arr] = True
     if not present.all():
         layer = int(np.nonzero(~present.all(1))[0][0])
-        raise ValueError(f"{field}: layer {layer} lacks logical experts {np.nonzero(~present[layer])[0].tolist()[:8]}")
+        raise ValueError(f"{field}[{layer}]: no slot for logical experts {np.nonzero(~present[layer])[0].tolist()[:8]}"
+                         "; every expert needs one")
     return arr
 
 
@@ -141,28 +144,40 @@ def save_placement(path, phy2log, num_gpus: int, num_nodes: int, num_experts: in
     })
 
 
-def load_placement(path, return_meta: bool = False):
+def load_placement(path, return_meta: bool = False, expect: dict | None = None):
     """Read a placement file; returns ``phy2log`` int64 ``[L, R]`` (and the JSON object if ``return_meta``).
 
     Checks format, version, that every declared size matches ``phy2log``, that ``num_replicas`` is
-    divisible by ``num_gpus`` and that every logical expert has a slot. ValueError names the field.
+    divisible by ``num_gpus`` and that every logical expert has a slot. ``expect`` (optional, e.g.
+    ``{"num_layers": 4, "num_experts": 8, "num_replicas": 12, "num_gpus": 4}`` for the run that
+    installs it) must match the declared sizes; it is checked before ``phy2log``. ValueError names
+    the field (``phy2log[l][s]`` for one entry).
     """
     data = _read_json(path)
     if data.get("format") != PLACEMENT_FORMAT:
         raise ValueError(f"format: expected {PLACEMENT_FORMAT!r}, got {data.get('format')!r}")
     if data.get("version") != 1:
         raise ValueError(f"version: expected 1, got {data.get('version')!r}")
+    for key, want in (expect or {}).items():
+        if data.get(key) != want:
+            raise ValueError(f"{key}: the file has {data.get(key)!r}, expected {want}")
     if "phy2log" not in data:
         raise ValueError("phy2log: missing")
     raw = data["phy2log"]
     if not isinstance(raw, list) or not raw or not all(isinstance(r, list) for r in raw) or len({len(r) for r in raw}) != 1:
         raise ValueError("phy2log: expected a non-empty [num_layers][num_replicas] list of lists")
-    if not all(isinstance(x, int) and not isinstance(x, bool) for r in raw for x in r):
-        raise ValueError("phy2log: entries must be integers")
+    for layer, row in enumerate(raw):
+        for slot, x in enumerate(row):
+            if not isinstance(x, int) or isinstance(x, bool):
+                raise ValueError(f"phy2log[{layer}][{slot}]: expected an integer expert id, got {x!r}")
     E = data.get("num_experts")
     if not isinstance(E, int) or E <= 0:
         raise ValueError(f"num_experts: expected a positive int, got {E!r}")
-    arr = check_phy2log(np.asarray(raw, dtype=np.int64), "phy2log", E)
+    try:
+        arr = np.asarray(raw, dtype=np.int64)
+    except OverflowError:
+        raise ValueError(f"phy2log: logical expert ids must be in [0, {E})") from None
+    arr = check_phy2log(arr, "phy2log", E)
     L, R = arr.shape
     for key, want in (("num_layers", L), ("num_replicas", R)):
         if data.get(key) != want:

@@ -44,9 +44,14 @@ def balancedness(loads) -> float:
     return 1.0 if top <= 0 else float(x.mean(-1).sum()) / top
 
 
-def plan_balancedness(weight, phy2log, num_gpus: int) -> float:
-    """Aggregate balancedness of a placement on loads ``weight`` (see :func:`balancedness`)."""
-    return balancedness(gpu_load(weight, phy2log, num_gpus))
+def plan_balancedness(weight, phy2log, num_gpus: int, per_layer: bool = False):
+    """Balancedness of a placement ``phy2log [L, R]`` on loads ``weight [L, E]``.
+
+    Returns the aggregate (a float, see :func:`balancedness`), or with ``per_layer`` each layer's
+    mean / max GPU load as float64 ``[L]`` (see :func:`balancedness_per_layer`).
+    """
+    loads = gpu_load(weight, phy2log, num_gpus)
+    return balancedness_per_layer(loads) if per_layer else balancedness(loads)
 
 
 def max_load_lower_bound(weight, num_replicas: int, num_groups: int = 1, num_nodes: int = 1, num_gpus: int = 1) -> torch.Tensor:

@@ -20,8 +20,6 @@ every forward pass of the transformer; see docs/eplb_runtime.md):
 """
 from __future__ import annotations
 
-import json
-import math
 import time
 import traceback
 from typing import Callable, Optional
@@ -29,6 +27,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+
+import eplb
 
 from .config import EplbConfig
 from .parallel import ParallelContext
@@ -39,26 +39,13 @@ from .transfer import Transfer, plan_transfers, summarize
 Planner = Callable[..., tuple]
 
 GO, SKIP, FAILED = 1, 2, 0
-PLACEMENT_FORMAT = "moe-ep.placement"
 
 
-# ------------------------------------------------------------ metrics (numpy, host)
+# ------------------------------------------------------------ metrics and placement files (eplb)
 
-def gpu_load(load: np.ndarray, phy2log: np.ndarray, ep_size: int) -> np.ndarray:
-    """load [L, E], phy2log [L, R] -> [L, ep_size]: an expert's load split evenly over its replicas."""
-    load = np.asarray(load, dtype=np.float64)
-    p2l = np.asarray(phy2log, dtype=np.int64)
-    L, E = load.shape
-    cnt = np.stack([np.bincount(p2l[l], minlength=E) for l in range(L)])          # [L, E]
-    per_slot = np.take_along_axis(load / np.maximum(cnt, 1), p2l, axis=1)          # [L, R]
-    return per_slot.reshape(L, ep_size, -1).sum(-1)
-
-
-def balancedness(load: np.ndarray, phy2log: np.ndarray, ep_size: int) -> np.ndarray:
-    """[L] mean GPU load / max GPU load per layer (1.0 for a layer without load)."""
-    g = gpu_load(load, phy2log, ep_size)
-    mx = g.max(-1)
-    return np.where(mx > 0, g.mean(-1) / np.where(mx > 0, mx, 1.0), 1.0)
+def layer_balancedness(load, phy2log, ep_size: int) -> np.ndarray:
+    """load [L, E], phy2log [L, R] -> [L] mean / max GPU load per layer (`eplb.plan_balancedness`)."""
+    return eplb.plan_balancedness(load, phy2log, ep_size, per_layer=True).numpy()
 
 
 def _summary(bal: np.ndarray) -> dict:
@@ -72,101 +59,17 @@ def placement_hash(phy2log: torch.Tensor) -> int:
     return int(((p + 1) * coef).sum().item() % (1 << 52))
 
 
-# ------------------------------------------------------------ placement helpers
-
-def align_to_previous(old: torch.Tensor, new: torch.Tensor, ep_size: int, ranks_per_node: int) -> torch.Tensor:
-    """Renumber a plan so that experts stay where they are, without changing any GPU's load.
-
-    1. GPUs of one node are interchangeable for the hierarchical planner, so the new
-       contents of the GPUs of a node are assigned to that node's GPUs to maximise the
-       number of (expert) copies already there (Hungarian method, per layer and node).
-    2. Within a GPU, slots are interchangeable: an expert already in some slot of that
-       GPU keeps that slot.
-    """
-    from scipy.optimize import linear_sum_assignment
-
-    old = torch.as_tensor(old, dtype=torch.int64).cpu()
-    new = torch.as_tensor(new, dtype=torch.int64).cpu()
-    L, R = new.shape
-    per = R // ep_size
-    rpn = max(1, min(ranks_per_node, ep_size))
-    if ep_size % rpn:
-        rpn = ep_size
-    out = new.clone()
-    E = int(max(old.max(), new.max())) + 1
-    for l in range(L):
-        o = old[l].view(ep_size, per)
-        n = new[l].view(ep_size, per)
-        oc = torch.stack([torch.bincount(o[g], minlength=E) for g in range(ep_size)])   # [G, E]
-        nc = torch.stack([torch.bincount(n[g], minlength=E) for g in range(ep_size)])
-        rows = n.clone()
-        for node in range(ep_size // rpn):
-            gs = list(range(node * rpn, (node + 1) * rpn))
-            overlap = torch.minimum(oc[gs].unsqueeze(1), nc[gs].unsqueeze(0)).sum(-1)  # [old g, new g]
-            src_i, dst_j = linear_sum_assignment(-overlap.numpy())
-            for i, j in zip(src_i, dst_j):
-                rows[gs[i]] = n[gs[j]]
-        for g in range(ep_size):
-            remaining: dict[int, int] = {}
-            for e in rows[g].tolist():
-                remaining[e] = remaining.get(e, 0) + 1
-            slot = [None] * per
-            for i, e in enumerate(o[g].tolist()):
-                if remaining.get(e, 0) > 0:
-                    slot[i] = e
-                    remaining[e] -= 1
-            rest = sorted(e for e, c in remaining.items() for _ in range(c))
-            for i in range(per):
-                if slot[i] is None:
-                    slot[i] = rest.pop(0)
-            out[l, g * per:(g + 1) * per] = torch.tensor(slot, dtype=torch.int64)
-    return out
-
-
 def read_placement_file(path: str, num_layers: int, num_experts: int, num_slots: int,
                         ep_size: int) -> torch.Tensor:
-    """Parse and validate a `python -m eplb plan` placement file against this run.
+    """Read a `python -m eplb plan` placement file (`eplb.load_placement`) checked against this run.
 
     Returns phy2log [L, R] int64; raises ValueError naming the file and the field.
     """
-    def bad(field_name, msg):
-        return ValueError(f"placement file {path}: field '{field_name}' {msg}")
+    expect = {"num_layers": num_layers, "num_experts": num_experts, "num_replicas": num_slots, "num_gpus": ep_size}
     try:
-        with open(path) as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise ValueError(f"placement file {path}: not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"placement file {path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"placement file {path}: must be a JSON object")
-    if data.get("format", PLACEMENT_FORMAT) != PLACEMENT_FORMAT:
-        raise bad("format", f"= {data.get('format')!r}, expected {PLACEMENT_FORMAT!r}")
-    if data.get("version", 1) != 1:
-        raise bad("version", f"= {data.get('version')!r}, only 1 is supported")
-    for name, want, what in (("num_layers", num_layers, "MoE layers"), ("num_experts", num_experts, "experts"),
-                             ("num_replicas", num_slots, "physical slots per layer (experts + redundant)"),
-                             ("num_gpus", ep_size, "EP ranks")):
-        if name in data and data[name] != want:
-            raise bad(name, f"= {data[name]!r} but this run has {want} {what}")
-    p2l = data.get("phy2log")
-    if not isinstance(p2l, list) or len(p2l) != num_layers:
-        raise bad("phy2log", f"must be a list of {num_layers} layers")
-    for l, row in enumerate(p2l):
-        if not isinstance(row, list) or len(row) != num_slots:
-            raise bad(f"phy2log[{l}]", f"must list {num_slots} slots")
-        for s, v in enumerate(row):
-            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < num_experts:
-                raise bad(f"phy2log[{l}][{s}]", f"= {v!r}: must be an expert id in [0, {num_experts})")
-        missing = sorted(set(range(num_experts)) - set(row))
-        if missing:
-            raise bad(f"phy2log[{l}]", f"has no slot for experts {missing}; every expert needs one")
-    return torch.tensor(p2l, dtype=torch.int64)
-
-
-def _default_planner():
-    import eplb  # the planner package; imported late so the runtime starts without it
-    return eplb.rebalance_experts
+        return torch.from_numpy(eplb.load_placement(path, expect=expect))
+    except ValueError as err:
+        raise ValueError(f"placement file {path}: {err}") from None
 
 
 # ------------------------------------------------------------ the rebalancer
@@ -206,7 +109,7 @@ class Rebalancer:
         for m in self.layers:
             if m.stats is None:
                 m.stats = stats
-        self._planner = planner
+        self._planner: Planner = planner or eplb.rebalance_experts
         self.force, self.fault_hook = force, fault_hook
         self.transfer_timeout_s = transfer_timeout_s
         self.bandwidth = float(bandwidth_bytes_per_s)       # bytes/s per rank, updated by measurements
@@ -233,10 +136,14 @@ class Rebalancer:
         """[L, R] int64: the placement in effect."""
         return torch.stack([m.placement.phy2log for m in self.layers])
 
-    def _planner_fn(self) -> Planner:
-        if self._planner is None:
-            self._planner = _default_planner()
-        return self._planner
+    def _align(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """Relabel a plan's GPUs and slots so experts already in place stay, without changing any
+        GPU's load (`eplb.minimize_movement`, nodes kept whole). `eplb.rebalance_experts` does this
+        itself from `previous_phy2log`; other planners' plans are relabelled here."""
+        if self._planner is eplb.rebalance_experts:
+            return new
+        P, N = self.ctx.ep_size, self.ctx.num_nodes
+        return eplb.minimize_movement(new, old, P, N if P % N == 0 else 1)
 
     def _all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.MAX, groups=None) -> torch.Tensor:
         for g in (self.groups if groups is None else groups):
@@ -311,8 +218,8 @@ class Rebalancer:
             if ev.pop("_skip_windows", 0) > 0:
                 still.append(ev)
                 continue
-            ev["measured_balancedness"] = _summary(balancedness(load, self.current_phy2log().numpy(),
-                                                                self.ctx.ep_size))
+            ev["measured_balancedness"] = _summary(layer_balancedness(load, self.current_phy2log(),
+                                                                      self.ctx.ep_size))
         self._pending_measure = still
 
     # ------------------------------------------------------------ periodic rebalance
@@ -333,13 +240,13 @@ class Rebalancer:
             try:
                 if self.fault_hook is not None:
                     self.fault_hook("plan")
-                out = self._planner_fn()(torch.tensor(load, dtype=torch.float64), self.num_slots,
+                out = self._planner(torch.tensor(load, dtype=torch.float64), self.num_slots,
                                          self.cfg.num_groups, self.ctx.num_nodes, self.ctx.ep_size,
                                          policy=self.cfg.policy, previous_phy2log=old.clone())
                 new = self._validate_plan(out[0] if isinstance(out, (tuple, list)) else out)
-                new = align_to_previous(old, new, self.ctx.ep_size, self.ctx.ranks_per_node)
-                before = balancedness(load, old.numpy(), self.ctx.ep_size).mean()
-                after = balancedness(load, new.numpy(), self.ctx.ep_size).mean()
+                new = self._align(old, new)
+                before = layer_balancedness(load, old, self.ctx.ep_size).mean()
+                after = layer_balancedness(load, new, self.ctx.ep_size).mean()
                 if torch.equal(new, old):
                     status, reason = SKIP, "placement unchanged"
                 elif self.force or after - before >= self.cfg.min_gain:
@@ -357,9 +264,9 @@ class Rebalancer:
         if status != GO:
             reason = self._broadcast_text(reason)
         new = msg[2:].view(L, R).clone() if status != FAILED else old
-        ev["balancedness_before"] = _summary(balancedness(load, old.numpy(), self.ctx.ep_size))
+        ev["balancedness_before"] = _summary(layer_balancedness(load, old, self.ctx.ep_size))
         if status != FAILED:
-            ev["balancedness_after"] = _summary(balancedness(load, new.numpy(), self.ctx.ep_size))
+            ev["balancedness_after"] = _summary(layer_balancedness(load, new, self.ctx.ep_size))
         return self._execute(ev, old, new if status == GO else old, failed=status == FAILED,
                              reason=reason, status_if_noop="failed" if status == FAILED else "skipped", t0=t0)
 
@@ -454,8 +361,8 @@ class Rebalancer:
         old = self.current_phy2log()
         load = self.stats.last_window_load()
         if load is not None:
-            ev["balancedness_before"] = _summary(balancedness(load, old.numpy(), self.ctx.ep_size))
-            ev["balancedness_after"] = _summary(balancedness(load, new.numpy(), self.ctx.ep_size))
+            ev["balancedness_before"] = _summary(layer_balancedness(load, old, self.ctx.ep_size))
+            ev["balancedness_after"] = _summary(layer_balancedness(load, new, self.ctx.ep_size))
         return self._execute(ev, old, new, failed=False, reason="", status_if_noop="skipped", t0=t0)
 
     # ------------------------------------------------------------ timestep-aware placement
@@ -493,11 +400,11 @@ class Rebalancer:
                 total = bl.sum(0)
                 for b in reversed(range(B)):                   # sampling runs from t=1 down to t=0
                     w = bl[b] if bl[b].sum() > 0 else total
-                    out = self._planner_fn()(torch.tensor(w, dtype=torch.float64), self.num_slots,
+                    out = self._planner(torch.tensor(w, dtype=torch.float64), self.num_slots,
                                              self.cfg.num_groups, self.ctx.num_nodes, self.ctx.ep_size,
                                              policy=self.cfg.policy, previous_phy2log=prev.clone())
                     p = self._validate_plan(out[0] if isinstance(out, (tuple, list)) else out)
-                    plans[b] = prev = align_to_previous(prev, p, self.ctx.ep_size, self.ctx.ranks_per_node)
+                    plans[b] = prev = self._align(prev, p)
                 msg[1:] = torch.stack(plans).flatten()
                 msg[0] = GO
             except Exception as err:
@@ -522,8 +429,8 @@ class Rebalancer:
             return None
         bl = self.stats.bucket_load()
         load = bl[bucket]
-        bal_old = balancedness(load, old.numpy(), self.ctx.ep_size)
-        bal_new = balancedness(load, new.numpy(), self.ctx.ep_size)
+        bal_old = layer_balancedness(load, old, self.ctx.ep_size)
+        bal_new = layer_balancedness(load, new, self.ctx.ep_size)
         # MoE time per forward ~ max GPU load ~ 1 / balancedness (mean load fixed)
         t_moe = (self._fwd_time or 0.0) * self.moe_time_fraction
         ratio = float(np.mean(bal_old / np.maximum(bal_new, 1e-12)))

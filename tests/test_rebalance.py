@@ -11,7 +11,8 @@ import torch.distributed as dist
 
 from moe_ep.config import MoEConfig
 from moe_ep.parallel import context_for_tests
-from moe_ep.rebalance import Rebalancer, align_to_previous, balancedness, gpu_load, read_placement_file
+from eplb import gpu_load, minimize_movement
+from moe_ep.rebalance import Rebalancer, layer_balancedness, read_placement_file
 from moe_ep.stats import ExpertLoadStats
 from moe_ep.transfer import plan_transfers
 from mp import run_ranks
@@ -52,22 +53,25 @@ def test_plan_transfers_is_exact_and_keeps_experts_in_place():
 
 
 def test_align_keeps_gpu_loads_and_reduces_moves():
+    """The runtime relabels other planners' plans with eplb.minimize_movement (nodes kept whole)."""
     gen = torch.Generator().manual_seed(1)
     load = torch.rand(3, 8, generator=gen).numpy() * 100
     for ep, rpn in ((2, 2), (4, 4), (4, 2)):
         R = 8 + 2 * ep
+        nodes = ep // rpn
         for _ in range(10):
             old = torch.stack([random_placement(8, R, gen) for _ in range(3)])
             new = torch.stack([random_placement(8, R, gen) for _ in range(3)])
-            al = align_to_previous(old, new, ep, rpn)
-            # same multiset per node, loads per node unchanged; GPU loads are a permutation within a node
-            g_new, g_al = gpu_load(load, new.numpy(), ep), gpu_load(load, al.numpy(), ep)
-            for n in range(ep // rpn):
-                sl = slice(n * rpn, (n + 1) * rpn)
-                assert sorted(g_new[:, sl].round(6).ravel().tolist()) == sorted(g_al[:, sl].round(6).ravel().tolist())
-            assert (balancedness(load, al.numpy(), ep) - balancedness(load, new.numpy(), ep)).__abs__().max() < 1e-12
+            al = minimize_movement(new, old, ep, nodes)
+            # GPU loads are a permutation that keeps each node's GPUs together (nodes may swap)
+            g_new, g_al = gpu_load(load, new, ep), gpu_load(load, al, ep)  # [3, ep]
+            for layer in range(3):
+                node_loads = [sorted(sorted(g[layer, n * rpn:(n + 1) * rpn].round(decimals=6).tolist())
+                                     for n in range(nodes)) for g in (g_new, g_al)]
+                assert node_loads[0] == node_loads[1]
+            assert abs(layer_balancedness(load, al, ep) - layer_balancedness(load, new, ep)).max() < 1e-12
             assert int((al != old).sum()) <= int((new != old).sum())
-            assert align_to_previous(old, old, ep, rpn).equal(old)
+            assert minimize_movement(old, old, ep, nodes).equal(old)
 
 
 # ------------------------------------------------------------ on ranks
@@ -259,9 +263,10 @@ def test_with_eplb_planner():
 def test_read_placement_file_errors(tmp_path):
     p = tmp_path / "p.json"
     p.write_text(json.dumps({"format": "something-else", "phy2log": []}))
-    with pytest.raises(ValueError, match="'format'"):
+    with pytest.raises(ValueError, match="format"):
         read_placement_file(str(p), 1, 4, 4, 1)
-    p.write_text(json.dumps({"phy2log": [[0, 1, 2, 9]]}))
+    p.write_text(json.dumps({"format": "moe-ep.placement", "version": 1, "num_layers": 1, "num_experts": 4,
+                             "num_replicas": 4, "num_gpus": 1, "phy2log": [[0, 1, 2, 9]]}))
     with pytest.raises(ValueError, match=r"phy2log\[0\]\[3\]"):
         read_placement_file(str(p), 1, 4, 4, 1)
     with pytest.raises(ValueError, match="not found"):

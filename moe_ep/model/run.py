@@ -8,26 +8,27 @@ all-reduces always line up.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
 import sys
 import threading
 import time
-import warnings
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+import eplb
 
 from ..checkpoint import CheckpointReader, inspect_checkpoint, load_checkpoint
 from ..config import Config, ConfigError
 from ..experts import init_expert_weights
 from ..images import decode_latents, save_png, write_json_atomic
 from ..parallel import ParallelContext, check_layout, derive_ep_size
-from ..stats import ExpertLoadStats
+from ..rebalance import Rebalancer, read_placement_file
+from ..stats import ExpertLoadStats, read_stats_file
 from ..telemetry import Telemetry
 from .dit import MoEDiT
 from .sampler import FlowMatchEulerScheduler, MoEDiTPipeline
@@ -67,13 +68,11 @@ def preflight(cfg: Config, world_size: int) -> None:
                           f"must be <= model.num_layers ({cfg.model.num_layers}), or the model has no MoE layer")
     # parse the eplb files here, so a bad one stops the run before any process group or output file
     if cfg.eplb.stats_file:
-        from ..stats import read_stats_file
         try:
             read_stats_file(cfg.eplb.stats_file, L, E)
         except ValueError as err:
             raise ConfigError("eplb.stats_file", cfg.eplb.stats_file, str(err)) from None
     if cfg.eplb.placement_file:
-        from ..rebalance import read_placement_file
         try:
             read_placement_file(cfg.eplb.placement_file, L, E, E + cfg.eplb.num_redundant_experts, ep)
         except ValueError as err:
@@ -92,67 +91,55 @@ def build_model(cfg: Config, ctx: ParallelContext):
     return model, (lambda layer: lambda e: init_expert_weights(seed, layer, e, H, F, model.dtype)), None
 
 
-def balancedness(load: np.ndarray, phy2log, ep_size: int) -> float:
-    """mean / max GPU load; GPU load = sum over its slots of load[expert] / replicas[expert]."""
-    phy2log = np.asarray(phy2log, dtype=np.int64)
-    cnt = np.bincount(phy2log, minlength=load.shape[0])
-    gpu = (load[phy2log] / cnt[phy2log]).reshape(ep_size, -1).sum(1)
-    return float(gpu.mean() / gpu.max()) if gpu.max() > 0 else 1.0
-
-
-def layer_balancedness(load: Optional[np.ndarray], model: MoEDiT) -> list[float]:
-    if load is None:
+def layer_balancedness(load: Optional[np.ndarray], placements, ep_size: int) -> list[float]:
+    """Per-layer mean / max GPU load of `placements` (one phy2log [R] per MoE layer) on `load`
+    [L, E] (`eplb.plan_balancedness`); [] without load."""
+    if load is None or not len(placements):
         return []
-    return [balancedness(load[l.layer_idx], l.placement.phy2log.numpy(), model.ctx.ep_size)
-            for l in model.moe_layers()]
+    phy2log = torch.stack([torch.as_tensor(p, dtype=torch.int64) for p in placements])  # [L, R]
+    return eplb.plan_balancedness(load, phy2log, ep_size, per_layer=True).tolist()
 
 
 def make_rebalancer(cfg: Config, model: MoEDiT, ctx: ParallelContext, stats: ExpertLoadStats):
     """-> (rebalancer or None, a note for summary.json)."""
     if not cfg.eplb.enabled:
         return None, "disabled"
-    try:
-        from ..rebalance import Rebalancer
-    except ImportError as err:
-        if ctx.is_main:
-            warnings.warn(f"eplb.enabled but moe_ep.rebalance is not available ({err}); running without rebalancing")
-        return None, f"unavailable: {err}"
     return Rebalancer(model.moe_layers(), ctx, cfg.eplb, stats), "moe_ep.rebalance.Rebalancer"
+
+
+def install_placement_file(path: str, model: MoEDiT, weight_source) -> None:
+    """Install an offline placement without a rebalancer: every rank fills its own slots from
+    `weight_source` (no weights move between ranks). Raises ConfigError naming eplb.placement_file."""
+    layers = model.moe_layers()
+    try:
+        phy2log = read_placement_file(path, len(layers), layers[0].cfg.num_experts, layers[0].num_slots,
+                                      model.ctx.ep_size)  # [L, R]
+    except ValueError as err:
+        raise ConfigError("eplb.placement_file", path, str(err)) from None
+    for layer in layers:
+        layer.set_placement(phy2log[layer.layer_idx], weight_source(layer.layer_idx))
 
 
 def apply_eplb_files(cfg: Config, model: MoEDiT, stats: ExpertLoadStats, rebalancer, weight_source) -> None:
     """eplb.stats_file seeds the statistics; eplb.placement_file installs an offline placement
     (through the rebalancer when there is one, else straight from the weight source)."""
-    e, L = cfg.eplb, len(model.moe_layers())
+    e = cfg.eplb
     if e.stats_file:
-        if hasattr(stats, "load_seed"):
-            try:
-                stats.load_seed(e.stats_file)
-            except ValueError as err:
-                raise ConfigError("eplb.stats_file", e.stats_file, str(err)) from None
-        else:
-            with open(e.stats_file) as f:
-                load = np.asarray(json.load(f).get("load"), dtype=np.float64)
-            if load.shape != (L, cfg.model.moe.num_experts):
-                raise ConfigError("eplb.stats_file", e.stats_file,
-                                  f"'load' must be [{L}][{cfg.model.moe.num_experts}], got {list(load.shape)}")
-            stats.seed_load = load
-        if rebalancer is not None and not e.placement_file and hasattr(rebalancer, "rebalance_now"):
+        try:
+            stats.load_seed(e.stats_file)
+        except ValueError as err:
+            raise ConfigError("eplb.stats_file", e.stats_file, str(err)) from None
+        if rebalancer is not None and not e.placement_file:
             # resume: start from a placement planned on the earlier run's load (collective)
             rebalancer.rebalance_now(-1, trigger="stats_file")
     if e.placement_file:
-        if rebalancer is not None and hasattr(rebalancer, "load_placement_file"):
-            try:
-                rebalancer.load_placement_file(e.placement_file)
-            except ValueError as err:
-                raise ConfigError("eplb.placement_file", e.placement_file, str(err)) from None
+        if rebalancer is None:
+            install_placement_file(e.placement_file, model, weight_source)
             return
-        with open(e.placement_file) as f:
-            rows = json.load(f).get("phy2log")
-        if not isinstance(rows, list) or len(rows) != L:
-            raise ConfigError("eplb.placement_file", e.placement_file, f"needs 'phy2log' with {L} rows (MoE layers)")
-        for layer, row in zip(model.moe_layers(), rows):
-            layer.set_placement(row, weight_source(layer.layer_idx))
+        try:
+            rebalancer.load_placement_file(e.placement_file)
+        except ValueError as err:
+            raise ConfigError("eplb.placement_file", e.placement_file, str(err)) from None
 
 
 class RunInterrupted(Exception):
@@ -306,7 +293,7 @@ def _run(cfg: Config, ctx: ParallelContext, progress: bool, track: dict) -> dict
                "latency_ms": latency * 1e3, "tokens": rows, "tokens_per_s": rows / latency if latency > 0 else 0.0}
         if closed:
             load = stats.windows[-1].sum(axis=(0, 1)).astype(np.float64)            # [L, E]
-            bal = [balancedness(load[l], p, ctx.ep_size) for l, p in enumerate(placements)]
+            bal = layer_balancedness(load, placements, ctx.ep_size)
             window_balance.append(bal)
             rec["balancedness"] = float(np.mean(bal)) if bal else 1.0
             rec.update({f"balancedness/layer{i}": b for i, b in enumerate(bal)})
@@ -340,7 +327,7 @@ def _run(cfg: Config, ctx: ParallelContext, progress: bool, track: dict) -> dict
     wall = time.perf_counter() - t_start
     bar.close()
     track["phase"] = "the last statistics window"
-    if getattr(stats, "window_open", stats._forwards_in_window > 0):  # close the last, partial window (collective; same count on every rank)
+    if stats.window_open:  # close the last, partial window (collective; same count on every rank)
         stats.close_window(groups)
     track["phase"] = "the final barrier"
     if ctx.world_size > 1:
@@ -348,7 +335,7 @@ def _run(cfg: Config, ctx: ParallelContext, progress: bool, track: dict) -> dict
     track["phase"] = "writing the outputs"
 
     total = stats.total().sum(axis=(0, 1)).astype(np.float64)          # [L, E]
-    bal = layer_balancedness(total, model)
+    bal = layer_balancedness(total, [l.placement.phy2log for l in model.moe_layers()], ctx.ep_size)
     lat = [x["latency_ms"] for x in steps]
     fwd_time = sum(lat) / 1e3
     summary = {
@@ -368,7 +355,7 @@ def _run(cfg: Config, ctx: ParallelContext, progress: bool, track: dict) -> dict
         "placement": [l.placement.phy2log.tolist() for l in model.moe_layers()],
         "eplb": {"enabled": cfg.eplb.enabled, "rebalancer": rebalancer_note},
         "rebalances": [{k: v for k, v in ev.items() if not str(k).startswith("_")}
-                       for ev in (getattr(rebalancer, "events", None) or [])],
+                       for ev in (rebalancer.events if rebalancer is not None else [])],
         "checkpoint": cfg.model.checkpoint,
     }
     if ctx.is_main:
