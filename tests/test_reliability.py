@@ -197,7 +197,7 @@ def test_unreadable_config_file_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "infer.py"), "--config", str(bad)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
-    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: config file"), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: config field '--config'"), proc.stderr
 
 
 # ---------------------------------------------------------------- atomic files
