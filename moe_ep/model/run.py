@@ -48,24 +48,7 @@ def preflight(cfg: Config, world_size: int) -> None:
         path = getattr(cfg.eplb, name)
         if path and not os.path.isfile(path):
             raise ConfigError(f"eplb.{name}", path, "file not found")
-    # range checks config.validate does not make (yet): finite numbers, seeds torch.Generator takes
-    for name, value in (("parallel.timeout_s", cfg.parallel.timeout_s),
-                        ("sampling.guidance_scale", cfg.sampling.guidance_scale),
-                        ("sampling.shift", cfg.sampling.shift), ("model.moe.route_scale", cfg.model.moe.route_scale),
-                        ("eplb.min_gain", cfg.eplb.min_gain)):
-        if not math.isfinite(value):
-            raise ConfigError(name, value, "must be a finite number")
-    if cfg.parallel.timeout_s > 10 ** 9:  # datetime.timedelta and the backends take no more
-        raise ConfigError("parallel.timeout_s", cfg.parallel.timeout_s, "must be <= 1e9 seconds")
-    for name, lo, hi in (("model.seed", cfg.model.seed, cfg.model.seed),
-                         ("sampling.seed", cfg.sampling.seed, cfg.sampling.seed + len(cfg.sampling.prompts) - 1)):
-        if lo < -2 ** 63 or hi >= 2 ** 64:
-            raise ConfigError(name, lo, "must be in [-2**63, 2**64) (with sampling.seed + prompt index) "
-                                        "for torch.Generator")
     L, E = cfg.model.num_layers // cfg.model.moe_every, cfg.model.moe.num_experts   # MoE layers, experts
-    if L < 1:
-        raise ConfigError("model.moe_every", cfg.model.moe_every,
-                          f"must be <= model.num_layers ({cfg.model.num_layers}), or the model has no MoE layer")
     # parse the eplb files here, so a bad one stops the run before any process group or output file
     if cfg.eplb.stats_file:
         try:
