@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moe_ep.config import MoEConfig  # noqa: E402
-from moe_ep.experts import init_expert_weights, swiglu  # noqa: E402
+from moe_ep.experts import init_expert_weights, silu_gate, swiglu  # noqa: E402
 from moe_ep.layer import MoELayer  # noqa: E402
 from moe_ep.parallel import ParallelContext  # noqa: E402
 from moe_ep.timing import PhaseTimer  # noqa: E402
@@ -53,12 +53,14 @@ def check_correctness(device) -> list[dict]:
     return rows
 
 
-def phase_breakdown(device, T=8192, H=4096, Fh=3072, E=64, k=8, iters=10) -> dict:
+def phase_breakdown(device, T=8192, H=4096, Fh=3072, E=64, k=8, iters=10, activation=None) -> dict:
     ctx = ParallelContext(device=device)
     torch.manual_seed(0)
     layer = MoELayer(H, MoEConfig(num_experts=E, top_k=k, expert_hidden_size=Fh), ctx, dtype=torch.bfloat16)
     layer.router.gate.weight.data.normal_(std=0.02)
     layer.load_expert_weights(lambda e: init_expert_weights(0, 0, e, H, Fh, torch.bfloat16, device))
+    if activation is not None:
+        layer.experts.activation = activation
     x = torch.randn(T, H, device=device, dtype=torch.bfloat16)
     for _ in range(3):
         layer(x)
@@ -81,7 +83,10 @@ def phase_breakdown(device, T=8192, H=4096, Fh=3072, E=64, k=8, iters=10) -> dic
 def main():
     device = torch.device("cuda")
     print("device:", torch.cuda.get_device_name(device), "torch", torch.__version__)
-    result = {"correctness": check_correctness(device), "phases": phase_breakdown(device)}
+    result = {"correctness": check_correctness(device)}
+    # A/B in one process: the SiLU-gate as separate kernels vs fused by torch.compile (the default).
+    for name, act in [("eager", silu_gate), ("compiled", None), ("eager again", silu_gate), ("compiled again", None)]:
+        result[f"phases ({name} activation)"] = phase_breakdown(device, activation=act)
     print(json.dumps(result, indent=1))
     bad = [r for r in result["correctness"] if not (r["finite"] and r["rel_err_bf16_vs_fp64"] < 1e-2)]
     if bad:
