@@ -49,53 +49,111 @@ def write_json_atomic(path, data: dict) -> None:
         raise
 
 
-def check_load_matrix(value, field: str, shape: tuple[int, int] | None = None) -> np.ndarray:
-    """Validate a ``[L][E]`` matrix of non-negative finite numbers; returns float64 ``[L, E]``."""
+RUN_SHAPE_NAMES = ("this run's MoE layers", "this run's num_experts")
+
+
+def _fits_float(x) -> bool:
+    """False for an integer beyond float64 (JSON allows any size)."""
+    try:
+        float(x)
+    except OverflowError:
+        return False
+    return True
+
+
+def check_load_matrix(value, field: str, shape: tuple[int, int] | None = None,
+                      shape_names: tuple[str, str] = ("num_layers", "num_experts")) -> np.ndarray:
+    """Validate a ``[L][E]`` matrix of non-negative finite numbers; returns float64 ``[L, E]``.
+
+    ``shape`` (optional) is the required ``(L, E)``; ``shape_names`` says where it comes from in a
+    mismatch message (e.g. ``RUN_SHAPE_NAMES``). Messages name the field and, for one entry or
+    row, its index (``load[1][2]``).
+    """
     if not isinstance(value, list) or not value or not all(isinstance(r, list) for r in value):
         raise ValueError(f"{field}: expected a non-empty list of lists [num_layers][num_experts]")
-    width = len(value[0])
-    if width == 0 or any(len(r) != width for r in value):
-        raise ValueError(f"{field}: rows must all have the same non-zero length")
-    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for r in value for x in r):
-        raise ValueError(f"{field}: entries must be numbers")
+    if shape is not None and len(value) != shape[0]:
+        raise ValueError(f"{field}: expected {shape[0]} layers ({shape_names[0]}), got {len(value)}")
+    width = len(value[0]) if shape is None else shape[1]
+    for i, row in enumerate(value):
+        if len(row) != width or not row:
+            want = f"{width} experts ({shape_names[1]})" if shape is not None else f"{width} entries, as {field}[0]"
+            raise ValueError(f"{field}[{i}]: expected {want}, got {len(row)}")
+    numbers = [[isinstance(x, (int, float)) and not isinstance(x, bool) for x in r] for r in value]
+    if not all(map(all, numbers)):
+        i = next(i for i, r in enumerate(numbers) if not all(r))
+        j = numbers[i].index(False)
+        raise ValueError(f"{field}[{i}][{j}] = {value[i][j]!r}: expected a number")
     try:
         arr = np.asarray(value, dtype=np.float64)  # [L, E]
     except OverflowError:  # an integer beyond float64 (JSON allows any size)
-        raise ValueError(f"{field}: contains a number too large for float64") from None
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{field}: contains NaN or inf")
-    if (arr < 0).any():
-        raise ValueError(f"{field}: contains negative loads")
-    if shape is not None and arr.shape != tuple(shape):
-        raise ValueError(f"{field}: expected shape {tuple(shape)}, got {arr.shape}")
+        i, j = next((i, j) for i, r in enumerate(value) for j, x in enumerate(r) if not _fits_float(x))
+        raise ValueError(f"{field}[{i}][{j}]: number too large for float64") from None
+    bad = ~np.isfinite(arr) | (arr < 0)
+    if bad.any():
+        i, j = (int(k) for k in np.argwhere(bad)[0])
+        raise ValueError(f"{field}[{i}][{j}] = {value[i][j]!r}: expected a non-negative finite number")
     return arr
 
 
-def load_stats(path) -> dict:
-    """Read an expert-load stats file. Returns the JSON object with ``"load"`` as float64 ``[L, E]``
-    (and each ``windows[i]["load"]`` likewise, when present). Raises ValueError naming the field."""
+def _check_entries(data: dict, key: str, shape: tuple[int, int], shape_names: tuple[str, str]) -> list | None:
+    """``windows`` / ``timestep_buckets``: an optional list of objects each with a ``load`` matrix of
+    ``shape``; returns copies with ``load`` as float64 ``[L, E]`` (None when absent)."""
+    if key not in data:
+        return None
+    if not isinstance(data[key], list):
+        raise ValueError(f"{key}: expected a list of {{\"load\": [[...]]}} objects")
+    out = []
+    for i, entry in enumerate(data[key]):
+        if not isinstance(entry, dict) or "load" not in entry:
+            raise ValueError(f"{key}[{i}].load: missing ({key}[{i}] must be an object with \"load\")")
+        out.append(dict(entry, load=check_load_matrix(entry["load"], f"{key}[{i}].load", shape, shape_names)))
+    return out
+
+
+def load_stats(path, expect_shape: tuple[int, int] | None = None) -> dict:
+    """Read and validate an expert-load stats file (docs/formats.md): ``format``, ``version``,
+    ``num_layers`` / ``num_experts`` against ``load``, and every load matrix (``load``, ``windows``,
+    ``timestep_buckets``, ``branches``) as ``[L][E]`` non-negative finite numbers of one shape.
+
+    ``expect_shape`` (optional) is the reading run's ``(MoE layers, num_experts)``; the file must
+    match it. Returns the JSON object with every load matrix as float64 ``[L, E]``. Raises
+    ValueError naming the field (a file that cannot be read: naming ``path``).
+    """
     data = _read_json(path)
     fmt = data.get("format", STATS_FORMAT)
     if fmt != STATS_FORMAT:
         raise ValueError(f"format: expected {STATS_FORMAT!r}, got {fmt!r}")
+    version = data.get("version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version != 1:
+        raise ValueError(f"version: expected 1 (the only version), got {version!r}")
+    for i, key in enumerate(("num_layers", "num_experts")):
+        if key not in data:
+            continue
+        n = data[key]
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+            raise ValueError(f"{key}: expected a positive int, got {n!r}")
+        if expect_shape is not None and n != expect_shape[i]:
+            raise ValueError(f"{key}: the file has {n}, expected {expect_shape[i]} ({RUN_SHAPE_NAMES[i]})")
     if "load" not in data:
         raise ValueError("load: missing (required [num_layers][num_experts] loads)")
-    load = check_load_matrix(data["load"], "load")
+    shape_names = RUN_SHAPE_NAMES if expect_shape is not None else ("num_layers", "num_experts")
+    load = check_load_matrix(data["load"], "load", expect_shape, shape_names)
     L, E = load.shape
     for key, want in (("num_layers", L), ("num_experts", E)):
         if key in data and data[key] != want:
             raise ValueError(f"{key}: {data[key]!r} does not match load shape {load.shape}")
-    out = dict(data)
-    out["load"] = load
-    if "windows" in data:
-        if not isinstance(data["windows"], list):
-            raise ValueError("windows: expected a list of {\"load\": [[...]]}")
-        wins = []
-        for i, win in enumerate(data["windows"]):
-            if not isinstance(win, dict) or "load" not in win:
-                raise ValueError(f"windows[{i}].load: missing")
-            wins.append(dict(win, load=check_load_matrix(win["load"], f"windows[{i}].load", (L, E))))
-        out["windows"] = wins
+    if expect_shape is None:
+        shape_names = ("as in load", "as in load")
+    out = dict(data, load=load)
+    for key in ("windows", "timestep_buckets"):
+        entries = _check_entries(data, key, (L, E), shape_names)
+        if entries is not None:
+            out[key] = entries
+    if "branches" in data:
+        if not isinstance(data["branches"], dict):
+            raise ValueError("branches: expected an object {\"cond\": [[...]], \"uncond\": [[...]]}")
+        out["branches"] = {name: check_load_matrix(m, f"branches.{name}", (L, E), shape_names)
+                           for name, m in data["branches"].items()}
     return out
 
 

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from eplb.io import STATS_FORMAT, load_stats
+
 BRANCHES = ("cond", "uncond")
-STATS_FORMAT = "moe-ep.expert-load"
 
 
 class ExpertLoadStats:
@@ -162,72 +163,13 @@ class ExpertLoadStats:
         return data
 
 
-def _finite(v) -> bool:
-    """True for a number float64 holds (a JSON integer can be arbitrarily large)."""
-    try:
-        return math.isfinite(float(v))
-    except OverflowError:
-        return False
-
-
-def _load_matrix(value: Any, num_layers: int, num_experts: int, where: str, path: str) -> np.ndarray:
-    """Check a [num_layers][num_experts] list of non-negative finite numbers."""
-    def bad(msg):
-        return ValueError(f"stats file {path}: field '{where}' {msg}")
-    if not isinstance(value, list) or len(value) != num_layers:
-        n = len(value) if isinstance(value, list) else type(value).__name__
-        raise bad(f"must be a list of {num_layers} layers (this run's MoE layers), got {n}")
-    for l, row in enumerate(value):
-        if not isinstance(row, list) or len(row) != num_experts:
-            n = len(row) if isinstance(row, list) else type(row).__name__
-            raise bad(f"[{l}] must list {num_experts} experts (this run's num_experts), got {n}")
-        for e, v in enumerate(row):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or not _finite(v):
-                raise bad(f"[{l}][{e}] = {v!r}: must be a non-negative finite number")
-    return np.asarray(value, dtype=np.float64)
-
-
 def read_stats_file(path: str, num_layers: int, num_experts: int) -> dict:
-    """Parse and validate a stats file against the run; raises ValueError naming the field."""
+    """Read and validate a stats file for this run (`eplb.io.load_stats` with the run's
+    ``(num_layers, num_experts)``): every load matrix becomes float64 [L, E]. Raises ValueError
+    ``stats file {path}: <field>: ...``."""
     try:
-        with open(path) as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise ValueError(f"stats file {path}: not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"stats file {path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"stats file {path}: must be a JSON object")
-    if data.get("format", STATS_FORMAT) != STATS_FORMAT:
-        raise ValueError(f"stats file {path}: field 'format' = {data.get('format')!r}, expected {STATS_FORMAT!r}")
-    if data.get("version", 1) != 1:
-        raise ValueError(f"stats file {path}: field 'version' = {data.get('version')!r}, only 1 is supported")
-    for name, want in (("num_layers", num_layers), ("num_experts", num_experts)):
-        if name in data and data[name] != want:
-            raise ValueError(f"stats file {path}: field '{name}' = {data[name]!r} but this run has {want}")
-    if "load" not in data:
-        raise ValueError(f"stats file {path}: field 'load' is missing")
-    _load_matrix(data["load"], num_layers, num_experts, "load", path)
-    windows = data.get("windows")
-    if windows is not None:
-        if not isinstance(windows, list):
-            raise ValueError(f"stats file {path}: field 'windows' must be a list")
-        for i, w in enumerate(windows):
-            if not isinstance(w, dict) or "load" not in w:
-                raise ValueError(f"stats file {path}: field 'windows[{i}]' must be an object with 'load'")
-            _load_matrix(w["load"], num_layers, num_experts, f"windows[{i}].load", path)
-    buckets = data.get("timestep_buckets")
-    if buckets is not None:
-        if not isinstance(buckets, list):
-            raise ValueError(f"stats file {path}: field 'timestep_buckets' must be a list")
-        for i, b in enumerate(buckets):
-            if not isinstance(b, dict) or "load" not in b:
-                raise ValueError(f"stats file {path}: field 'timestep_buckets[{i}]' must be an object with 'load'")
-            _load_matrix(b["load"], num_layers, num_experts, f"timestep_buckets[{i}].load", path)
-    branches = data.get("branches")
-    if branches is not None:
-        if not isinstance(branches, dict):
-            raise ValueError(f"stats file {path}: field 'branches' must be an object")
-        for name, value in branches.items():
-            _load_matrix(value, num_layers, num_experts, f"branches.{name}", path)
-    return data
+        return load_stats(path, expect_shape=(num_layers, num_experts))
+    except ValueError as err:
+        msg = str(err)
+        prefix = f"{path}: "   # file-level errors (not found, not JSON) already name the path
+        raise ValueError(f"stats file {path}: {msg[len(prefix):] if msg.startswith(prefix) else msg}") from None
