@@ -6,7 +6,7 @@ import sys
 
 from .io import load_placement, load_stats, save_placement
 from .metrics import plan_balancedness
-from .rebalance import rebalance_experts
+from .rebalance import POLICIES, rebalance_experts
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -18,7 +18,7 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--groups", type=int, default=1, help="expert groups G (hierarchical when G %% N == 0)")
     plan.add_argument("--nodes", type=int, default=1, help="nodes N")
     plan.add_argument("--gpus", type=int, required=True, help="GPUs P (EP ranks)")
-    plan.add_argument("--policy", default="default", choices=["default", "greedy", "greedy_torch_loops", "greedy_pylist", "greedy_reference"])
+    plan.add_argument("--policy", default="default", choices=POLICIES)
     plan.add_argument("--out", help="placement file to write (atomically)")
     plan.add_argument("--previous", help="current placement file: keep experts in place where possible")
     plan.add_argument("--max-moves", type=int, help="with --previous: a layer whose plan changes more slots keeps its placement")

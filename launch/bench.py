@@ -26,6 +26,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from moe_ep.atomic import write_json_atomic  # noqa: E402
 from moe_ep.config import MoEConfig, ParallelConfig  # noqa: E402
 from moe_ep.experts import init_expert_weights, swiglu  # noqa: E402
 from moe_ep.layer import MoELayer  # noqa: E402
@@ -165,8 +166,7 @@ def bench_layer(args) -> list[dict]:
             print(f"{r['system']:40s} {r['median_ms']:10.2f} {r['min_ms']:9.2f} {r['median_ms'] / base:9.2f}x "
                   f"{r['rel_err_vs_moe_ep']:9.1e}")
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"meta": meta, "rows": rows}, f, indent=1)
+            write_json_atomic(args.json, {"meta": meta, "rows": rows})
     return rows
 
 
@@ -219,8 +219,7 @@ def bench_step(args) -> dict:
     if ctx.is_main:
         print(json.dumps(result))
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=1)
+            write_json_atomic(args.json, result)
     return result
 
 

@@ -38,6 +38,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from moe_ep.atomic import write_json_atomic  # noqa: E402
 from moe_ep.config import EplbConfig, MoEConfig  # noqa: E402
 from moe_ep.experts import init_expert_weights  # noqa: E402
 from moe_ep.layer import MoELayer  # noqa: E402
@@ -175,8 +176,7 @@ def _entry(rank, world, port, a, out_path):
             if rank == 0:
                 print(json.dumps(results[-1]), flush=True)
         if rank == 0 and out_path:
-            with open(out_path, "w") as f:
-                json.dump({"args": vars(a), "results": results}, f, indent=1)
+            write_json_atomic(out_path, {"args": vars(a), "results": results})
     finally:
         dist.destroy_process_group()
 

@@ -78,8 +78,6 @@ def main(argv=None) -> int:
         print(shlex.join(launch_command(args.hostfile, args.num_nodes, args.num_gpus, args.config, args.set)))
         return 0
 
-    import torch
-
     from moe_ep.model.run import PeerLostError, RunInterrupted, preflight, run
     from moe_ep.parallel import init_distributed, shutdown
 
@@ -87,9 +85,6 @@ def main(argv=None) -> int:
         preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as err:
         return error(str(err))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, cores // max(1, local_world)))
     try:
         ctx = init_distributed(cfg.parallel)
     except ConfigError as err:

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from moe_ep import telemetry as T  # noqa: E402
+from moe_ep.atomic import atomic_write  # noqa: E402
 
 REQUIRED = ("summary.json", "stats.json", T.METRICS_FILE)
 
@@ -211,10 +212,8 @@ def write_html(summary: dict, files: dict[str, str], out_dir: str, run_dir: str)
 
 
 def _write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path, "w") as f:  # temp file in the same folder, fsync, os.replace
         f.write(text)
-    os.replace(tmp, path)
 
 
 def make_report(run_dir: str, out_dir: str | None = None) -> dict:

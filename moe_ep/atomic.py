@@ -1,5 +1,8 @@
-"""Atomic file writes: every file moe-ep writes (images, stats, placements, summaries,
-checkpoints, plots) goes through `atomic_write`.
+"""Atomic file writes: every file moe-ep writes whole (images, stats, summaries, checkpoints,
+plots, reports, benchmark results) goes through `atomic_write`. Two exceptions: metrics.jsonl is
+an append log (one JSON object per line, flushed per step; readers skip a torn last line) and
+wandb/ is written by wandb itself. eplb (which never imports moe_ep) has its own writer in
+eplb/io.py for placement files.
 
 The data goes to a temp file in the destination's folder (`.tmp-<random><suffix>`), is
 flushed and fsync'ed, and then renamed over the destination with `os.replace` (atomic on

@@ -96,6 +96,21 @@ def write_safetensors(path: str, entries: Iterable[tuple[str, tuple, torch.dtype
             f.write(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
+def _entries(model, expert_fn: Callable[[object, int, int], torch.Tensor]) -> list[tuple]:
+    """The `write_safetensors` entries of `model`'s checkpoint, in file order: every non-expert
+    weight, then for each MoE layer and logical expert its w13 and w2. `expert_fn(layer, e, which)`
+    makes weight `which` (0: w13 [H, 2F], 1: w2 [F, H]) of expert e of MoE layer `layer` (an
+    MoELayer); it is called once per key, while the file is written."""
+    H, F = model.cfg.hidden_size, model.cfg.moe.expert_hidden_size
+    entries = [(f"model.{k}", tuple(v.shape), v.dtype, (lambda v=v: v)) for k, v in model.non_expert_state().items()]
+    for layer in model.moe_layers():
+        for e in range(model.cfg.moe.num_experts):
+            for which, (name, shape) in enumerate((("w13", (H, 2 * F)), ("w2", (F, H)))):
+                entries.append((expert_key(layer.layer_idx, e, name), shape, model.dtype,
+                                lambda l=layer, e=e, w=which: expert_fn(l, e, w)))
+    return entries
+
+
 def _metadata(cfg: ModelConfig) -> dict[str, str]:
     return {"format": FORMAT, "version": VERSION, "dtype": cfg.dtype,
             "model_config": json.dumps(architecture(cfg), sort_keys=True)}
@@ -112,13 +127,11 @@ def save_from_seed(cfg: ModelConfig, path: str, seed: Optional[int] = None) -> N
     model = _skeleton(cfg, "cpu")
     model.init_from_seed(seed)
     H, F = cfg.hidden_size, cfg.moe.expert_hidden_size
-    entries = [(f"model.{k}", tuple(v.shape), v.dtype, (lambda v=v: v)) for k, v in model.non_expert_state().items()]
-    for layer in range(len(model.moe_layers())):
-        for e in range(cfg.moe.num_experts):
-            make = (lambda layer=layer, e=e: init_expert_weights(seed, layer, e, H, F, model.dtype))
-            entries.append((expert_key(layer, e, "w13"), (H, 2 * F), model.dtype, lambda m=make: m()[0]))
-            entries.append((expert_key(layer, e, "w2"), (F, H), model.dtype, lambda m=make: m()[1]))
-    write_safetensors(path, entries, _metadata(cfg))
+
+    def make(layer, e: int, which: int) -> torch.Tensor:
+        return init_expert_weights(seed, layer.layer_idx, e, H, F, model.dtype)[which]
+
+    write_safetensors(path, _entries(model, make), _metadata(cfg))
 
 
 def save_checkpoint(model, path: str) -> None:
@@ -130,7 +143,6 @@ def save_checkpoint(model, path: str) -> None:
     cfg: ModelConfig = model.cfg
     if ctx.dp_rank != 0:
         return
-    H, F = cfg.hidden_size, cfg.moe.expert_hidden_size
     layers = model.moe_layers()
 
     def owner(layer, e: int) -> tuple[int, int]:
@@ -155,14 +167,7 @@ def save_checkpoint(model, path: str) -> None:
         dist.recv(buf, src=rank)   # global rank == EP rank in replica 0
         return buf.view(w.dtype).view(w.shape)
 
-    entries = [(f"model.{k}", tuple(v.shape), v.dtype, (lambda v=v: v)) for k, v in model.non_expert_state().items()]
-    for layer in layers:
-        for e in range(cfg.moe.num_experts):
-            entries.append((expert_key(layer.layer_idx, e, "w13"), (H, 2 * F), model.dtype,
-                            lambda l=layer, e=e: fetch(l, e, 0)))
-            entries.append((expert_key(layer.layer_idx, e, "w2"), (F, H), model.dtype,
-                            lambda l=layer, e=e: fetch(l, e, 1)))
-    write_safetensors(path, entries, _metadata(cfg))
+    write_safetensors(path, _entries(model, fetch), _metadata(cfg))
 
 
 # ---------------------------------------------------------------- reading
@@ -253,10 +258,14 @@ def _diff(saved, want, prefix: str) -> list[str]:
 
 
 @torch.no_grad()
-def load_checkpoint(model, path: str) -> CheckpointReader:
+def load_checkpoint(model, path: str, check: bool = True) -> CheckpointReader:
     """Load non-expert weights and this rank's experts. Returns the open reader, whose
-    `layer_source(l)` the rebalancer can use to fetch any expert from disk."""
-    inspect_checkpoint(path, model.cfg)
+    `layer_source(l)` the rebalancer can use to fetch any expert from disk.
+
+    `check`: run `inspect_checkpoint` on the header first; pass False only when the caller
+    has already done so for this file and model config (the runner's preflight does)."""
+    if check:
+        inspect_checkpoint(path, model.cfg)
     reader = CheckpointReader(path, model.dtype)
     for name, tensor in model.non_expert_state().items():
         tensor.copy_(reader.read(f"model.{name}"))

@@ -8,11 +8,12 @@ but the number of channels, so the same latents always give the same pixels.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
 from .atomic import atomic_write
-from .atomic import write_json_atomic as _write_json_atomic
 
 DECODER_SEED = 1234
 DECODER_GAIN = 0.3  # guided samples have latent std of a few units; keep tanh out of saturation
@@ -44,5 +45,17 @@ def save_png(image: np.ndarray, path: str) -> None:
 
 
 def write_json_atomic(data, path: str) -> None:
-    """json.dump to `path` atomically (moe_ep.atomic)."""
-    _write_json_atomic(path, data)
+    """DEPRECATED, do not use: `moe_ep.atomic.write_json_atomic(path, data)` (note the order).
+
+    This alias takes (data, path), the reverse of the function it wraps; it is kept only until
+    moe_ep/model/run.py imports `write_json_atomic` from moe_ep.atomic, then it goes."""
+    import warnings
+
+    from . import atomic
+
+    warnings.warn("moe_ep.images.write_json_atomic(data, path) is deprecated: use "
+                  "moe_ep.atomic.write_json_atomic(path, data)", DeprecationWarning, stacklevel=2)
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"moe_ep.images.write_json_atomic(data, path): path must be a str, got {type(path).__name__} "
+                        "(moe_ep.atomic.write_json_atomic takes (path, data))")
+    atomic.write_json_atomic(path, data)

@@ -104,9 +104,11 @@ def init_distributed(cfg: ParallelConfig) -> ParallelContext:
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(cfg.device, local_rank)
-    if device.type == "cpu":  # share the cores between the ranks of this node instead of oversubscribing
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+    # share the cores this process may run on (affinity, not os.cpu_count) between the ranks of
+    # this node instead of oversubscribing; GPU ranks too (latent decoding, PNG encoding on the CPU)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores // max(1, local_world)))
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=cfg.timeout_s)
     if device.type == "cpu":

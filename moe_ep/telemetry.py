@@ -28,8 +28,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .atomic import write_json_atomic
 from .config import Config
-from .images import write_json_atomic
 from .parallel import ParallelContext
 
 PHASES = ("attention", "router", "dispatch", "experts", "combine")   # timed by PhaseTimer
@@ -228,7 +228,7 @@ class Telemetry:
             self._metrics.close()
             self._metrics = None
         path = os.path.join(self.out_dir, "summary.json")
-        write_json_atomic(summary, path)
+        write_json_atomic(path, summary)
         if self.run is not None:
             try:
                 self._log_final_plots(summary)
@@ -274,7 +274,7 @@ class Telemetry:
         records = read_metrics(os.path.join(self.out_dir, METRICS_FILE))
         figs = {}
         if self.stats is not None and self.stats.windows:
-            total = np.sum(self.stats.windows, axis=0).sum(axis=(0, 1)).astype(np.float64)
+            total = self.stats.total().sum(axis=(0, 1)).astype(np.float64)
             figs["plots/load_heatmap"] = plot_load_heatmap(total, "Expert load over the run")
         figs["plots/balancedness"] = plot_balancedness(records, summary.get("rebalances", []))
         figs["plots/latency_breakdown"] = plot_latency(records)

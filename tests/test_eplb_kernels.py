@@ -49,27 +49,29 @@ def test_packings_are_layouts_and_refine_never_raises(seed, P, k):
     assert np.array_equal(np.sort(layout_loads(items, greedy_pack(items, P)), -1), want)
 
 
-@settings(max_examples=15, deadline=None)
-@given(problems())
-def test_loop_baselines_match_vectorised_greedy(prob):
-    w, R, G, N, P = prob
-    w = np.round(w)
-    g, n = (G, N) if G % N == 0 else (1, 1)
-    want = greedy_plan(torch.from_numpy(w), R, g, n, P)
-    assert torch.equal(greedy_torch_loops(w, R, g, n, P), want)
-    assert torch.equal(greedy_pylist(w, R, g, n, P), want)
-
-
-@settings(max_examples=15, deadline=None)
-@given(problems())
-def test_unrefined_rule0_is_greedys_plan(prob):
-    """The drift hedge and the never-worse guard rely on candidate (rule 0, option 0) before refinement being greedy's plan."""
-    w, R, G, N, P = prob
-    w = np.round(w)
-    g, n = (G, N) if G % N == 0 else (1, 1)
+def _unrefined_rule0(w, R, g, n, P) -> torch.Tensor:
     c = plan_candidates(torch.from_numpy(w), R, g, n, P)
-    got = _assemble(c["mlog2log"][0], c["item_expert"][0, 0], c["idx0"][0, 0])
-    assert np.array_equal(got, greedy_plan(torch.from_numpy(w), R, g, n, P).numpy())
+    return torch.from_numpy(_assemble(c["mlog2log"][0], c["item_expert"][0, 0], c["idx0"][0, 0]))
+
+
+@pytest.mark.parametrize("plan", [
+    greedy_torch_loops,   # the loop baselines
+    greedy_pylist,
+    # the drift hedge and the never-worse guard rely on candidate (rule 0, option 0) before
+    # refinement being greedy's plan
+    _unrefined_rule0,
+], ids=["greedy_torch_loops", "greedy_pylist", "unrefined_rule0"])
+@settings(max_examples=15, deadline=None)
+@given(prob=problems())
+def test_matches_vectorised_greedy(plan, prob):
+    """The loop baselines and the default policy's unrefined (rule 0, option 0) candidate give
+    exactly greedy_plan's placement."""
+    w, R, G, N, P = prob
+    w = np.round(w)
+    g, n = (G, N) if G % N == 0 else (1, 1)
+    got = plan(w, R, g, n, P)
+    want = greedy_plan(torch.from_numpy(w), R, g, n, P)
+    assert torch.equal(got, want)
 
 
 @FAST

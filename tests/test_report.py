@@ -44,3 +44,20 @@ def test_report_cli_errors_on_a_folder_without_run_files(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and "stats.json" in proc.stderr and "metrics.jsonl" in proc.stderr
     assert not (tmp_path / "report").exists()
+
+
+def test_report_skips_a_torn_last_metrics_line(run_dir, tmp_path):
+    """metrics.jsonl is an append log: a run killed mid-write leaves a torn last line, which the
+    report skips (every complete line is kept)."""
+    import shutil
+
+    torn = str(tmp_path / "torn")
+    shutil.copytree(run_dir, torn, ignore=shutil.ignore_patterns("report", "wandb"))
+    path = os.path.join(torn, "metrics.jsonl")
+    lines = open(path).read().splitlines()
+    assert len(lines) >= 2
+    with open(path, "a") as f:  # a write cut off after the first bytes of a record
+        f.write(lines[-1][: len(lines[-1]) // 2])
+    _, _, records = report.load_run(torn)
+    assert len(records) == len(lines)
+    assert report.make_report(torn)["md"]
