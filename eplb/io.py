@@ -5,10 +5,10 @@ Every problem is a ValueError whose message names the offending field. Files are
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 
 import numpy as np
+
+from . import atomic
 
 STATS_FORMAT = "moe-ep.expert-load"
 PLACEMENT_FORMAT = "moe-ep.placement"
@@ -32,21 +32,8 @@ def _read_json(path) -> dict:
 
 
 def write_json_atomic(path, data: dict) -> None:
-    """Write ``data`` as JSON to ``path`` via a temp file in the same folder, fsync and ``os.replace``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``data`` as compact JSON to ``path`` atomically (eplb.atomic: temp file, fsync, rename)."""
+    atomic.write_json_atomic(path, data, indent=None)
 
 
 RUN_SHAPE_NAMES = ("this run's MoE layers", "this run's num_experts")
