@@ -13,10 +13,16 @@ every forward pass of the transformer; see docs/eplb_runtime.md):
 3. Every rank computes the same transfer plan (`transfer.plan_transfers`), takes its
    local copies and send buffers from the OLD weights, and votes go/no-go (EP
    all-reduce) before any P2P message is posted.
-4. `batch_isend_irecv` moves the weights into staging buffers.
-5. Agreement: one all-reduce (EP, then DP) of [failed, hash, -hash]. Only when no rank
-   failed and every rank proposes the same placement does every rank copy staging into
-   the live weights and call `layer.set_placement`. Otherwise the old placement stays.
+4. `batch_isend_irecv` moves the weights into staging buffers. A failure on one rank
+   inside the exchange is fatal (its peers wait until the timeout); see the docs.
+5. Agreement: one all-reduce MAX (EP, then DP) of [failed, phy2log, -phy2log]: only when
+   no rank failed and max == min of every entry (every rank proposes exactly the same
+   placement) does every rank copy staging into the live weights and call
+   `layer.set_placement`. Otherwise the old placement stays.
+
+Every control message is a small int64/float64 tensor made on `ctx.device` by `_ctl`
+(NCCL groups reject CPU tensors) and read back with `.cpu()`. Whether a collective runs
+is only ever decided from values that are already the same on every rank taking part.
 """
 from __future__ import annotations
 
@@ -52,13 +58,6 @@ def _summary(bal: np.ndarray) -> dict:
     return {"mean": float(np.mean(bal)), "min": float(np.min(bal))}
 
 
-def placement_hash(phy2log: torch.Tensor) -> int:
-    """A deterministic 52-bit fingerprint of a placement (exact in float64 too)."""
-    p = torch.as_tensor(phy2log, dtype=torch.int64).flatten().cpu()
-    coef = (torch.arange(p.numel(), dtype=torch.int64) * 2654435761 + 97) % 1000003 + 1
-    return int(((p + 1) * coef).sum().item() % (1 << 52))
-
-
 def read_placement_file(path: str, num_layers: int, num_experts: int, num_slots: int,
                         ep_size: int) -> torch.Tensor:
     """Read a `python -m eplb plan` placement file (`eplb.load_placement`) checked against this run.
@@ -81,9 +80,9 @@ class Rebalancer:
     previous_phy2log=...) -> (phy2log [L, R], log2phy, logcnt); default `eplb.rebalance_experts`.
 
     Options for tests and benchmarks: `force` (rebalance at every interval whatever the
-    predicted gain), `fault_hook(stage)` (called on every rank at "plan" (EP rank 0
-    only), "prepare", "send", "received"; raising there is a failure of that stage),
-    `transfer_timeout_s`, `bandwidth_bytes_per_s` (first guess for the timestep-aware cost
+    predicted gain), `fault_hook(stage)` (called at "plan" (EP rank 0 only), "prepare" and
+    "send" (both before the go/no-go vote), "received" (after the exchange); raising there
+    is a failure of that stage), `transfer_timeout_s` (wait on the P2P exchange), `bandwidth_bytes_per_s` (first guess for the timestep-aware cost
     model before a transfer was measured), `moe_time_fraction` (share of a forward's time
     spent in MoE layers, for the same model).
     """
@@ -145,16 +144,28 @@ class Rebalancer:
         P, N = self.ctx.ep_size, self.ctx.num_nodes
         return eplb.minimize_movement(new, old, P, N if P % N == 0 else 1)
 
+    def _ctl(self, values, dtype=torch.int64) -> torch.Tensor:
+        """A control message on `ctx.device` (NCCL only takes device tensors): `values` is an int
+        (zeros of that length) or a sequence / tensor of numbers. Read it back with `.cpu()`."""
+        if isinstance(values, int):
+            return torch.zeros(values, dtype=dtype, device=self.ctx.device)
+        return torch.as_tensor(values, dtype=dtype).to(self.ctx.device).flatten()
+
     def _all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.MAX, groups=None) -> torch.Tensor:
         for g in (self.groups if groups is None else groups):
             if g is not None:
                 dist.all_reduce(t, op=op, group=g)
         return t
 
+    def _all_ok(self, ok: bool) -> bool:
+        """True when `ok` on every rank of the world (MIN over EP, then DP). Collective."""
+        return bool(self._all_reduce(self._ctl([int(ok)]), dist.ReduceOp.MIN).cpu()[0])
+
     def _broadcast_from_ep0(self, t: torch.Tensor) -> torch.Tensor:
+        """Broadcast a `_ctl` tensor from EP rank 0; returns it on the host."""
         if self.ctx.ep_group is not None:
             dist.broadcast(t, src=self._ep_src, group=self.ctx.ep_group)
-        return t
+        return t.cpu()
 
     def _broadcast_text(self, text: str) -> str:
         if self.ctx.ep_group is None:
@@ -169,14 +180,19 @@ class Rebalancer:
                 "time_ms": 0.0, "balancedness_before": None, "balancedness_after": None,
                 "measured_balancedness": None}
 
-    def _validate_plan(self, phy2log) -> torch.Tensor:
-        p = torch.as_tensor(phy2log, dtype=torch.int64).cpu()
+    def _plan(self, load, prev: torch.Tensor) -> torch.Tensor:
+        """The planner on `load` [L, E] from placement `prev` [L, R]: validated (shape, ids, every
+        expert present; ValueError otherwise) and aligned to `prev`. -> phy2log [L, R] int64 (CPU)."""
+        out = self._planner(torch.as_tensor(np.asarray(load), dtype=torch.float64), self.num_slots,
+                            self.cfg.num_groups, self.ctx.num_nodes, self.ctx.ep_size,
+                            policy=self.cfg.policy, previous_phy2log=prev.clone())
+        p = torch.as_tensor(out[0] if isinstance(out, (tuple, list)) else out, dtype=torch.int64).cpu()
         want = (len(self.layers), self.num_slots)
         if tuple(p.shape) != want:
             raise ValueError(f"planner returned phy2log of shape {tuple(p.shape)}, expected {want}")
         for l in range(p.shape[0]):
             make_placement(p[l], self.num_experts, self.ctx.ep_size, f"planned phy2log[{l}]")
-        return p
+        return self._align(prev, p)
 
     # ------------------------------------------------------------ main entry
     def after_forward(self, forward_idx: int, timestep: float = 0.0,
@@ -234,17 +250,13 @@ class Rebalancer:
         ev = self._new_event(forward_idx, trigger)
         old = self.current_phy2log()
         L, R = old.shape
-        msg = torch.zeros(2 + L * R, dtype=torch.int64)       # [status, unused, phy2log...]
+        msg = self._ctl(1 + L * R)                              # [status, phy2log...]
         reason = ""
         if self.ctx.ep_rank == 0:
             try:
                 if self.fault_hook is not None:
                     self.fault_hook("plan")
-                out = self._planner(torch.tensor(load, dtype=torch.float64), self.num_slots,
-                                         self.cfg.num_groups, self.ctx.num_nodes, self.ctx.ep_size,
-                                         policy=self.cfg.policy, previous_phy2log=old.clone())
-                new = self._validate_plan(out[0] if isinstance(out, (tuple, list)) else out)
-                new = self._align(old, new)
+                new = self._plan(load, old)
                 before = layer_balancedness(load, old, self.ctx.ep_size).mean()
                 after = layer_balancedness(load, new, self.ctx.ep_size).mean()
                 if torch.equal(new, old):
@@ -254,16 +266,19 @@ class Rebalancer:
                 else:
                     status = SKIP
                     reason = f"predicted gain {after - before:.4f} < min_gain {self.cfg.min_gain}"
-                msg[2:] = new.flatten()
+                msg[1:] = new.flatten().to(msg.device)
             except Exception as err:  # planning failed: keep the old placement
                 status, reason = FAILED, f"planning failed: {type(err).__name__}: {err}"
                 traceback.print_exc()
             msg[0] = status
-        self._broadcast_from_ep0(msg)
+        # status is the same on every rank of this EP group; the P2P exchange and its go/no-go
+        # vote stay inside the EP group, and every rank of the world meets again in the final vote
+        # (a replica that failed or skipped proposes the old placement, so nobody swaps then).
+        msg = self._broadcast_from_ep0(msg)
         status = int(msg[0])
         if status != GO:
             reason = self._broadcast_text(reason)
-        new = msg[2:].view(L, R).clone() if status != FAILED else old
+        new = msg[1:].view(L, R).clone() if status != FAILED else old
         ev["balancedness_before"] = _summary(layer_balancedness(load, old, self.ctx.ep_size))
         if status != FAILED:
             ev["balancedness_after"] = _summary(layer_balancedness(load, new, self.ctx.ep_size))
@@ -290,12 +305,15 @@ class Rebalancer:
                 ok, reason = 0, f"prepare failed on EP rank {self.ctx.ep_rank}: {type(err).__name__}: {err}"
             # go/no-go before any message is posted: a peer that cannot send must not leave
             # the others waiting on a receive.
-            flag = self._all_reduce(torch.tensor([ok], dtype=torch.int64), dist.ReduceOp.MIN,
-                                    groups=(self.ctx.ep_group,))
+            flag = self._all_reduce(self._ctl([ok]), dist.ReduceOp.MIN, groups=(self.ctx.ep_group,)).cpu()
             if int(flag[0]) == 1:
+                # from here a one-sided failure inside the exchange leaves peers waiting on their
+                # receives until transfer_timeout_s: fatal for the job (docs/eplb_runtime.md)
                 try:
                     tp = time.perf_counter()
                     transfer.run()
+                    if self.ctx.device.type == "cuda":   # NCCL waits are stream-ordered: time the data
+                        torch.cuda.synchronize(self.ctx.device)
                     t_p2p = time.perf_counter() - tp
                 except Exception as err:
                     ok, reason = 0, f"transfer failed on EP rank {self.ctx.ep_rank}: {type(err).__name__}: {err}"
@@ -303,29 +321,29 @@ class Rebalancer:
                 ok = 0
                 reason = reason or "prepare failed on another EP rank"
             failed = not ok
-        # agreement: every rank of the world (EP then DP) sees [failed, hash, -hash]
-        proposal = new if moving else old
-        h = placement_hash(proposal)
-        vote = self._all_reduce(torch.tensor([int(failed), h, -h], dtype=torch.int64))
-        any_failed, same = int(vote[0]) == 1, int(vote[1]) == -int(vote[2])
+        # agreement: one all-reduce MAX over the world (EP then DP) of [failed, p, -p]: every rank
+        # proposes exactly the same placement iff max(p) == min(p) == -max(-p) entry by entry
+        p = (new if moving else old).flatten().to(torch.int64)
+        vote = self._all_reduce(self._ctl(torch.cat([torch.tensor([int(failed)]), p, -p]))).cpu()
+        n = p.numel()
+        any_failed = int(vote[0]) == 1
+        same = torch.equal(vote[1:1 + n], -vote[1 + n:])
         if moving and not any_failed and same:
             transfer.commit(new)
             ev["status"], ev["ok"] = "ok", True
             ev["_skip_windows"] = 1 if self.stats.window_open else 0
             self._pending_measure.append(ev)
             if st.max_rank_bytes and t_p2p > 0:
-                self.bandwidth = st.max_rank_bytes / t_p2p if self.bandwidth is None else \
-                    0.5 * self.bandwidth + 0.5 * st.max_rank_bytes / t_p2p
+                self.bandwidth = 0.5 * self.bandwidth + 0.5 * st.max_rank_bytes / t_p2p
         else:
             if transfer is not None:
-                transfer.staging.clear()
-            if moving and not any_failed and not same:
+                transfer.clear()
+            if not any_failed and not same:
                 reason = "replicas of the data-parallel group proposed different placements"
-            elif moving and any_failed and not failed:
-                reason = reason or "failed on another rank"
-            ev["status"] = "failed" if (any_failed or (moving and not same)) else status_if_noop
-            if ev["status"] == "failed" and status_if_noop == "skipped" and not moving:
-                reason = reason or "failed on another data-parallel replica"
+            elif any_failed and not failed:
+                reason = reason or ("failed on another rank" if moving else
+                                    "failed on another data-parallel replica")
+            ev["status"] = "failed" if (any_failed or not same) else status_if_noop
         ev["reason"] = reason
         if st is not None and ev["ok"]:
             ev.update(experts_moved=st.experts_moved, remote_moves=st.remote_moves,
@@ -351,10 +369,10 @@ class Rebalancer:
             new = read_placement_file(path, len(self.layers), self.num_experts, self.num_slots, self.ctx.ep_size)
         except ValueError as e:
             err = e
-        flag = self._all_reduce(torch.tensor([0 if err is None else 1], dtype=torch.int64))
+        all_ok = self._all_ok(err is None)
         if err is not None:
             raise err
-        if int(flag[0]):
+        if not all_ok:
             raise ValueError(f"placement file {path}: invalid on another rank (see its log)")
         t0 = time.perf_counter()
         ev = self._new_event(-1, "placement_file")
@@ -390,7 +408,7 @@ class Rebalancer:
         B = bl.shape[0]
         old = self.current_phy2log()
         L, R = old.shape
-        msg = torch.zeros(1 + B * L * R, dtype=torch.int64)
+        msg = self._ctl(1 + B * L * R)                          # [status, B x phy2log...]
         reason = ""
         if self.ctx.ep_rank == 0:
             try:
@@ -399,25 +417,31 @@ class Rebalancer:
                 plans, prev = [None] * B, old
                 total = bl.sum(0)
                 for b in reversed(range(B)):                   # sampling runs from t=1 down to t=0
-                    w = bl[b] if bl[b].sum() > 0 else total
-                    out = self._planner(torch.tensor(w, dtype=torch.float64), self.num_slots,
-                                             self.cfg.num_groups, self.ctx.num_nodes, self.ctx.ep_size,
-                                             policy=self.cfg.policy, previous_phy2log=prev.clone())
-                    p = self._validate_plan(out[0] if isinstance(out, (tuple, list)) else out)
-                    plans[b] = prev = self._align(prev, p)
-                msg[1:] = torch.stack(plans).flatten()
+                    plans[b] = prev = self._plan(bl[b] if bl[b].sum() > 0 else total, prev)
+                msg[1:] = torch.stack(plans).flatten().to(msg.device)
                 msg[0] = GO
             except Exception as err:
                 msg[0], reason = FAILED, f"phase planning failed: {type(err).__name__}: {err}"
                 traceback.print_exc()
-        self._broadcast_from_ep0(msg)
-        if int(msg[0]) == FAILED:
+        msg = self._broadcast_from_ep0(msg)
+        ok_here = int(msg[0]) == GO
+        if not ok_here:
             reason = self._broadcast_text(reason)
+        # Installed phase plans decide, at every forward, whether this rank enters the collectives
+        # of _maybe_switch_phase, so every rank of the world must install exactly the same plans or
+        # none: one all-reduce MAX of [failed, plans, -plans] over EP and DP.
+        plans = msg[1:]
+        vote = self._all_reduce(self._ctl(torch.cat([torch.tensor([int(not ok_here)]), plans, -plans]))).cpu()
+        n = plans.numel()
+        if int(vote[0]) or not torch.equal(vote[1:1 + n], -vote[1 + n:]):
+            if not reason:
+                reason = "phase planning failed on another data-parallel replica" if int(vote[0]) else \
+                    "replicas of the data-parallel group planned different phase placements"
             ev = self._new_event(forward_idx, "phase_plan")
             ev.update(status="failed", reason=reason)
             self.events.append(ev)
             return ev
-        self.phase_plans = msg[1:].view(B, L, R).clone()
+        self.phase_plans = plans.view(B, L, R).clone()
         return None
 
     def _maybe_switch_phase(self, forward_idx: int, bucket: int) -> Optional[dict]:
@@ -439,7 +463,7 @@ class Rebalancer:
         st = summarize(moves, self.layers, self.ctx.ep_rank, self.ctx.ep_size)
         cost = self.overhead_s + st.max_rank_bytes / max(self.bandwidth, 1.0)
         # the slowest rank's view decides, the same on every rank
-        d = self._all_reduce(torch.tensor([saved, cost], dtype=torch.float64))
+        d = self._all_reduce(self._ctl([saved, cost], torch.float64)).cpu()
         saved, cost = float(d[0]), float(d[1])
         if not (self.force or saved > cost):
             return None

@@ -5,11 +5,14 @@ moves from (old, new) placements without talking. `Transfer` then runs this rank
 share in three steps that never touch the live weights:
 
 1. `prepare()`  -- local copies and send buffers are taken from the OLD weights, receive
-   buffers are allocated (staging); no communication.
+   buffers are allocated (staging) and the P2P ops are built; no communication. Every
+   fault stage that may fail on one rank alone ("prepare", "send") is here.
 2. `run()`      -- one `batch_isend_irecv` per rank with one packed buffer per peer.
 3. `commit()`   -- copy staging into `experts.w13 / w2` and install the new placement.
 
-The rebalancer puts a collective go/no-go between 1 and 2 and between 2 and 3.
+The rebalancer puts a collective go/no-go between 1 and 2 and between 2 and 3. A failure
+on one rank inside 2 (the exchange itself) cannot be recovered: its peers wait on their
+receives until `timeout_s`, and the job ends through the dead-rank path.
 """
 from __future__ import annotations
 
@@ -122,6 +125,7 @@ class Transfer:
     staging: dict = field(default_factory=dict)   # (layer, local slot) -> (w13, w2)
     _send: dict = field(default_factory=dict)     # peer -> packed flat buffer
     _recv: dict = field(default_factory=dict)     # peer -> (flat buffer, [(layer, local slot, n13, n2, shapes)])
+    _ops: list = field(default_factory=list)      # the P2P ops run() posts
 
     def _local_slot(self, layer: int, slot: int) -> int:
         return slot - self.ep_rank * self.layers[layer].slots_per_rank
@@ -132,7 +136,7 @@ class Transfer:
         return ex.w13.data[i], ex.w2.data[i]
 
     def prepare(self) -> None:
-        """Staging buffers and send buffers from the OLD weights; no communication."""
+        """Staging buffers, send buffers (from the OLD weights) and the P2P ops; no communication."""
         me = self.ep_rank
         send_parts: dict[int, list[torch.Tensor]] = {}
         recv_meta: dict[int, list] = {}
@@ -155,6 +159,15 @@ class Transfer:
             self._recv[peer] = (torch.empty(n, dtype=ref.dtype, device=ref.device), meta)
         if self.fault_hook is not None:
             self.fault_hook("prepare")
+        self._ops = []
+        for peer in sorted(set(self._send) | set(self._recv)):
+            g = self._global(peer)
+            if peer in self._send:
+                self._ops.append(dist.P2POp(dist.isend, self._send[peer], g, self.ep_group, self.tag))
+            if peer in self._recv:
+                self._ops.append(dist.P2POp(dist.irecv, self._recv[peer][0], g, self.ep_group, self.tag))
+        if self.fault_hook is not None:
+            self.fault_hook("send")     # last chance to fail alone: still before the go/no-go vote
 
     def _global(self, ep_rank: int) -> int:
         if self.ep_group is None:
@@ -162,16 +175,11 @@ class Transfer:
         return dist.get_global_rank(self.ep_group, ep_rank)
 
     def run(self) -> None:
-        """Exchange the packed buffers (batch_isend_irecv), then unpack into staging."""
-        ops = []
-        for peer in sorted(set(self._send) | set(self._recv)):
-            g = self._global(peer)
-            if peer in self._send:
-                ops.append(dist.P2POp(dist.isend, self._send[peer], g, self.ep_group, self.tag))
-            if peer in self._recv:
-                ops.append(dist.P2POp(dist.irecv, self._recv[peer][0], g, self.ep_group, self.tag))
-        if self.fault_hook is not None:
-            self.fault_hook("send")
+        """Exchange the packed buffers (batch_isend_irecv), then unpack into staging.
+
+        Call on every rank of the EP group after a successful go/no-go vote on prepare().
+        """
+        ops, self._ops = self._ops, []
         if ops:
             works = dist.batch_isend_irecv(ops)
             timeout = None if self.timeout_s is None else datetime.timedelta(seconds=self.timeout_s)
@@ -197,5 +205,11 @@ class Transfer:
             ex.w2.data[local_slot].copy_(w2)
         for l, layer in enumerate(self.layers):
             layer.set_placement(new_phy2log[l])
+        self.clear()
+
+    def clear(self) -> None:
+        """Drop every buffer (after a commit, or when the attempt is abandoned)."""
         self.staging.clear()
         self._recv.clear()
+        self._send.clear()
+        self._ops = []

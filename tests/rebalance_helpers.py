@@ -52,6 +52,18 @@ def random_planner(seed: int):
     return plan
 
 
+def input_planner(seed: int):
+    """Random valid placements that depend only on the planner's inputs (load, previous placement),
+    so DP replicas agree even when one of them skipped a call (e.g. after an injected fault)."""
+    def plan(weight, num_replicas, num_groups, num_nodes, num_gpus, policy="default", previous_phy2log=None):
+        weight = torch.as_tensor(weight, dtype=torch.float64)
+        L, E = weight.shape
+        key = int(weight.sum().item()) * 31 + int(torch.as_tensor(previous_phy2log).sum().item())
+        gen = torch.Generator().manual_seed(seed * 1000003 + key % (1 << 31))
+        return torch.stack([random_placement(E, num_replicas, gen) for _ in range(L)]), None, None
+    return plan
+
+
 def greedy_planner(weight, num_replicas, num_groups, num_nodes, num_gpus, policy="default", previous_phy2log=None):
     """A small load-aware planner (replicate the heaviest, pack greedily) for tests."""
     weight = torch.as_tensor(weight, dtype=torch.float64)

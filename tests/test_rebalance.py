@@ -16,8 +16,8 @@ from moe_ep.rebalance import Rebalancer, layer_balancedness, read_placement_file
 from moe_ep.stats import ExpertLoadStats
 from moe_ep.transfer import plan_transfers
 from mp import run_ranks
-from rebalance_helpers import (eplb_cfg, greedy_planner, inputs, local_weights_ok, random_placement,
-                               random_planner, run_stack, tokens, make_stack)
+from rebalance_helpers import (eplb_cfg, greedy_planner, input_planner, inputs, local_weights_ok,
+                               random_placement, random_planner, run_stack, tokens, make_stack)
 
 TOL = 1e-5
 E, K, NL, FWD = 8, 2, 3, 6
@@ -138,7 +138,8 @@ def _ranks_faults(rank, world, ep_size, tmpdir):
             raise RuntimeError(f"injected fault at {stage}")
 
     reb = Rebalancer(live, ctx, cfg, stats, planner=random_planner(3), force=True, fault_hook=hook)
-    cases = [("plan", None), ("prepare", 1), ("received", last), ("send", None), ("isend", None), (None, None)]
+    # "send" fails on one rank only: it runs before the go/no-go vote, so nobody posts a message
+    cases = [("plan", None), ("prepare", 1), ("received", last), ("send", 0), ("isend", None), (None, None)]
     for fwd, (stage, frank) in enumerate(cases):
         fail.update(stage=stage, rank=frank)
         before = reb.current_phy2log()
@@ -199,6 +200,66 @@ def _ranks_faults(rank, world, ep_size, tmpdir):
 @pytest.mark.parametrize("world", [2, 4])
 def test_failures_keep_old_placement(world, tmp_path):
     run_ranks(world, _ranks_faults, world, str(tmp_path))
+
+
+def _same_everywhere(p: torch.Tensor, world: int) -> bool:
+    allp = [torch.zeros_like(p) for _ in range(world)]
+    dist.all_gather(allp, p.contiguous())
+    return all(torch.equal(q, p) for q in allp)
+
+
+def _ranks_one_replica_fails(rank, world, ep_size):
+    """ep 2 x dp 2: faults on ONE data-parallel replica (rank 2 = its EP rank 0) must not make the
+    replicas run different collectives (a gloo mismatch or hang), and nobody may swap alone."""
+    ctx, base, live, cfg, stats = _setup(rank, world, ep_size, window_size=4, interval=4, timestep_buckets=2,
+                                         timestep_aware=True)
+    assert (ctx.ep_size, ctx.dp_size) == (2, 2)
+    fail = {"plan": 1}                                    # fail rank 2's next N "plan" stages
+
+    def hook(stage):
+        if stage == "plan" and rank == 2 and fail["plan"] > 0:
+            fail["plan"] -= 1
+            raise RuntimeError("injected planning fault on one replica")
+
+    reb = Rebalancer(live, ctx, cfg, stats, planner=input_planner(11), force=True, fault_hook=hook)
+    steps = [0.9, 0.7, 0.3, 0.1] * 3
+    for fwd, t in enumerate(steps):
+        _forward(stats, base, live, rank, fwd, "one replica fails", t=t)
+        nxt = steps[fwd + 1] if fwd + 1 < len(steps) else None
+        reb.after_forward(fwd, t, next_timestep=nxt)
+        assert _same_everywhere(reb.current_phy2log(), world), f"placements differ after forward {fwd}"
+        if fwd == 3:        # the first phase planning failed on replica 1 only: nobody installed plans
+            assert reb.phase_plans is None
+            ev = reb.events[-1]
+            assert ev["trigger"] == "phase_plan" and ev["status"] == "failed" and ev["reason"], ev
+    assert reb.phase_plans is not None and _same_everywhere(reb.phase_plans, world)
+    assert sum(e["ok"] for e in reb.events if e["trigger"].startswith("phase:")) >= 1, reb.events
+    assert local_weights_ok(live)
+
+    # rebalance_now: planning fails on replica 1 only -> replica 0 moves, but nobody swaps
+    load = stats.last_window_load()
+    before = reb.current_phy2log()
+    fail["plan"] = 1
+    ev = reb.rebalance_now(100, load=load)
+    assert ev["status"] == "failed" and not ev["ok"] and ev["reason"], ev
+    assert torch.equal(reb.current_phy2log(), before) and local_weights_ok(live)
+
+    # the replicas plan different placements: the exact agreement (min == max of every entry) refuses
+    reb._planner = random_planner(5 + ctx.dp_rank)
+    ev = reb.rebalance_now(101, load=load)
+    assert ev["status"] == "failed" and "different placements" in ev["reason"], ev
+    assert torch.equal(reb.current_phy2log(), before) and local_weights_ok(live)
+
+    # and the job goes on: the same planner everywhere moves again
+    reb._planner = input_planner(12)
+    ev = reb.rebalance_now(102, load=load)
+    assert ev["ok"], ev
+    assert _same_everywhere(reb.current_phy2log(), world) and local_weights_ok(live)
+    _forward(stats, base, live, rank, 103, "after replica faults")
+
+
+def test_failure_on_one_replica_keeps_collectives_aligned():
+    run_ranks(4, _ranks_one_replica_fails, 2)
 
 
 def _ranks_min_gain_and_phases(rank, world, ep_size):

@@ -20,14 +20,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import eplb
-
 from ..checkpoint import CheckpointReader, inspect_checkpoint, load_checkpoint
 from ..config import Config, ConfigError
 from ..experts import init_expert_weights
 from ..images import decode_latents, save_png, write_json_atomic
 from ..parallel import ParallelContext, check_layout, derive_ep_size
-from ..rebalance import Rebalancer, read_placement_file
+from ..rebalance import Rebalancer, layer_balancedness, read_placement_file
 from ..stats import ExpertLoadStats, read_stats_file
 from ..telemetry import Telemetry
 from .dit import MoEDiT
@@ -74,20 +72,12 @@ def build_model(cfg: Config, ctx: ParallelContext):
     return model, (lambda layer: lambda e: init_expert_weights(seed, layer, e, H, F, model.dtype)), None
 
 
-def layer_balancedness(load: Optional[np.ndarray], placements, ep_size: int) -> list[float]:
-    """Per-layer mean / max GPU load of `placements` (one phy2log [R] per MoE layer) on `load`
-    [L, E] (`eplb.plan_balancedness`); [] without load."""
-    if load is None or not len(placements):
-        return []
-    phy2log = torch.stack([torch.as_tensor(p, dtype=torch.int64) for p in placements])  # [L, R]
-    return eplb.plan_balancedness(load, phy2log, ep_size, per_layer=True).tolist()
-
-
 def make_rebalancer(cfg: Config, model: MoEDiT, ctx: ParallelContext, stats: ExpertLoadStats):
     """-> (rebalancer or None, a note for summary.json)."""
     if not cfg.eplb.enabled:
         return None, "disabled"
-    return Rebalancer(model.moe_layers(), ctx, cfg.eplb, stats), "moe_ep.rebalance.Rebalancer"
+    return (Rebalancer(model.moe_layers(), ctx, cfg.eplb, stats, transfer_timeout_s=ctx.timeout_s),
+            "moe_ep.rebalance.Rebalancer")
 
 
 def install_placement_file(path: str, model: MoEDiT, weight_source) -> None:
@@ -214,6 +204,8 @@ def _run(cfg: Config, ctx: ParallelContext, progress: bool, track: dict) -> dict
     apply_eplb_files(cfg, model, stats, rebalancer, weight_source)
     telemetry = Telemetry(cfg, ctx, out_dir)
     telemetry.attach(model, stats)  # phase timers on the blocks and MoE layers; window loads for heatmaps
+    for ev in (rebalancer.events if rebalancer is not None else []):   # stats_file / placement_file
+        telemetry.log_rebalance(ev)
     pipe = MoEDiTPipeline(model, PromptEncoder(cfg.model, model.text_encoder, ctx.device, model.dtype),
                           FlowMatchEulerScheduler(s.shift))
     groups = (ctx.ep_group, ctx.dp_group)
@@ -261,7 +253,7 @@ def _run(cfg: Config, ctx: ParallelContext, progress: bool, track: dict) -> dict
         sync()
         latency = time.perf_counter() - state["t0"]
         windows_before = len(stats.windows)
-        placements = [l.placement.phy2log.numpy() for l in model.moe_layers()]  # in effect for this window
+        placements = torch.stack([l.placement.phy2log for l in model.moe_layers()])  # [L, R] in effect now
         event = None
         track["phase"] = f"the statistics window / rebalance after forward {state['forward']}"
         if rebalancer is not None:  # it closes the statistics windows itself
@@ -276,7 +268,7 @@ def _run(cfg: Config, ctx: ParallelContext, progress: bool, track: dict) -> dict
                "latency_ms": latency * 1e3, "tokens": rows, "tokens_per_s": rows / latency if latency > 0 else 0.0}
         if closed:
             load = stats.windows[-1].sum(axis=(0, 1)).astype(np.float64)            # [L, E]
-            bal = layer_balancedness(load, placements, ctx.ep_size)
+            bal = layer_balancedness(load, placements, ctx.ep_size).tolist()
             window_balance.append(bal)
             rec["balancedness"] = float(np.mean(bal)) if bal else 1.0
             rec.update({f"balancedness/layer{i}": b for i, b in enumerate(bal)})
@@ -312,13 +304,17 @@ def _run(cfg: Config, ctx: ParallelContext, progress: bool, track: dict) -> dict
     track["phase"] = "the last statistics window"
     if stats.window_open:  # close the last, partial window (collective; same count on every rank)
         stats.close_window(groups)
+        window_balance.append(layer_balancedness(stats.windows[-1].sum(axis=(0, 1)).astype(np.float64),
+                                                 torch.stack([l.placement.phy2log for l in model.moe_layers()]),
+                                                 ctx.ep_size).tolist())
     track["phase"] = "the final barrier"
     if ctx.world_size > 1:
         dist.barrier()  # every rank's images are on disk
     track["phase"] = "writing the outputs"
 
-    total = stats.total().sum(axis=(0, 1)).astype(np.float64)          # [L, E]
-    bal = layer_balancedness(total, [l.placement.phy2log for l in model.moe_layers()], ctx.ep_size)
+    # per layer: the mean over the closed windows of the balancedness under the placement in effect
+    # for each window (not the final placement applied to the whole run's load)
+    bal = np.mean(window_balance, axis=0).tolist() if window_balance else []
     lat = [x["latency_ms"] for x in steps]
     fwd_time = sum(lat) / 1e3
     summary = {
