@@ -42,20 +42,3 @@ def save_png(image: np.ndarray, path: str) -> None:
 
     with atomic_write(path, "wb") as f:
         Image.fromarray(np.ascontiguousarray(image)).save(f, format="PNG")
-
-
-def write_json_atomic(data, path: str) -> None:
-    """DEPRECATED, do not use: `moe_ep.atomic.write_json_atomic(path, data)` (note the order).
-
-    This alias takes (data, path), the reverse of the function it wraps; it is kept only until
-    moe_ep/model/run.py imports `write_json_atomic` from moe_ep.atomic, then it goes."""
-    import warnings
-
-    from . import atomic
-
-    warnings.warn("moe_ep.images.write_json_atomic(data, path) is deprecated: use "
-                  "moe_ep.atomic.write_json_atomic(path, data)", DeprecationWarning, stacklevel=2)
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"moe_ep.images.write_json_atomic(data, path): path must be a str, got {type(path).__name__} "
-                        "(moe_ep.atomic.write_json_atomic takes (path, data))")
-    atomic.write_json_atomic(path, data)

@@ -23,7 +23,8 @@ import torch.distributed as dist
 from ..checkpoint import CheckpointReader, inspect_checkpoint, load_checkpoint
 from ..config import Config, ConfigError
 from ..experts import init_expert_weights
-from ..images import decode_latents, save_png, write_json_atomic
+from ..atomic import write_json_atomic
+from ..images import decode_latents, save_png
 from ..parallel import ParallelContext, check_layout, derive_ep_size
 from ..rebalance import Rebalancer, layer_balancedness, read_placement_file
 from ..stats import ExpertLoadStats, read_stats_file
@@ -160,7 +161,7 @@ def _save_stats_on_error(stats: Optional[ExpertLoadStats], out_dir: str) -> None
     main = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGTERM, signal.SIG_IGN) if main else None
     try:
-        write_json_atomic(stats.to_json(), os.path.join(out_dir, "stats.json"))
+        write_json_atomic(os.path.join(out_dir, "stats.json"), stats.to_json())
     except Exception as err:  # noqa: BLE001 - report, keep the original error
         print(f"warning: could not write stats.json on the error path: {err}", file=sys.stderr, flush=True)
     finally:
@@ -233,7 +234,7 @@ def _run(cfg: Config, ctx: ParallelContext, progress: bool, track: dict) -> dict
     last_save = [time.perf_counter()]
 
     def save_stats() -> None:  # rank 0: the statistics so far (complete windows), atomically
-        write_json_atomic(stats.to_json(), os.path.join(out_dir, "stats.json"))
+        write_json_atomic(os.path.join(out_dir, "stats.json"), stats.to_json())
         last_save[0] = time.perf_counter()
 
     def on_begin(step: int, t: float, info: dict) -> None:
@@ -338,7 +339,7 @@ def _run(cfg: Config, ctx: ParallelContext, progress: bool, track: dict) -> dict
         "checkpoint": cfg.model.checkpoint,
     }
     if ctx.is_main:
-        write_json_atomic(stats.to_json(), os.path.join(out_dir, "stats.json"))
+        write_json_atomic(os.path.join(out_dir, "stats.json"), stats.to_json())
         telemetry.log_images([os.path.join(out_dir, x["path"]) for x in summary["images"]],
                              [f"{x['prompt']} (seed {x['seed']})" for x in summary["images"]])
     telemetry.finish(_jsonable(summary))
