@@ -11,8 +11,8 @@ The runner calls one object at fixed points (docs/dashboards.md lists every key)
     telemetry.finish(summary)                    # every rank; rank 0 writes summary.json
 
 Cost per forward: the phase timers (wall clock on CPU, CUDA events read once per step),
-one all_gather of a [6] float64 tensor over the world, and on rank 0 one json line and one
-`wandb.log`. The per-window load heatmap is drawn with numpy (no matplotlib while sampling);
+one all_gather of a [6] float64 tensor over the world, and on rank 0 one json line; the
+`wandb.log` calls happen on a writer thread in online mode and after sampling in offline mode. The per-window load heatmap is drawn with numpy (no matplotlib while sampling);
 the matplotlib plots are drawn once, in `finish`, after sampling.
 """
 from __future__ import annotations
@@ -55,6 +55,7 @@ class Telemetry:
         self._cmap = None
         self._queue: Optional[queue.Queue] = None     # wandb work for the writer thread
         self._writer: Optional[threading.Thread] = None
+        self._deferred: list[tuple] = []               # offline: wandb items logged in finish()
         self._log_s = 0.0                              # rank 0: seconds spent in log_step (sampling thread)
         try:
             if ctx.is_main:
@@ -85,29 +86,56 @@ class Telemetry:
                 self.run = None
         if self.run is not None:
             self._heatmap_array(np.zeros((1, 1)))     # import the colour map now, not while sampling
-            self._queue = queue.Queue()
-            self._writer = threading.Thread(target=self._write_loop, name="moe-ep-wandb", daemon=True)
-            self._writer.start()
+            if t.wandb_mode == "online":
+                # Live dashboards: a writer thread calls wandb while sampling goes on.
+                self._queue = queue.Queue()
+                self._writer = threading.Thread(target=self._write_loop, name="moe-ep-wandb", daemon=True)
+                self._writer.start()
+            # Offline: the run is uploaded later anyway, so its wandb history is written after
+            # sampling, in the same order and with the same steps. Logging while sampling cost
+            # 17% of a quickstart step on 2 CPU cores (wandb's Python side and its service
+            # process compete with the ranks; docs/dashboards.md).
+
+    def _submit(self, item: tuple) -> None:
+        if self._queue is not None:
+            self._queue.put(item)
+        else:
+            self._deferred.append(item)
+
+    def _log_item(self, item: tuple) -> None:
+        """("step", record, window load or None, step) or ("images", paths, captions, step)."""
+        import wandb
+
+        try:
+            if item[0] == "step":
+                _, rec, window_load, step = item
+                media = self._window_media(window_load, rec["window"]) if window_load is not None else {}
+                self.run.log({**rec, **media}, step=step)
+            else:
+                _, paths, captions, step = item
+                self.run.log({"images": [wandb.Image(p, caption=c) for p, c in zip(paths, captions)]}, step=step)
+        except Exception as err:  # telemetry never stops a run
+            warnings.warn(f"wandb.log failed: {err}")
 
     def _write_loop(self) -> None:
-        """The writer thread: builds wandb media and calls run.log, so the sampling thread only
-        enqueues (wandb.log costs ~2 ms a call, a few % of a small model's step)."""
+        """The writer thread (online mode): builds wandb media and calls run.log, so the
+        sampling thread only enqueues (wandb.log costs ~2 ms a call)."""
         while True:
             item = self._queue.get()
             if item is None:
                 return
-            rec, window_load, step = item
-            try:
-                media = self._window_media(window_load, rec["window"]) if window_load is not None else {}
-                self.run.log({**rec, **media}, step=step)
-            except Exception as err:  # telemetry never stops a run
-                warnings.warn(f"wandb.log failed: {err}")
+            self._log_item(item)
 
     def _drain(self) -> None:
+        """Everything submitted so far is in wandb when this returns."""
         if self._writer is not None:
             self._queue.put(None)
             self._writer.join()
             self._writer = None
+            self._queue = None
+        for item in self._deferred:
+            self._log_item(item)
+        self._deferred.clear()
 
     # ------------------------------------------------------------ hooks
     def attach(self, model, stats=None) -> None:
@@ -186,8 +214,8 @@ class Telemetry:
         self._metrics.flush()
         step = int(rec.get("forward", self._last_step + 1))
         self._last_step = max(self._last_step, step)
-        if self._queue is not None:
-            self._queue.put((rec, window_load, step))
+        if self.run is not None:
+            self._submit(("step", rec, window_load, step))
         self._log_s += time.perf_counter() - t_in
 
     def log_rebalance(self, event: dict) -> None:
@@ -201,12 +229,8 @@ class Telemetry:
 
     def log_images(self, paths: list[str], captions: list[str]) -> None:
         if self.run is not None and self.cfg.telemetry.log_images and paths:
-            import wandb
-
-            self._drain()
             self._last_step += 1
-            self.run.log({"images": [wandb.Image(p, caption=c) for p, c in zip(paths, captions)]},
-                         step=self._last_step)
+            self._submit(("images", list(paths), list(captions), self._last_step))
 
     def finish(self, summary: dict) -> Optional[str]:
         """Write summary.json (rank 0, atomically; adds `phase_ms` and `telemetry`), log the
