@@ -125,6 +125,9 @@ class Rebalancer:
         self._fwd_time = None                               # EMA of seconds per forward
         self._run_bucket, self._run_len = None, 0
         self._run_lengths: dict[int, list[int]] = {}
+        # per bucket: what _maybe_switch_phase derives from (phase plans, placement, loads), reused
+        # while none of the three changed (see _phase_terms)
+        self._phase_cache: dict[int, tuple] = {}
 
     # ------------------------------------------------------------ small helpers
     @property
@@ -228,7 +231,7 @@ class Rebalancer:
         return event
 
     def _on_window_closed(self) -> None:
-        load = self.stats.windows[-1].sum(axis=(0, 1)).astype(np.float64)
+        load = self.stats.windows[-1].astype(np.float64)
         still = []
         for ev in self._pending_measure:
             if ev.pop("_skip_windows", 0) > 0:
@@ -444,24 +447,49 @@ class Rebalancer:
         self.phase_plans = plans.view(B, L, R).clone()
         return None
 
+    def _phase_terms(self, bucket: int) -> Optional[tuple]:
+        """What `_maybe_switch_phase` derives for `bucket` from the phase plans, the placement in
+        effect and the bucketed load: None when the bucket's plan is the current placement, else
+        (old [L, R], new [L, R], bal_old [L], bal_new [L], ratio, max_rank_bytes). Cached per bucket
+        and recomputed only when the phase plans (object), any layer's placement (object) or the
+        loads (`stats.version`) changed, so a forward with nothing new costs O(L), not O(L * R)."""
+        plans = self.phase_plans
+        placements = [m.placement for m in self.layers]
+        hit = self._phase_cache.get(bucket)
+        if hit is not None:
+            (c_plans, c_placements, c_version), terms = hit
+            if c_plans is plans and c_version == self.stats.version and \
+                    all(a is b for a, b in zip(c_placements, placements)):
+                return terms
+        new = plans[bucket]
+        old = torch.stack([p.phy2log for p in placements])
+        if torch.equal(new, old):
+            terms = None
+        else:
+            load = self.stats.bucket_load()[bucket]
+            bal_old = layer_balancedness(load, old, self.ctx.ep_size)
+            bal_new = layer_balancedness(load, new, self.ctx.ep_size)
+            # MoE time per forward ~ max GPU load ~ 1 / balancedness (mean load fixed)
+            ratio = float(np.mean(bal_old / np.maximum(bal_new, 1e-12)))
+            moves = plan_transfers(old, new, self.ctx.ep_size)
+            st = summarize(moves, self.layers, self.ctx.ep_rank, self.ctx.ep_size)
+            terms = (old, new, bal_old, bal_new, ratio, st.max_rank_bytes)
+        self._phase_cache[bucket] = ((plans, placements, self.stats.version), terms)
+        return terms
+
     def _maybe_switch_phase(self, forward_idx: int, bucket: int) -> Optional[dict]:
         """Switch to the placement of `bucket` if the predicted saving over the phase
-        beats the cost of moving the weights (decision agreed over the world)."""
-        new = self.phase_plans[bucket]
-        old = self.current_phy2log()
-        if torch.equal(new, old):
+        beats the cost of moving the weights (decision agreed over the world).
+
+        Whether the decision collective runs depends only on the phase plans and the placement,
+        the same on every rank; the load-derived terms come from `_phase_terms` (cached)."""
+        terms = self._phase_terms(bucket)
+        if terms is None:
             return None
-        bl = self.stats.bucket_load()
-        load = bl[bucket]
-        bal_old = layer_balancedness(load, old, self.ctx.ep_size)
-        bal_new = layer_balancedness(load, new, self.ctx.ep_size)
-        # MoE time per forward ~ max GPU load ~ 1 / balancedness (mean load fixed)
+        old, new, bal_old, bal_new, ratio, max_rank_bytes = terms
         t_moe = (self._fwd_time or 0.0) * self.moe_time_fraction
-        ratio = float(np.mean(bal_old / np.maximum(bal_new, 1e-12)))
         saved = max(0.0, t_moe * (1.0 - ratio)) * self.forwards_per_phase(bucket)
-        moves = plan_transfers(old, new, self.ctx.ep_size)
-        st = summarize(moves, self.layers, self.ctx.ep_rank, self.ctx.ep_size)
-        cost = self.overhead_s + st.max_rank_bytes / max(self.bandwidth, 1.0)
+        cost = self.overhead_s + max_rank_bytes / max(self.bandwidth, 1.0)
         # the slowest rank's view decides, the same on every rank
         d = self._all_reduce(self._ctl([saved, cost], torch.float64)).cpu()
         saved, cost = float(d[0]), float(d[1])
@@ -471,4 +499,4 @@ class Rebalancer:
         ev = self._new_event(forward_idx, f"phase:{bucket}")
         ev.update(predicted_saving_ms=saved * 1e3, predicted_cost_ms=cost * 1e3,
                   balancedness_before=_summary(bal_old), balancedness_after=_summary(bal_new))
-        return self._execute(ev, old, new, failed=False, reason="", status_if_noop="skipped", t0=t0)
+        return self._execute(ev, old.clone(), new, failed=False, reason="", status_if_noop="skipped", t0=t0)

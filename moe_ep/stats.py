@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import deque
 from typing import Optional
 
 import numpy as np
@@ -29,13 +30,21 @@ class ExpertLoadStats:
 
     counts [buckets, branches, L, E] int64 on the device accumulate the open window;
     `end_forward` closes the window every `window_size` forward passes.
+
+    Host memory and the work per call stay bounded however long the run: closed windows
+    add into running totals [B, 2, L, E] (`total()`, `bucket_load()` are O(1) in the run
+    length), `windows` keeps only the last `max_windows` window loads [L, E] (oldest
+    dropped), `last_window` the full [B, 2, L, E] of the last one, and `num_windows`
+    counts every window closed.
     """
 
     def __init__(self, num_layers: int, num_experts: int, device: torch.device, window_size: int = 8,
-                 timestep_buckets: int = 1, top_k: int = 1):
-        if num_layers < 1 or num_experts < 1 or window_size < 1 or timestep_buckets < 1:
+                 timestep_buckets: int = 1, top_k: int = 1, max_windows: int = 256):
+        if num_layers < 1 or num_experts < 1 or window_size < 1 or timestep_buckets < 1 or max_windows < 1:
             raise ValueError(f"ExpertLoadStats: num_layers ({num_layers}), num_experts ({num_experts}), "
-                             f"window_size ({window_size}) and timestep_buckets ({timestep_buckets}) must be >= 1")
+                             f"window_size ({window_size}), timestep_buckets ({timestep_buckets}) and "
+                             f"max_windows ({max_windows}) must be >= 1")
+        self.max_windows = max_windows
         self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
         self.window_size, self.timestep_buckets = window_size, timestep_buckets
         self.counts = torch.zeros(timestep_buckets, len(BRANCHES), num_layers, num_experts,
@@ -44,8 +53,13 @@ class ExpertLoadStats:
         self._cond_rows: Optional[int] = None
         self._forwards_in_window = 0
         self.forwards = 0                                                   # forward passes seen
-        self.windows: list[np.ndarray] = []                                 # closed windows [B, 2, L, E]
-        self.window_forwards: list[np.ndarray] = []                         # [B] forwards per bucket, per window
+        self.num_windows = 0                                                # windows closed over the run
+        self.windows: deque = deque(maxlen=max_windows)                     # last closed windows' [L, E] int64
+        self.window_forwards: deque = deque(maxlen=max_windows)             # [B] forwards per bucket, same windows
+        self.last_window: Optional[np.ndarray] = None                       # [B, 2, L, E] of the last closed window
+        self._total = np.zeros(tuple(self.counts.shape), dtype=np.int64)    # [B, 2, L, E] over all closed windows
+        self._bucket_total: Optional[np.ndarray] = None                     # cache of bucket_load() (float64)
+        self.version = 0                                                    # bumped when the loads change
         self._bucket_forwards = np.zeros(timestep_buckets, dtype=np.int64)  # [B] open window
         self.seed_load: Optional[np.ndarray] = None                         # [L, E] from an earlier run
         self.seed_buckets: Optional[np.ndarray] = None                      # [B, L, E] from an earlier run
@@ -89,7 +103,13 @@ class ExpertLoadStats:
         for group in groups:
             if group is not None:
                 dist.all_reduce(window, group=group)
-        self.windows.append(window.cpu().numpy())
+        window = window.cpu().numpy()                                       # [B, 2, L, E]
+        self._total += window
+        self.last_window = window
+        self.windows.append(window.sum(axis=(0, 1)))                        # [L, E] int64
+        self.num_windows += 1
+        self._bucket_total = None
+        self.version += 1
         self.window_forwards.append(self._bucket_forwards.copy())
         self._bucket_forwards[:] = 0
         self.counts.zero_()
@@ -103,36 +123,39 @@ class ExpertLoadStats:
     # ------------------------------------------------------------ views
     def last_window_load(self) -> Optional[np.ndarray]:
         """[L, E] load of the last closed window (all buckets and branches), or the seed."""
-        if self.windows:
-            return self.windows[-1].sum(axis=(0, 1)).astype(np.float64)
+        if self.num_windows:
+            return self.windows[-1].astype(np.float64)
         return None if self.seed_load is None else self.seed_load.copy()
 
     def total(self) -> np.ndarray:
-        """[B, 2, L, E] over all closed windows."""
-        if not self.windows:
-            return np.zeros(tuple(self.counts.shape), dtype=np.int64)
-        return np.sum(self.windows, axis=0)
+        """[B, 2, L, E] over all closed windows (a copy of the running totals)."""
+        return self._total.copy()
 
     def bucket_load(self) -> Optional[np.ndarray]:
         """[B, L, E] float64: load per timestep bucket over all closed windows plus the seed
-        (None when there is neither)."""
-        out = None
-        if self.windows:
-            out = self.total().sum(axis=1).astype(np.float64)
-        if self.seed_buckets is not None:
-            out = self.seed_buckets.copy() if out is None else out + self.seed_buckets
-        return out
+        (None when there is neither). Computed once per window close / seed (cached); a copy."""
+        if self._bucket_total is None:
+            out = None
+            if self.num_windows:
+                out = self._total.sum(axis=1).astype(np.float64)
+            if self.seed_buckets is not None:
+                out = self.seed_buckets.copy() if out is None else out + self.seed_buckets
+            if out is None:
+                return None
+            self._bucket_total = out
+        return self._bucket_total.copy()
 
     def to_json(self) -> dict:
-        """The documented stats format (docs/formats.md)."""
-        total = self.total()
+        """The documented stats format (docs/formats.md): `load`, `timestep_buckets` and
+        `branches` cover the whole run; `windows` the last `max_windows` closed windows."""
+        total = self._total
         edges = np.linspace(0.0, 1.0, self.timestep_buckets + 1)
         return {
             "format": STATS_FORMAT, "version": 1,
             "num_layers": self.num_layers, "num_experts": self.num_experts, "top_k": self.top_k,
             "window_size": self.window_size,
             "load": total.sum(axis=(0, 1)).tolist(),
-            "windows": [{"load": w.sum(axis=(0, 1)).tolist()} for w in self.windows],
+            "windows": [{"load": w.tolist()} for w in self.windows],
             "timestep_buckets": [{"t_min": float(edges[b]), "t_max": float(edges[b + 1]),
                                   "load": total[b].sum(axis=0).tolist()} for b in range(self.timestep_buckets)],
             "branches": {name: total[:, i].sum(axis=0).tolist() for i, name in enumerate(BRANCHES)},
@@ -160,6 +183,8 @@ class ExpertLoadStats:
             self.seed_buckets = np.stack([np.asarray(b["load"], dtype=np.float64) for b in buckets])
         else:
             self.seed_buckets = None
+        self._bucket_total = None
+        self.version += 1
         return data
 
 

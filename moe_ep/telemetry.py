@@ -208,8 +208,8 @@ class Telemetry:
         self._awaiting_measure = still
         window_load = None
         if "balancedness" in data and self.stats is not None and self.stats.windows:
-            rec["window"] = len(self.stats.windows) - 1
-            window_load = self.stats.windows[-1].sum(axis=(0, 1))                      # [L, E] (a new array)
+            rec["window"] = self.stats.num_windows - 1
+            window_load = self.stats.windows[-1].copy()                                # [L, E] (a new array)
         self._metrics.write(json.dumps(rec) + "\n")
         self._metrics.flush()
         step = int(rec.get("forward", self._last_step + 1))

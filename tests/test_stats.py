@@ -33,7 +33,7 @@ def _ranks_counts(rank, world, ep_size):
         open_counts = stats.counts.sum(dim=(0, 1))                       # [L, E]
         closed = stats.end_forward((ctx.ep_group, ctx.dp_group))
         if closed:
-            w = stats.windows[-1]                                         # [B, 2, L, E], all ranks
+            w = stats.last_window                                         # [B, 2, L, E], all ranks
             glob = sum(tokens(r, f) for r in range(world) for f in (fwd - 1, fwd)) * K
             assert w.sum(axis=(0, 1, 3)).tolist() == [glob] * NL
             # the cond/uncond split: cond rows are the first third on every rank
@@ -44,7 +44,8 @@ def _ranks_counts(rank, world, ep_size):
             assert w[1 - b].sum() == 0 and w[b].sum() == glob * NL
         else:
             assert open_counts.sum(-1).tolist() == [tokens(rank, fwd) * K] * NL
-    assert len(stats.windows) == 2
+    assert len(stats.windows) == stats.num_windows == 2
+    assert np.array_equal(stats.windows[-1], stats.last_window.sum(axis=(0, 1)))
     doc = stats.to_json()
     assert np.asarray(doc["load"]).sum() == sum(tokens(r, f) for r in range(world) for f in range(4)) * K * NL
 
@@ -81,7 +82,7 @@ def test_save_load_seed_round_trip(tmp_path):
     t.record(0, torch.tensor([[0, 1]]))
     t.end_forward()
     assert t.bucket_load()[0, 0, 0] == s.total().sum(axis=1)[0, 0, 0] + 1
-    assert np.array_equal(t.last_window_load(), t.windows[-1].sum(axis=(0, 1)))
+    assert np.array_equal(t.last_window_load(), t.windows[-1])
 
 
 @pytest.mark.parametrize("edit,field", [
@@ -127,3 +128,40 @@ def test_load_seed_corrupt_and_missing(tmp_path):
 def test_bucket_of_clamps():
     s = ExpertLoadStats(1, 2, torch.device("cpu"), timestep_buckets=4)
     assert [s.bucket_of(t) for t in (0.0, 0.24, 0.25, 0.99, 1.0, 1.5, -1.0)] == [0, 0, 1, 3, 3, 3, 0]
+
+
+def test_bounded_history_running_totals(tmp_path):
+    """More windows than max_windows: totals and buckets still cover every window, the history is
+    the last max_windows window loads, and the file round-trips through load_seed."""
+    M, B = 3, 2
+    s = ExpertLoadStats(2, 4, torch.device("cpu"), window_size=2, timestep_buckets=B, top_k=2, max_windows=M)
+    gen = torch.Generator().manual_seed(1)
+    full = []                                                         # every window [B, 2, L, E]
+    for fwd in range(2 * 7):
+        s.begin_forward((fwd % 5) / 5, cond_rows=2)
+        for l in range(2):
+            s.record(l, torch.randint(0, 4, (5, 2), generator=gen))
+        if s.end_forward():
+            full.append(s.last_window.copy())
+    assert s.num_windows == len(full) == 7
+    assert len(s.windows) == len(s.window_forwards) == M
+    assert np.array_equal(s.total(), np.sum(full, axis=0))
+    assert np.array_equal(s.bucket_load(), np.sum(full, axis=0).sum(axis=1))
+    for w, f in zip(s.windows, full[-M:]):
+        assert np.array_equal(w, f.sum(axis=(0, 1)))
+    assert np.array_equal(s.last_window_load(), full[-1].sum(axis=(0, 1)))
+    doc = s.to_json()
+    assert len(doc["windows"]) == M
+    assert np.array_equal(np.asarray(doc["load"]), np.sum(full, axis=0).sum(axis=(0, 1)))
+    assert np.array_equal(np.asarray(doc["branches"]["uncond"]), np.sum(full, axis=0)[:, 1].sum(axis=0))
+    path = tmp_path / "stats.json"
+    s.save(str(path))
+    t = ExpertLoadStats(2, 4, torch.device("cpu"), timestep_buckets=B, max_windows=M)
+    data = t.load_seed(str(path))
+    assert len(data["windows"]) == M
+    assert np.array_equal(t.bucket_load(), s.bucket_load())
+    # bucket_load hands out copies: callers cannot change the cached totals
+    t.bucket_load()[0] += 1
+    assert np.array_equal(t.bucket_load(), s.bucket_load())
+    with pytest.raises(ValueError, match="max_windows"):
+        ExpertLoadStats(2, 4, torch.device("cpu"), max_windows=0)

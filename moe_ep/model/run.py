@@ -156,7 +156,7 @@ def _lost_peer(err: BaseException, ctx: ParallelContext) -> bool:
 def _save_stats_on_error(stats: Optional[ExpertLoadStats], out_dir: str) -> None:
     """Every surviving rank writes the closed windows (the same on every rank: they are
     all-reduced over the world) to stats.json; SIGTERM is held off during the write."""
-    if stats is None or not stats.windows:
+    if stats is None or not stats.num_windows:
         return
     main = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGTERM, signal.SIG_IGN) if main else None
@@ -250,26 +250,44 @@ def _run(cfg: Config, ctx: ParallelContext, progress: bool, track: dict) -> dict
         sync()
         state["t0"] = time.perf_counter()
 
+    moe_layers = model.moe_layers()
+    snap = {"placements": None, "phy2log": None, "timesteps": None, "timesteps_list": None}
+
+    def stacked(placements: list) -> torch.Tensor:
+        """[L, R] phy2log of these Placement objects, stacked again only when one of them is a new
+        object (set_placement installs a new Placement; none is changed in place)."""
+        prev = snap["placements"]
+        if prev is None or not all(a is b for a, b in zip(prev, placements)):
+            snap.update(placements=placements, phy2log=torch.stack([p.phy2log for p in placements]))
+        return snap["phy2log"]
+
+    def timesteps_list() -> list:
+        """pipe.scheduler.timesteps as a list, converted again only when the scheduler set new ones."""
+        ts = pipe.scheduler.timesteps
+        if ts is not snap["timesteps"]:
+            snap.update(timesteps=ts, timesteps_list=ts.tolist())
+        return snap["timesteps_list"]
+
     def on_end(step: int, t: float, info: dict) -> None:
         sync()
         latency = time.perf_counter() - state["t0"]
-        windows_before = len(stats.windows)
-        placements = torch.stack([l.placement.phy2log for l in model.moe_layers()])  # [L, R] in effect now
+        windows_before = stats.num_windows
+        in_effect = [l.placement for l in moe_layers]   # placement during this forward (stacked if a window closes)
         event = None
         track["phase"] = f"the statistics window / rebalance after forward {state['forward']}"
         if rebalancer is not None:  # it closes the statistics windows itself
-            steps_t = pipe.scheduler.timesteps.tolist()
+            steps_t = timesteps_list()
             next_t = steps_t[step + 1] if step + 1 < len(steps_t) else steps_t[0]
             event = rebalancer.after_forward(state["forward"], t, next_timestep=next_t)
         else:
             stats.end_forward(groups)
-        closed = len(stats.windows) > windows_before
+        closed = stats.num_windows > windows_before
         rows = round_rows(state["round"])
         rec = {"forward": state["forward"], "round": state["round"], "step": step, "t": t,
                "latency_ms": latency * 1e3, "tokens": rows, "tokens_per_s": rows / latency if latency > 0 else 0.0}
         if closed:
-            load = stats.windows[-1].sum(axis=(0, 1)).astype(np.float64)            # [L, E]
-            bal = layer_balancedness(load, placements, ctx.ep_size).tolist()
+            load = stats.windows[-1].astype(np.float64)                              # [L, E]
+            bal = layer_balancedness(load, stacked(in_effect), ctx.ep_size).tolist()   # placement before the rebalance
             window_balance.append(bal)
             rec["balancedness"] = float(np.mean(bal)) if bal else 1.0
             rec.update({f"balancedness/layer{i}": b for i, b in enumerate(bal)})
@@ -305,9 +323,8 @@ def _run(cfg: Config, ctx: ParallelContext, progress: bool, track: dict) -> dict
     track["phase"] = "the last statistics window"
     if stats.window_open:  # close the last, partial window (collective; same count on every rank)
         stats.close_window(groups)
-        window_balance.append(layer_balancedness(stats.windows[-1].sum(axis=(0, 1)).astype(np.float64),
-                                                 torch.stack([l.placement.phy2log for l in model.moe_layers()]),
-                                                 ctx.ep_size).tolist())
+        window_balance.append(layer_balancedness(stats.windows[-1].astype(np.float64),
+                                                 stacked([l.placement for l in moe_layers]), ctx.ep_size).tolist())
     track["phase"] = "the final barrier"
     if ctx.world_size > 1:
         dist.barrier()  # every rank's images are on disk
