@@ -2,7 +2,7 @@
 
 Decoder: a fixed linear map latent channels -> RGB (from `torch.Generator(DECODER_SEED)`, rows
 scaled to norm DECODER_GAIN so guided latents, whose std is a few units, stay mostly out of
-tanh saturation), nearest-neighbour upsampling by `vae_scale_factor`, then
+tanh saturation), bilinear upsampling by `vae_scale_factor` (in float64 on the CPU), then
 `255 * (tanh(x) + 1) / 2` rounded to uint8. It depends on nothing
 but the number of channels, so the same latents always give the same pixels.
 """
@@ -31,7 +31,8 @@ def decode_latents(latents: torch.Tensor, vae_scale_factor: int = 1) -> np.ndarr
     x = latents.detach().to("cpu", torch.float64)
     rgb = torch.einsum("rc,bchw->brhw", decoder_matrix(x.shape[1]), x)      # [B, 3, h, w]
     if vae_scale_factor > 1:
-        rgb = rgb.repeat_interleave(vae_scale_factor, 2).repeat_interleave(vae_scale_factor, 3)
+        rgb = torch.nn.functional.interpolate(rgb, scale_factor=vae_scale_factor, mode="bilinear",
+                                              align_corners=False)
     img = torch.round(127.5 * (torch.tanh(rgb) + 1.0)).clamp(0, 255).to(torch.uint8)
     return img.permute(0, 2, 3, 1).contiguous().numpy()                    # [B, H, W, 3]
 

@@ -129,7 +129,12 @@ def test_decoder_and_png(tmp_path):
     img = decode_latents(lat, vae_scale_factor=2)
     assert img.shape == (2, 16, 16, 3) and img.dtype == np.uint8
     assert np.array_equal(img, decode_latents(lat.clone(), vae_scale_factor=2))
-    assert np.array_equal(img[0, ::2, ::2], decode_latents(lat)[0])
+    # Bilinear upsampling: pooled back to latent resolution it stays near the 1x image, and it is
+    # smoother than repeating pixels (nearest) would be.
+    small = decode_latents(lat).astype(float)
+    pooled = img.astype(float).reshape(2, 8, 2, 8, 2, 3).mean((2, 4))
+    assert np.abs(pooled - small).mean() < 20
+    assert np.abs(np.diff(img.astype(float), axis=1)).mean() < np.abs(np.diff(np.repeat(small, 2, 1), axis=1)).mean()
     path = tmp_path / "sub" / "x.png"
     save_png(img[0], str(path))
     from PIL import Image
