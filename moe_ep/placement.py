@@ -30,7 +30,7 @@ class Placement:
 
 def make_placement(phy2log, num_experts: int, ep_size: int, name: str = "placement") -> Placement:
     """Validate a slot -> expert map and derive log2phy / logcnt. Raises ConfigError."""
-    phy2log = torch.as_tensor(phy2log, dtype=torch.int64).flatten().cpu()
+    phy2log = torch.as_tensor(phy2log, dtype=torch.int64).flatten().cpu().clone()  # never a view of the caller's
     R = phy2log.numel()
     if R < num_experts or R % ep_size:
         raise ConfigError(name, R, f"slot count must be >= experts ({num_experts}) and divisible by "
