@@ -240,9 +240,12 @@ def test_fuzz_overrides_never_crash(items):
     """--set strings of any shape: a ConfigError or a valid config."""
     try:
         data = config.apply_overrides(BASE, items)
-    except ConfigError:
+    except ConfigError as err:
+        assert err.field_name and "\n" not in str(err), str(err)
         return
-    accepted_or_config_error(data)
+    out = accepted_or_config_error(data)
+    if not isinstance(out, ConfigError):
+        assert_sane(out)
 
 
 # Inputs that once escaped config.load / validate as other exception types.

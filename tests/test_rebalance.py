@@ -357,9 +357,6 @@ def _ranks_eplb_planner(rank, world, ep_size):
 
 
 def test_with_eplb_planner():
-    eplb = pytest.importorskip("eplb")
-    if not hasattr(eplb, "rebalance_experts"):
-        pytest.skip("eplb.rebalance_experts has not landed yet")
     run_ranks(2, _ranks_eplb_planner, 2)
 
 
