@@ -9,11 +9,16 @@ The runner calls one object at fixed points (docs/dashboards.md lists every key)
                                      telemetry.log_step(record)      (collective: one all_gather)
     telemetry.log_images(paths, captions)        # rank 0
     telemetry.finish(summary)                    # every rank; rank 0 writes summary.json
+    Telemetry.abort_active()                     # error path (run()'s except): rank 0 closes the
+                                                 # wandb run with exit code 1; never raises
 
 Cost per forward: the phase timers (wall clock on CPU, CUDA events read once per step),
 one all_gather of a [6] float64 tensor over the world, and on rank 0 one json line; the
-`wandb.log` calls happen on a writer thread in online mode and after sampling in offline mode. The per-window load heatmap is drawn with numpy (no matplotlib while sampling);
-the matplotlib plots are drawn once, in `finish`, after sampling.
+`wandb.log` calls happen on a writer thread in online mode; in offline mode they are deferred
+and written in chunks of `DEFER_LIMIT` items (a short stall once per DEFER_LIMIT forwards) and
+at the end. The per-window load heatmap is drawn with numpy (no matplotlib while sampling),
+for at most ~64 windows of a run (`window_has_media`); the matplotlib plots are drawn once,
+in `finish`, after sampling.
 """
 from __future__ import annotations
 
@@ -36,9 +41,26 @@ PHASES = ("attention", "router", "dispatch", "experts", "combine")   # timed by 
 ALL_PHASES = PHASES + ("other",)                                   # other = step latency - timed phases
 METRICS_FILE = "metrics.jsonl"
 HEATMAP_CELL_PX = 12                                               # inline heatmap: pixels per cell
+MEDIA_WINDOWS_ALL = 16      # windows 0..15 all get load/heatmap + load/table ...
+MEDIA_PER_OCTAVE = 4        # ... then 4 evenly spaced windows in each [2^j, 2^(j+1)): <= 64 up to 65,536 windows
+ABORT_BUDGET_S = 20.0       # abort(): at most this long writing deferred wandb items
+
+_ACTIVE = threading.local()  # the Telemetry of the run() in this thread (for run()'s error path)
+
+
+def window_has_media(window: int) -> bool:
+    """Whether window `window` gets the load/heatmap and load/table media: every window below
+    MEDIA_WINDOWS_ALL, then the multiples of 2^j / MEDIA_PER_OCTAVE in [2^j, 2^(j+1))
+    (16, 20, 24, 28, 32, 40, ..., 56, 64, 80, ...). Scalars are logged for every window."""
+    if window < MEDIA_WINDOWS_ALL:
+        return True
+    stride = max(1, (1 << (window.bit_length() - 1)) // MEDIA_PER_OCTAVE)
+    return window % stride == 0
 
 
 class Telemetry:
+    DEFER_LIMIT = 256   # offline: deferred wandb items written (synchronously, in log_step) once this many
+
     def __init__(self, cfg: Config, ctx: ParallelContext, out_dir: str):
         self.cfg, self.ctx, self.out_dir = cfg, ctx, out_dir
         self.run = None
@@ -57,6 +79,9 @@ class Telemetry:
         self._writer: Optional[threading.Thread] = None
         self._deferred: list[tuple] = []               # offline: wandb items logged in finish()
         self._log_s = 0.0                              # rank 0: seconds spent in log_step (sampling thread)
+        self._flush_s = 0.0                            # rank 0: of which writing deferred chunks to wandb
+        self._flushes = 0
+        _ACTIVE.telemetry = self
         try:
             if ctx.is_main:
                 self._open(cfg, out_dir)
@@ -71,7 +96,11 @@ class Telemetry:
 
     def _open(self, cfg: Config, out_dir: str) -> None:
         os.makedirs(out_dir, exist_ok=True)
-        self._metrics = open(os.path.join(out_dir, METRICS_FILE), "w", buffering=1)  # a run starts it afresh
+        try:
+            self._metrics = open(os.path.join(out_dir, METRICS_FILE), "w", buffering=1)  # a run starts it afresh
+        except OSError as err:  # telemetry never stops a run
+            warnings.warn(f"{METRICS_FILE} not written: {err}")
+            self._metrics = None
         t = cfg.telemetry
         if t.wandb and t.wandb_mode != "disabled":
             os.environ.setdefault("WANDB_SILENT", "true")
@@ -133,9 +162,16 @@ class Telemetry:
             self._writer.join()
             self._writer = None
             self._queue = None
-        for item in self._deferred:
+        self._flush_deferred()
+
+    def _flush_deferred(self, deadline: Optional[float] = None) -> int:
+        """Log the deferred items in order (until `deadline`, time.monotonic()); -> items dropped."""
+        items, self._deferred = self._deferred, []
+        for i, item in enumerate(items):
+            if deadline is not None and time.monotonic() > deadline:
+                return len(items) - i
             self._log_item(item)
-        self._deferred.clear()
+        return 0
 
     # ------------------------------------------------------------ hooks
     def attach(self, model, stats=None) -> None:
@@ -209,14 +245,29 @@ class Telemetry:
         window_load = None
         if "balancedness" in data and self.stats is not None and self.stats.windows:
             rec["window"] = self.stats.num_windows - 1
-            window_load = self.stats.windows[-1].copy()                                # [L, E] (a new array)
-        self._metrics.write(json.dumps(rec) + "\n")
-        self._metrics.flush()
+            if self.run is not None and window_has_media(rec["window"]):
+                window_load = self.stats.windows[-1].copy()                            # [L, E] (a new array)
+        if self._metrics is not None:
+            try:
+                self._metrics.write(json.dumps(rec) + "\n")
+                self._metrics.flush()
+            except OSError as err:  # e.g. disk full: stop writing metrics.jsonl, keep sampling
+                warnings.warn(f"{METRICS_FILE}: write failed ({err}); no more records are written to it")
+                try:
+                    self._metrics.close()
+                except OSError:
+                    pass
+                self._metrics = None
         step = int(rec.get("forward", self._last_step + 1))
         self._last_step = max(self._last_step, step)
         if self.run is not None:
             self._submit(("step", rec, window_load, step))
-        self._log_s += time.perf_counter() - t_in
+        t_flush = time.perf_counter()
+        self._log_s += t_flush - t_in
+        if self._queue is None and len(self._deferred) >= self.DEFER_LIMIT:
+            self._flush_deferred()     # bounded memory: a stall of ~2 ms per item, once per DEFER_LIMIT forwards
+            self._flush_s += time.perf_counter() - t_flush
+            self._flushes += 1
 
     def log_rebalance(self, event: dict) -> None:
         """A rebalance attempt (any rank may call it; rank 0 keeps it): merged into the next
@@ -235,6 +286,8 @@ class Telemetry:
     def finish(self, summary: dict) -> Optional[str]:
         """Write summary.json (rank 0, atomically; adds `phase_ms` and `telemetry`), log the
         plots and summary numbers to wandb and close the run; returns the path."""
+        if getattr(_ACTIVE, "telemetry", None) is self:
+            _ACTIVE.telemetry = None
         if not self.ctx.is_main:
             return None
         self._drain()
@@ -247,7 +300,9 @@ class Telemetry:
             "metrics_file": METRICS_FILE,
             "wandb_run_dir": os.path.relpath(os.path.dirname(self.run.dir), self.out_dir) if self.run else None,
             "wandb_mode": self.cfg.telemetry.wandb_mode if self.run else None,
-            "rank0_log_step_ms_per_forward": 1e3 * self._log_s / max(self._forwards, 1)}
+            "rank0_log_step_ms_per_forward": 1e3 * self._log_s / max(self._forwards, 1),
+            "rank0_deferred_flushes": self._flushes,
+            "rank0_deferred_flush_s": self._flush_s}
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
@@ -262,6 +317,55 @@ class Telemetry:
             self.run.finish()
             self.run = None
         return path
+
+    def abort(self, budget_s: float = ABORT_BUDGET_S) -> None:
+        """The error path (rank 0; other ranks return): write the deferred wandb items in order
+        for at most `budget_s` seconds, close metrics.jsonl and finish the wandb run with exit
+        code 1, so an offline run keeps its history up to the failure. No summary.json, no
+        final plots, no collectives. Never raises."""
+        if getattr(_ACTIVE, "telemetry", None) is self:
+            _ACTIVE.telemetry = None
+        if not self.ctx.is_main:
+            return
+        try:
+            deadline = time.monotonic() + budget_s
+            if self._writer is not None:            # online: let the writer thread finish its queue
+                self._queue.put(None)
+                self._writer.join(timeout=max(0.0, deadline - time.monotonic()))
+                if self._writer.is_alive():
+                    warnings.warn("telemetry abort: the wandb writer thread did not finish in time")
+                self._writer, self._queue = None, None
+            dropped = self._flush_deferred(deadline)
+            if dropped:
+                warnings.warn(f"telemetry abort: {dropped} deferred wandb items not written "
+                              f"(time budget {budget_s:.0f} s)")
+        except BaseException as err:  # noqa: BLE001 - the run's own error is what matters
+            warnings.warn(f"telemetry abort: {type(err).__name__}: {err}")
+        self._deferred = []
+        if self._metrics is not None:
+            try:
+                self._metrics.close()
+            except BaseException:  # noqa: BLE001
+                pass
+            self._metrics = None
+        if self.run is not None:
+            run, self.run = self.run, None
+            try:
+                run.finish(exit_code=1)
+            except BaseException as err:  # noqa: BLE001
+                warnings.warn(f"telemetry abort: wandb finish failed: {type(err).__name__}: {err}")
+
+    @staticmethod
+    def abort_active(budget_s: float = ABORT_BUDGET_S) -> None:
+        """abort() the Telemetry of the run in this thread, if one is open (run()'s except block).
+        Never raises."""
+        try:
+            tel = getattr(_ACTIVE, "telemetry", None)
+            _ACTIVE.telemetry = None
+            if tel is not None:
+                tel.abort(budget_s)
+        except BaseException as err:  # noqa: BLE001
+            warnings.warn(f"telemetry abort failed: {type(err).__name__}: {err}")
 
     # ------------------------------------------------------------ wandb media
     def _window_media(self, load: np.ndarray, window: int) -> dict:

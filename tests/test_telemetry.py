@@ -22,19 +22,22 @@ DOCS = os.path.join(ROOT, "docs", "dashboards.md")
 # forward 1 is measured at forward 3.
 TINY = ["sampling.num_inference_steps=4", "sampling.height=16", "sampling.width=16",
         'sampling.prompts=["a red fox", "a blue lake"]', "sampling.batch_size=1",
-        "eplb.min_gain=0.0", "telemetry.run_name=test-telemetry", 'telemetry.tags=["test"]']
+        "eplb.min_gain=-1", "telemetry.run_name=test-telemetry", 'telemetry.tags=["test"]']
 
 
-def _ranks_run(rank: int, world: int, overrides: list[str]) -> None:
+def _ranks_run(rank: int, world: int, overrides: list[str], defer_limit=None) -> None:
     from moe_ep.model.run import run
     from moe_ep.parallel import context_for_tests
+    from moe_ep.telemetry import Telemetry
 
+    if defer_limit is not None:
+        Telemetry.DEFER_LIMIT = defer_limit
     cfg = config_mod.load(QUICKSTART, overrides)
     run(cfg, context_for_tests(rank, world, cfg.parallel.ep_size), progress=False)
 
 
-def tiny_run(out: str, extra=()) -> str:
-    run_ranks(2, _ranks_run, TINY + [f"output_dir={out}"] + list(extra))
+def tiny_run(out: str, extra=(), defer_limit=None) -> str:
+    run_ranks(2, _ranks_run, TINY + [f"output_dir={out}"] + list(extra), defer_limit)
     return out
 
 
@@ -119,9 +122,8 @@ def test_offline_wandb_history_has_documented_keys(offline_run):
     assert reb and reb[0]["forward"] == 1
     assert {"rebalance/experts_moved", "rebalance/bytes_moved", "rebalance/time_ms",
             "rebalance/predicted_gain"} <= set(reb[0])
-    if reb[0]["rebalance/ok"]:
-        assert reb[0]["rebalance/bytes_moved"] > 0
-        assert "rebalance/measured_gain" in steps[3] and steps[3]["rebalance/measured_forward"] == 1
+    assert reb[0]["rebalance/ok"] == 1 and reb[0]["rebalance/bytes_moved"] > 0      # eplb.min_gain=-1 in TINY
+    assert "rebalance/measured_gain" in steps[3] and steps[3]["rebalance/measured_forward"] == 1
     keys = {k for h in history for k in h}
     assert {"images/_type", "plots/load_heatmap/_type", "plots/balancedness/_type",
             "plots/latency_breakdown/_type"} <= keys
@@ -158,3 +160,83 @@ def test_telemetry_off_leaves_no_wandb_folder(tmp_path):
     assert len(lines) == 2 and all(r["phase_ms/experts"] > 0 for r in lines)
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["telemetry"]["wandb_run_dir"] is None
+
+
+def test_small_defer_limit_keeps_every_step_in_order(tmp_path):
+    """Offline records flushed to wandb in chunks of 3 while sampling: the history still holds
+    every forward once, in order, with the same records as metrics.jsonl."""
+    out = tiny_run(str(tmp_path / "chunks"), ["sampling.num_inference_steps=7"], defer_limit=3)
+    history, summary, _ = history_and_summary(out)
+    steps = [h for h in history if "forward" in h]
+    assert [h["forward"] for h in steps] == list(range(7))
+    lines = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    assert [{k: h[k] for k in r} for r, h in zip(lines, steps)] == lines
+    assert [h["forward"] for h in steps if "load/heatmap/_type" in h] == [1, 3, 5]
+    tel = json.load(open(os.path.join(out, "summary.json")))["telemetry"]
+    assert tel["rank0_deferred_flushes"] == 2 and "images/_type" in {k for h in history for k in h}
+
+
+def test_window_media_cap():
+    from moe_ep.telemetry import window_has_media
+
+    assert all(window_has_media(w) for w in range(16))
+    assert [w for w in range(16, 64) if window_has_media(w)] == [16, 20, 24, 28, 32, 40, 48, 56]
+    assert sum(window_has_media(w) for w in range(1250)) <= 44
+    assert sum(window_has_media(w) for w in range(65536)) == 64
+
+
+def test_abort_leaves_readable_offline_run(tmp_path):
+    """In-process, a world of one without a process group: abort() after some steps writes the
+    deferred history, finishes the run with exit code 1 and never raises (also when repeated)."""
+    import types
+
+    import torch
+
+    from moe_ep.telemetry import Telemetry
+
+    out = str(tmp_path / "abort")
+    cfg = config_mod.load(QUICKSTART, TINY + [f"output_dir={out}"])
+    ctx = types.SimpleNamespace(is_main=True, rank=0, world_size=1, device=torch.device("cpu"))
+    tel = Telemetry(cfg, ctx, out)
+    for f in range(5):
+        tel.log_step({"forward": f, "latency_ms": 1.0 + f, "tokens": 8, "tokens_per_s": 8.0})
+    assert len(tel._deferred) == 5
+    Telemetry.abort_active()
+    tel.abort()                                    # a second call is harmless
+    history, _, _ = history_and_summary(out)
+    assert [h["forward"] for h in history if "forward" in h] == [0, 1, 2, 3, 4]
+    assert not os.path.exists(os.path.join(out, "summary.json"))
+    exits = [rec.exit.exit_code for rec in wandb_records(
+        glob.glob(os.path.join(out, "wandb", "offline-run-*", "run-*.wandb"))[0])
+        if rec.WhichOneof("record_type") == "exit"]
+    assert exits == [1]
+    assert len(open(os.path.join(out, "metrics.jsonl")).readlines()) == 5
+
+
+def test_metrics_write_error_does_not_stop_the_run(tmp_path):
+    import types
+
+    import torch
+
+    from moe_ep.telemetry import Telemetry
+
+    class Full:
+        def write(self, _):
+            raise OSError(28, "No space left on device")
+
+        flush = close = lambda self: None
+
+    out = str(tmp_path / "full")
+    cfg = config_mod.load(QUICKSTART, TINY + [f"output_dir={out}", "telemetry.wandb=false"])
+    ctx = types.SimpleNamespace(is_main=True, rank=0, world_size=1, device=torch.device("cpu"))
+    tel = Telemetry(cfg, ctx, out)
+    tel._metrics = Full()
+    with pytest.warns(UserWarning, match="No space left"):
+        tel.log_step({"forward": 0, "latency_ms": 1.0})
+    assert tel._metrics is None
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tel.log_step({"forward": 1, "latency_ms": 1.0})      # no second warning, no error
+    assert json.load(open(tel.finish({})))["telemetry"]["metrics_file"] == "metrics.jsonl"

@@ -183,6 +183,7 @@ def run(cfg: Config, ctx: ParallelContext, progress: bool = True) -> dict:
         raise
     except BaseException as err:
         _save_stats_on_error(track["stats"], cfg.output_dir)
+        Telemetry.abort_active()  # rank 0: offline wandb history so far, run finished with exit code 1; never raises
         if _lost_peer(err, ctx):
             detail = "stopped by SIGTERM (the launcher stops every rank when one exits non-zero)" \
                 if isinstance(err, RunInterrupted) else \
