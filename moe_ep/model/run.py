@@ -23,7 +23,6 @@ import torch.distributed as dist
 from ..checkpoint import CheckpointReader, inspect_checkpoint, load_checkpoint
 from ..config import Config, ConfigError
 from ..experts import init_expert_weights
-from ..atomic import write_json_atomic
 from ..images import decode_latents, save_png
 from ..parallel import ParallelContext, check_layout, derive_ep_size
 from ..rebalance import Rebalancer, layer_balancedness, read_placement_file
@@ -94,15 +93,30 @@ def install_placement_file(path: str, model: MoEDiT, weight_source) -> None:
         layer.set_placement(phy2log[layer.layer_idx], weight_source(layer.layer_idx))
 
 
+def _all_ranks_ok(ok: bool, ctx: ParallelContext) -> bool:
+    """True when `ok` on every rank of the world (one all-reduce; no-op for a world of one)."""
+    if ctx.world_size == 1:
+        return ok
+    flag = torch.tensor([int(ok)], device=ctx.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def apply_eplb_files(cfg: Config, model: MoEDiT, stats: ExpertLoadStats, rebalancer, weight_source) -> None:
     """eplb.stats_file seeds the statistics; eplb.placement_file installs an offline placement
     (through the rebalancer when there is one, else straight from the weight source)."""
     e = cfg.eplb
     if e.stats_file:
+        error = None
         try:
             stats.load_seed(e.stats_file)
         except ValueError as err:
-            raise ConfigError("eplb.stats_file", e.stats_file, str(err)) from None
+            error = err
+        # Every rank read the file; all must have succeeded before any of them enters the
+        # rebalance below, or the others would wait in its broadcast until the timeout.
+        if not _all_ranks_ok(error is None, model.ctx):
+            raise ConfigError("eplb.stats_file", e.stats_file,
+                              str(error) if error else "could not be read on another rank") from None
         if rebalancer is not None and not e.placement_file:
             # resume: start from a placement planned on the earlier run's load (collective)
             rebalancer.rebalance_now(-1, trigger="stats_file")
@@ -161,7 +175,7 @@ def _save_stats_on_error(stats: Optional[ExpertLoadStats], out_dir: str) -> None
     main = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGTERM, signal.SIG_IGN) if main else None
     try:
-        write_json_atomic(os.path.join(out_dir, "stats.json"), stats.to_json())
+        stats.save(os.path.join(out_dir, "stats.json"))
     except Exception as err:  # noqa: BLE001 - report, keep the original error
         print(f"warning: could not write stats.json on the error path: {err}", file=sys.stderr, flush=True)
     finally:
@@ -235,7 +249,7 @@ def _run(cfg: Config, ctx: ParallelContext, progress: bool, track: dict) -> dict
     last_save = [time.perf_counter()]
 
     def save_stats() -> None:  # rank 0: the statistics so far (complete windows), atomically
-        write_json_atomic(os.path.join(out_dir, "stats.json"), stats.to_json())
+        stats.save(os.path.join(out_dir, "stats.json"))
         last_save[0] = time.perf_counter()
 
     def on_begin(step: int, t: float, info: dict) -> None:
@@ -357,7 +371,7 @@ def _run(cfg: Config, ctx: ParallelContext, progress: bool, track: dict) -> dict
         "checkpoint": cfg.model.checkpoint,
     }
     if ctx.is_main:
-        write_json_atomic(os.path.join(out_dir, "stats.json"), stats.to_json())
+        stats.save(os.path.join(out_dir, "stats.json"))
         telemetry.log_images([os.path.join(out_dir, x["path"]) for x in summary["images"]],
                              [f"{x['prompt']} (seed {x['seed']})" for x in summary["images"]])
     telemetry.finish(_jsonable(summary))
