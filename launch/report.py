@@ -60,7 +60,8 @@ def make_plots(summary: dict, stats: dict, records: list[dict], out_dir: str) ->
     windows = [w.get("load") for w in stats.get("windows", []) if isinstance(w, dict)]
     if windows:
         files["load_windows"] = "load_windows.png"
-        T.save_figure(T.plot_layer_windows(np.asarray(windows, dtype=np.float64)),
+        T.save_figure(T.plot_layer_windows(np.asarray(windows, dtype=np.float64),
+                                           first_window=int(stats.get("first_window", 0) or 0)),
                       os.path.join(out_dir, files["load_windows"]))
     files["balancedness"] = "balancedness.png"
     T.save_figure(T.plot_balancedness(records, summary.get("rebalances", [])),

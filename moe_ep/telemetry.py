@@ -524,10 +524,15 @@ def plot_load_heatmap(load: np.ndarray, title: str):
     return fig
 
 
-def plot_layer_windows(windows: np.ndarray, max_layers: int = 12):
+def plot_layer_windows(windows: np.ndarray, max_layers: int = 12, first_window: int = 0, max_windows: int = 48):
     """windows [W, L, E] -> one heatmap per layer (rows = windows in time order), at most
-    `max_layers` layers (evenly spaced) so a 60-layer model stays readable."""
+    `max_layers` layers (evenly spaced) so a 60-layer model stays readable, and the last
+    `max_windows` windows; rows are labelled with run-wide window numbers (`first_window` is
+    the number of windows[0], stats.json's `first_window`)."""
     windows = np.asarray(windows, dtype=np.float64)
+    if windows.shape[0] > max_windows:
+        first_window += windows.shape[0] - max_windows
+        windows = windows[-max_windows:]
     W, L, E = windows.shape
     layers = list(range(L)) if L <= max_layers else sorted({round(i * (L - 1) / (max_layers - 1))
                                                            for i in range(max_layers)})
@@ -547,13 +552,15 @@ def plot_layer_windows(windows: np.ndarray, max_layers: int = 12):
         ax.set_title(f"layer {l}", fontsize=9)
         ax.set_xticks(_ticks(E, 16))
         ax.set_yticks(_ticks(W, 12))
+        ax.set_yticklabels([str(first_window + t) for t in _ticks(W, 12)])
         ax.tick_params(labelsize=7)
         if k % cols == 0:
             ax.set_ylabel("window", fontsize=8)
         if k // cols == rows - 1 or k + cols >= len(layers):
             ax.set_xlabel("expert", fontsize=8)
     extra = "" if len(layers) == L else f" ({len(layers)} of {L} layers shown)"
-    fig.suptitle(f"Expert load per window, per layer{extra}", fontsize=11)
+    fig.suptitle(f"Expert load per window (windows {first_window}-{first_window + W - 1}), per layer{extra}",
+                 fontsize=11)
     if im is not None:
         cb = fig.colorbar(im, ax=axes, fraction=0.03, pad=0.02)
         cb.set_label("share of layer's tokens", fontsize=8)
