@@ -37,6 +37,13 @@ class MoEConfig:
     route_scale: float = 1.0             # multiplies the top-k weights
     n_group: int = 1                     # expert groups for group-limited routing
     topk_group: int = 1                  # groups a token may pick from (n_group > 1)
+    # "token_choice": each token picks its top_k experts; "expert_choice": each expert picks its
+    # top-C tokens of every sample, C = ceil(capacity_factor * tokens per sample / num_experts)
+    routing: Literal["token_choice", "expert_choice"] = "token_choice"
+    capacity_factor: float = 1.0         # expert choice only
+    # "float32": router scores in float32 (robust to near-ties); "input": in the input's dtype,
+    # as a model's own code does (matches it bit for bit, e.g. diffusers' HiDream gate in bf16)
+    score_dtype: Literal["float32", "input"] = "float32"
 
 
 @dataclass
@@ -55,6 +62,9 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     seed: int = 0                        # initialises the weights when there is no checkpoint
     checkpoint: Optional[str] = None     # safetensors file saved by moe_ep
+    # "moe_dit": the built-in model; "diffusers": a diffusers MoE transformer read from `path`
+    type: Literal["moe_dit", "diffusers"] = "moe_dit"
+    path: Optional[str] = None           # diffusers folder (save_pretrained layout), type "diffusers"
     moe: MoEConfig = field(default_factory=MoEConfig)
 
 
@@ -226,6 +236,12 @@ def validate(cfg: Config) -> Config:
     _positive("model.moe.num_shared_experts", moe.num_shared_experts, allow_zero=True)
     _positive("eplb.num_redundant_experts", e.num_redundant_experts, allow_zero=True)
     _positive("model.moe.route_scale", moe.route_scale)
+    _positive("model.moe.capacity_factor", moe.capacity_factor)
+    if m.type == "diffusers" and not m.path:
+        raise ConfigError("model.path", m.path, "must name a diffusers model folder when model.type is 'diffusers'")
+    if m.type == "moe_dit" and m.path:
+        raise ConfigError("model.path", m.path, "is only for model.type 'diffusers' (the built-in model "
+                                                "loads model.checkpoint)")
     _positive("sampling.guidance_scale", s.guidance_scale, allow_zero=True)
     if p.timeout_s > 1e9:  # datetime.timedelta and the backends take no more
         raise ConfigError("parallel.timeout_s", p.timeout_s, "must be <= 1e9 seconds")
