@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from .placement import count_per_bin
+from .router import RoutedCopies
 
 
 def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
@@ -25,22 +26,23 @@ def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
 class DispatchPlan:
     """What the combine step needs to send results back and restore token order."""
 
-    unsort: torch.Tensor         # [N] flat copy index (token * k + j) -> its sorted position
+    unsort: torch.Tensor         # [N] copy index -> its position in the sorted (by slot) order
     send_splits: list[int]       # rows sent to each EP rank
     recv_splits: list[int]       # rows received from each EP rank
     ungroup: torch.Tensor | None  # [M] slot-grouped row of each received row (None: no exchange)
     local_counts: torch.Tensor   # [S] rows per local slot, on device
 
 
-def dispatch(x: torch.Tensor, slots: torch.Tensor, top_k: int, ep_size: int, slots_per_rank: int,
+def dispatch(x: torch.Tensor, slots: torch.Tensor, copies: RoutedCopies, ep_size: int, slots_per_rank: int,
              group) -> tuple[torch.Tensor, DispatchPlan]:
-    """Send each token copy to the rank that holds its slot.
+    """Send each routed copy to the rank that holds its slot.
 
-    x [T, H], slots [T*k] (physical slot of copy t*k+j) -> (rows [M, H] grouped by local
+    x [T, H], slots [N] (physical slot of copy i of `copies`) -> (rows [M, H] grouped by local
     slot, plan). With ep_size 1 nothing is exchanged.
     """
     order = torch.argsort(slots, stable=True)                                  # [N]
-    send_x = x[order // top_k]                                                 # [N, H]
+    src = order // copies.top_k if copies.token is None else copies.token[order]  # [N] input row of each
+    send_x = x[src]                                                            # [N, H]
     slot_counts = count_per_bin(slots, ep_size * slots_per_rank)               # [R]
     if ep_size == 1:  # nothing to exchange, and no host sync
         return send_x, DispatchPlan(inverse_permutation(order), [], [], None, slot_counts)
@@ -62,18 +64,23 @@ def dispatch(x: torch.Tensor, slots: torch.Tensor, top_k: int, ep_size: int, slo
     return recv_x[regroup], plan
 
 
-def combine(y: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan, group) -> torch.Tensor:
-    """Send expert outputs back, restore token order, weight and sum over k.
+def combine(y: torch.Tensor, copies: RoutedCopies, plan: DispatchPlan, group) -> torch.Tensor:
+    """Send expert outputs back, restore copy order, weight them and sum each token's copies.
 
-    y [M, H] (grouped by local slot), weights [T, k] -> [T, H].
+    y [M, H] (grouped by local slot) -> [T, H]; a token no expert chose gets zeros.
     """
-    T, k = weights.shape
     if plan.ungroup is not None:
         rows = y[plan.ungroup]                                                 # back to (source, slot) order
         back = y.new_empty(sum(plan.send_splits), y.shape[1])                  # [N, H]
         dist.all_to_all_single(back, rows, plan.send_splits, plan.recv_splits, group=group)
     else:
         back = y
-    copies = back[plan.unsort].view(T, k, y.shape[1])                          # [T, k, H] in token order
-    # Weighted sum over k as one batched product: [T, 1, k] @ [T, k, H] -> [T, 1, H].
-    return torch.bmm(weights.to(y.dtype).unsqueeze(1), copies).view(T, y.shape[1])
+    T, H = copies.num_tokens, y.shape[1]
+    per_copy = back[plan.unsort]                                               # [N, H] in copy order
+    if copies.token is None:
+        k = copies.top_k
+        # Weighted sum over k as one batched product: [T, 1, k] @ [T, k, H] -> [T, 1, H].
+        return torch.bmm(copies.weight.to(y.dtype).view(T, 1, k), per_copy.view(T, k, H)).view(T, H)
+    # Any number of copies per token: weight each copy, add it into its token's row.
+    weighted = per_copy * copies.weight.to(y.dtype).unsqueeze(1)               # [N, H]
+    return y.new_zeros(T, H).index_add_(0, copies.token, weighted)

@@ -27,19 +27,25 @@ class MoELayer(nn.Module):
     """
 
     def __init__(self, hidden_size: int, cfg: MoEConfig, ctx: ParallelContext, num_redundant: int = 0,
-                 layer_idx: int = 0, dtype: torch.dtype = torch.float32):
+                 layer_idx: int = 0, dtype: torch.dtype = torch.float32, router_input_size: Optional[int] = None,
+                 shared: Optional[nn.Module] = None):
+        """`router_input_size`: width of the router's input when it is not the expert input x
+        (NucleusMoE routes on [timestep embedding, unmodulated hidden]). `shared`: a module every
+        token goes through, added to the routed sum (a model's own shared expert, replicated);
+        without it, `cfg.num_shared_experts` built-in SwiGLU experts."""
         super().__init__()
-        if cfg.top_k > cfg.num_experts:
+        if cfg.routing == "token_choice" and cfg.top_k > cfg.num_experts:
             raise ConfigError("model.moe.top_k", cfg.top_k, f"must be <= model.moe.num_experts ({cfg.num_experts})")
         check_layout(cfg.num_experts, num_redundant, ctx.ep_size)
         self.cfg, self.ctx, self.layer_idx = cfg, ctx, layer_idx
         self.num_slots = cfg.num_experts + num_redundant
         self.slots_per_rank = self.num_slots // ctx.ep_size
         dev = ctx.device
-        self.router = Router(hidden_size, cfg).to(device=dev, dtype=dtype)
+        self.router = Router(router_input_size or hidden_size, cfg).to(device=dev, dtype=dtype)
         self.experts = GroupedExperts(self.slots_per_rank, hidden_size, cfg.expert_hidden_size, dtype, dev)
-        self.shared = (DenseMLP(hidden_size, cfg.num_shared_experts * cfg.expert_hidden_size, dtype, dev)
-                       if cfg.num_shared_experts else None)
+        if shared is None and cfg.num_shared_experts:
+            shared = DenseMLP(hidden_size, cfg.num_shared_experts * cfg.expert_hidden_size, dtype, dev)
+        self.shared = shared
         self.stats: Optional[ExpertLoadStats] = None
         self.timer: Optional[PhaseTimer] = None
         self.placement: Placement = contiguous_placement(cfg.num_experts, num_redundant, ctx.ep_size)
@@ -81,23 +87,29 @@ class MoELayer(nn.Module):
 
     # ------------------------------------------------------------ forward
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., H] -> [..., H]."""
+    def forward(self, x: torch.Tensor, router_input: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [B, S, H] (or [T, H] for token choice) -> the same shape.
+
+        `router_input` [B, S, Hr] (default: x) is what the router scores; the experts see x.
+        Expert choice picks tokens per sample, so it needs x as [B, S, H].
+        """
         shape = x.shape
+        r_in = x if router_input is None else router_input
+        rows_per_sample = shape[1] if x.dim() == 3 else None
         x = x.reshape(-1, shape[-1])                                           # [T, H]
         with maybe_phase(self.timer, "router"):
-            weights, ids = self.router(x)                                      # [T, k] each
+            copies = self.router.route(r_in)                                   # N copies
             if self.stats is not None:
-                self.stats.record(self.layer_idx, ids)
-            slots = assign_slots(ids.reshape(-1), self._choices, self._nchoices,
-                                 self.ctx.ep_rank, self._has_replicas)         # [T*k]
+                self.stats.record_copies(self.layer_idx, copies, rows_per_sample)
+            slots = assign_slots(copies.expert, self._choices, self._nchoices,
+                                 self.ctx.ep_rank, self._has_replicas)         # [N]
         with maybe_phase(self.timer, "dispatch"):
-            rows, plan = dispatch(x, slots, self.cfg.top_k, self.ctx.ep_size, self.slots_per_rank,
+            rows, plan = dispatch(x, slots, copies, self.ctx.ep_size, self.slots_per_rank,
                                   self.ctx.ep_group)                           # [M, H]
         with maybe_phase(self.timer, "experts"):
             y = self.experts(rows, plan.local_counts)                          # [M, H]
         with maybe_phase(self.timer, "combine"):
-            out = combine(y, weights, plan, self.ctx.ep_group)                 # [T, H]
+            out = combine(y, copies, plan, self.ctx.ep_group)                  # [T, H]
             if self.shared is not None:
                 out = out + self.shared(x)
         return out.view(shape)

@@ -1,5 +1,15 @@
-"""Router: token scores -> top-k logical experts and their weights."""
+"""Router: token scores -> routed copies, the (token, logical expert, weight) triples of a layer.
+
+The rule is data (`MoEConfig`), not code: token choice (each token picks its top-k experts,
+with softmax or sigmoid scores, DeepSeek-V3 group limiting, renormalisation and a route scale)
+or expert choice (each expert picks its top-C tokens of every sample, the NucleusMoE rule).
+Whatever the rule, the rest of the layer sees `RoutedCopies`: a token may reach 0..E experts.
+"""
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -8,26 +18,62 @@ import torch.nn.functional as F
 from .config import MoEConfig
 
 
+@dataclass
+class RoutedCopies:
+    """The N routed copies of one forward: copy i sends row `token[i]` of the layer input to
+    logical expert `expert[i]`, and its output comes back multiplied by `weight[i]`.
+
+    Token choice keeps the regular layout `token = arange(T).repeat_interleave(k)` implicit
+    (`token is None`, `top_k = k`), which lets the combine sum over k with one batched product.
+    """
+
+    expert: torch.Tensor             # [N] int64 logical expert of each copy
+    weight: torch.Tensor             # [N] float32 routed weight of each copy
+    num_tokens: int                  # T, rows of the layer input
+    token: Optional[torch.Tensor] = None   # [N] int64 input row of each copy; None: copy i is row i // top_k
+    top_k: Optional[int] = None      # k of the regular layout (token is None)
+
+    @property
+    def num_copies(self) -> int:
+        return self.expert.numel()
+
+    def rows(self) -> torch.Tensor:
+        """[N] int64 input row of every copy (materialised for the regular layout)."""
+        if self.token is not None:
+            return self.token
+        return torch.arange(self.num_copies, device=self.expert.device) // self.top_k
+
+
 class Router(nn.Module):
-    """Softmax or sigmoid scores, optional group-limited routing, top-k, renormalise, scale.
+    """Gate scores -> routed copies, by the rule in `cfg` (see the module docstring).
 
     Group-limited routing follows DeepSeek-V3: experts are split into `n_group` groups, a
     group scores by its best expert (softmax) or its two best (sigmoid), and a token picks
     its k experts from its `topk_group` best groups only.
     """
 
-    def __init__(self, hidden_size: int, cfg: MoEConfig):
+    def __init__(self, input_size: int, cfg: MoEConfig):
         super().__init__()
         self.cfg = cfg
-        self.gate = nn.Linear(hidden_size, cfg.num_experts, bias=False)
+        self.gate = nn.Linear(input_size, cfg.num_experts, bias=False)
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., Hr] -> scores [..., E]: float32, or in x's dtype with `score_dtype = "input"`."""
+        if self.cfg.score_dtype == "input":
+            # The model's own numerics: logits in the input dtype, the non-linearity in float32
+            # and rounded back (what diffusers' HiDream and NucleusMoE gates compute).
+            logits = F.linear(x, self.gate.weight.to(x.dtype))
+            act = logits.float().softmax(-1) if self.cfg.score_func == "softmax" else logits.float().sigmoid()
+            return act.to(x.dtype)
+        # float32 scores (as DeepSpeed and DeepSeek do): bf16 logits would flip near-ties and
+        # route tokens differently from a float32 reference.
+        logits = F.linear(x.float(), self.gate.weight.float())
+        return logits.softmax(-1) if self.cfg.score_func == "softmax" else logits.sigmoid()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, H] -> (weights [T, k] float32, expert ids [T, k] int64)."""
+        """Token choice. x [T, Hr] -> (weights [T, k] float32, expert ids [T, k] int64)."""
         cfg = self.cfg
-        # Scores in float32 (as DeepSpeed and DeepSeek do): bf16 logits would flip near-ties
-        # and route tokens differently from a float32 reference.
-        logits = F.linear(x.float(), self.gate.weight.float())           # [T, E]
-        scores = logits.softmax(-1) if cfg.score_func == "softmax" else logits.sigmoid()
+        scores = self.scores(x)                                           # [T, E]
         choose_from = scores
         if cfg.n_group > 1:
             grouped = scores.view(-1, cfg.n_group, cfg.num_experts // cfg.n_group)  # [T, G, E/G]
@@ -44,4 +90,39 @@ class Router(nn.Module):
             weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
         if cfg.route_scale != 1.0:
             weights = weights * cfg.route_scale
-        return weights, ids
+        return weights.float(), ids
+
+    def expert_choice(self, x: torch.Tensor) -> RoutedCopies:
+        """Expert choice. x [B, S, Hr] -> copies ordered (expert, sample, rank among its picks).
+
+        Every expert takes the C best-scoring tokens of every sample, C = max(1, ceil(
+        capacity_factor * S / E)) (at most S); a copy's weight is its score divided by the sum of
+        the scores of all experts that chose that token (+1e-12), times route_scale.
+        """
+        cfg = self.cfg
+        B, S, _ = x.shape
+        E = cfg.num_experts
+        if B == 0 or S == 0:
+            empty = torch.zeros(0, dtype=torch.int64, device=x.device)
+            return RoutedCopies(empty, empty.float(), B * S, token=empty)
+        capacity = min(S, max(1, math.ceil(cfg.capacity_factor * S / E)))
+        affinity = self.scores(x).transpose(1, 2)                         # [B, E, S]
+        picked = affinity.topk(capacity, dim=-1)                          # [B, E, C]
+        offsets = torch.arange(B, device=x.device).view(B, 1, 1) * S
+        token = (picked.indices + offsets).transpose(0, 1).reshape(-1)    # [E*B*C]
+        score = picked.values.transpose(0, 1).reshape(-1)                 # [E*B*C]
+        expert = torch.arange(E, device=x.device).repeat_interleave(B * capacity)  # [E*B*C]
+        total = torch.zeros(B * S, device=x.device, dtype=score.dtype).scatter_add_(0, token, score)  # [B*S]
+        weight = score / (total[token] + 1e-12) * cfg.route_scale
+        return RoutedCopies(expert, weight.float(), B * S, token=token)
+
+    def route(self, x: torch.Tensor) -> RoutedCopies:
+        """x [B, S, Hr] or [T, Hr] (token choice only) -> the routed copies of its rows."""
+        if self.cfg.routing == "expert_choice":
+            if x.dim() != 3:
+                raise ValueError(f"expert-choice routing needs the input as [samples, tokens, features], "
+                                 f"got shape {tuple(x.shape)}")
+            return self.expert_choice(x)
+        flat = x.reshape(-1, x.shape[-1])                                 # [T, Hr]
+        weights, ids = self(flat)                                         # [T, k] each
+        return RoutedCopies(ids.reshape(-1), weights.reshape(-1), flat.shape[0], top_k=self.cfg.top_k)

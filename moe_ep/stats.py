@@ -14,13 +14,15 @@ from __future__ import annotations
 import json
 import math
 from collections import deque
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from eplb.io import STATS_FORMAT, load_stats
+
+from .router import RoutedCopies
 
 BRANCHES = ("cond", "uncond")
 
@@ -51,6 +53,7 @@ class ExpertLoadStats:
                                   dtype=torch.int64, device=device)        # [B, 2, L, E] open window
         self._bucket = 0
         self._cond_rows: Optional[int] = None
+        self._sample_branch: Optional[torch.Tensor] = None                  # [B] branch per sample
         self._forwards_in_window = 0
         self.forwards = 0                                                   # forward passes seen
         self.num_windows = 0                                                # windows closed over the run
@@ -70,20 +73,42 @@ class ExpertLoadStats:
         t = 0.0 if timestep is None or not math.isfinite(float(timestep)) else float(timestep)
         return max(0, min(int(t * self.timestep_buckets), self.timestep_buckets - 1))
 
-    def begin_forward(self, timestep: float = 0.0, cond_rows: Optional[int] = None) -> None:
-        """Before a forward: `timestep` in [0, 1] picks the bucket; the first `cond_rows`
-        rows of every MoE layer's input are the conditional branch (None: all of them)."""
+    def begin_forward(self, timestep: float = 0.0, cond_rows: Optional[int] = None,
+                      sample_branch: Optional[Sequence[int]] = None) -> None:
+        """Before a forward: `timestep` in [0, 1] picks the bucket. The guidance branch of each
+        MoE input row comes from `sample_branch` (per transformer-batch sample: 0 conditional,
+        1 unconditional; a layer's input [B, S, H] has S rows per sample), or else from
+        `cond_rows` (the first `cond_rows` rows are conditional); with neither, all rows count
+        as conditional."""
         self._bucket = self.bucket_of(timestep)
         self._cond_rows = cond_rows
+        self._sample_branch = None if sample_branch is None else torch.as_tensor(
+            list(sample_branch), dtype=torch.int64).to(self.counts.device)          # [B]
 
     def record(self, layer: int, expert_ids: torch.Tensor) -> None:
-        """expert_ids [T, k] chosen by MoE layer `layer`; adds on the device, no sync."""
-        rows = expert_ids.shape[0]
-        split = rows if self._cond_rows is None else min(self._cond_rows, rows)
-        for branch, ids in enumerate((expert_ids[:split], expert_ids[split:])):
-            if ids.numel():
-                flat = ids.reshape(-1)
-                self.counts[self._bucket, branch, layer].scatter_add_(0, flat, torch.ones_like(flat))
+        """expert_ids [T, k] chosen by MoE layer `layer` (token choice; row t is token t)."""
+        T, k = expert_ids.shape
+        self.record_copies(layer, RoutedCopies(expert_ids.reshape(-1), torch.empty(0), T, top_k=k))
+
+    def record_copies(self, layer: int, copies: RoutedCopies, rows_per_sample: Optional[int] = None) -> None:
+        """Add the routed copies of MoE layer `layer` (each counts 1 for its expert, in its
+        row's branch); on the device, no sync. `rows_per_sample`: S of a [B, S, H] input."""
+        if not copies.num_copies:
+            return
+        branch = self._branch_of_rows(copies.rows(), copies.num_tokens, rows_per_sample)   # [N] 0/1
+        L, E = self.num_layers, self.num_experts
+        flat = branch * (L * E) + layer * E + copies.expert                                # [N] into [2, L, E]
+        self.counts[self._bucket].view(-1).scatter_add_(0, flat, torch.ones_like(flat))
+
+    def _branch_of_rows(self, rows: torch.Tensor, num_rows: int, rows_per_sample: Optional[int]) -> torch.Tensor:
+        """rows [N] input rows -> [N] int64 branch (0 conditional, 1 unconditional)."""
+        if self._sample_branch is not None and self._sample_branch.numel():
+            per_sample = rows_per_sample or max(1, num_rows // self._sample_branch.numel())
+            sample = (rows // per_sample).clamp_max(self._sample_branch.numel() - 1)
+            return self._sample_branch[sample]
+        if self._cond_rows is None:
+            return torch.zeros_like(rows)
+        return (rows >= self._cond_rows).to(torch.int64)
 
     def end_forward(self, groups=()) -> bool:
         """After a forward. Every `window_size` forwards, all-reduce the window over

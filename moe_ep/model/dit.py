@@ -8,8 +8,8 @@
     final:  Linear(modulate(LN(x), shift, scale)) --unpatchify--> velocity [B, C, h, w]
 
 Every `moe_every`-th block (the last of each group of `moe_every`) has an MoE feed-forward.
-The MoE layer sees its input flattened batch-major, [B*N, H], so with classifier-free
-guidance the conditional half (rows first) is the first `B_cond*N` rows.
+The MoE layer sees its input as [B, N, H] (rows batch-major), so with classifier-free
+guidance the conditional half (samples first) is the first `B_cond*N` rows.
 
 Initialisation is deterministic and independent of the world and EP sizes: the
 non-expert weights are drawn from one CPU `torch.Generator(model.seed)` in module order
@@ -116,7 +116,7 @@ class DiTBlock(nn.Module):
             x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
             x = x + self.cross_attn(self.norm2(x), text, text_mask)
         h = modulate(self.norm3(x), shift2, scale2)                            # [B, N, H]
-        return x + gate2.unsqueeze(1) * self.ffn(h.reshape(-1, h.shape[-1])).view_as(h)  # MoE sees [B*N, H]
+        return x + gate2.unsqueeze(1) * self.ffn(h)                            # MoE sees [B, N, H]
 
 
 class FinalLayer(nn.Module):
