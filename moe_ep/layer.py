@@ -8,9 +8,11 @@ import torch.nn as nn
 
 from .config import ConfigError, MoEConfig
 from .dispatch import combine, dispatch
+from .token_exchange import combine_pairs, dispatch_pairs
 from .experts import DenseMLP, GroupedExperts
 from .parallel import ParallelContext, check_layout
-from .router import Router
+from .local_path import local_combine, local_dispatch
+from .router import RoutedCopies, Router
 from .placement import Placement, assign_slots, contiguous_placement, make_placement, replica_choices
 from .stats import ExpertLoadStats
 from .timing import PhaseTimer, maybe_phase
@@ -47,7 +49,15 @@ class MoELayer(nn.Module):
             shared = DenseMLP(hidden_size, cfg.num_shared_experts * cfg.expert_hidden_size, dtype, dev)
         self.shared = shared
         self.stats: Optional[ExpertLoadStats] = None
+        # EP > 1: send each token once per destination rank (False: once per routed copy)
+        self.dedup_tokens = True
+        self.wire_rows = 0      # token rows this rank sent to other ranks in the last forward
         self.timer: Optional[PhaseTimer] = None
+        # EP = 1: the fused local path (local_path.py); False: the generic dispatch/combine
+        self.fused_local = True
+        # CUDA: run the shared expert on a side stream, overlapping the routed experts
+        self.shared_side_stream = True
+        self._side_stream: Optional[torch.cuda.Stream] = None
         self.placement: Placement = contiguous_placement(cfg.num_experts, num_redundant, ctx.ep_size)
         self._install_routing(self.placement)
 
@@ -97,19 +107,65 @@ class MoELayer(nn.Module):
         r_in = x if router_input is None else router_input
         rows_per_sample = shape[1] if x.dim() == 3 else None
         x = x.reshape(-1, shape[-1])                                           # [T, H]
+        shared_out = self._start_shared(x)                                     # [T, H] on a side stream, or None
         with maybe_phase(self.timer, "router"):
             copies = self.router.route(r_in)                                   # N copies
             if self.stats is not None:
                 self.stats.record_copies(self.layer_idx, copies, rows_per_sample)
             slots = assign_slots(copies.expert, self._choices, self._nchoices,
                                  self.ctx.ep_rank, self._has_replicas)         # [N]
+        if self.ctx.ep_size == 1 and self.fused_local:
+            return self._forward_local(x, slots, copies, shared_out).view(shape)
+        pairs = self.dedup_tokens and self.ctx.ep_size > 1
         with maybe_phase(self.timer, "dispatch"):
-            rows, plan = dispatch(x, slots, copies, self.ctx.ep_size, self.slots_per_rank,
-                                  self.ctx.ep_group)                           # [M, H]
+            if pairs:
+                rows, plan = dispatch_pairs(x, slots, copies, self.ctx.ep_rank, self.ctx.ep_size,
+                                            self.slots_per_rank, self.ctx.ep_group)   # [M, H]
+                self.wire_rows = plan.wire_rows
+            else:
+                rows, plan = dispatch(x, slots, copies, self.ctx.ep_size, self.slots_per_rank,
+                                      self.ctx.ep_group)                       # [M, H]
+                self.wire_rows = sum(plan.send_splits) - (plan.send_splits[self.ctx.ep_rank]
+                                                          if plan.send_splits else 0)
         with maybe_phase(self.timer, "experts"):
             y = self.experts(rows, plan.local_counts)                          # [M, H]
         with maybe_phase(self.timer, "combine"):
-            out = combine(y, copies, plan, self.ctx.ep_group)                  # [T, H]
+            out = (combine_pairs(y, plan, self.ctx.ep_group) if pairs
+                   else combine(y, copies, plan, self.ctx.ep_group))           # [T, H]
             if self.shared is not None:
-                out = out + self.shared(x)
+                out = out + self._shared_result(x, shared_out)
         return out.view(shape)
+
+    def _forward_local(self, x: torch.Tensor, slots: torch.Tensor, copies: RoutedCopies,
+                       shared_out: Optional[torch.Tensor]) -> torch.Tensor:
+        """EP = 1: x [T, H], slots [N] -> [T, H]. Counting sort, experts gathering x on load
+        with the routed weight in their epilogue, one gather-sum combine; no host sync."""
+        with maybe_phase(self.timer, "dispatch"):
+            plan = local_dispatch(slots, copies, self.slots_per_rank)
+        with maybe_phase(self.timer, "experts"):
+            y = self.experts(x, plan.counts, row_scale=plan.row_scale, row_index=plan.row_index)  # [N, H]
+        with maybe_phase(self.timer, "combine"):
+            shared = self._shared_result(x, shared_out) if self.shared is not None else None
+            return local_combine(y, copies, plan, shared)                     # [T, H]
+
+    # ------------------------------------------------------------ shared expert
+    def _start_shared(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """On CUDA, start the shared expert on a side stream so it overlaps the routed path:
+        x [T, H] -> its output [T, H] (not ready until `_shared_result`), else None."""
+        if self.shared is None or not x.is_cuda or not self.shared_side_stream:
+            return None
+        main = torch.cuda.current_stream(x.device)
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(x.device)
+        self._side_stream.wait_stream(main)        # x is ready
+        with torch.cuda.stream(self._side_stream):
+            # No record_stream needed: the main stream waits for the side stream (below) before
+            # the caller can free x, and the next side-stream work waits for the main stream.
+            return self.shared(x)
+
+    def _shared_result(self, x: torch.Tensor, started: Optional[torch.Tensor]) -> torch.Tensor:
+        """The shared expert's output [T, H]: join the side stream, or compute it here."""
+        if started is None:
+            return self.shared(x)
+        torch.cuda.current_stream(x.device).wait_stream(self._side_stream)
+        return started

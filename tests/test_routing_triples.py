@@ -111,3 +111,46 @@ def test_sample_branch_splits_token_choice_counts():
     layer(torch.randn(3, 5, H))
     assert stats.counts[0, 0].sum().item() == 1 * 5 * 2
     assert stats.counts[0, 1].sum().item() == 2 * 5 * 2
+
+
+def _dense_token_choice(x, layer):
+    """Plain top-k reference with the layer's gate: softmax scores, top-k, renormalised."""
+    w13, w2 = logical_weights(SEED, 0, layer.cfg.num_experts, H, F)
+    scores = (x.double() @ layer.router.gate.weight.double().t()).softmax(-1)       # [T, E]
+    top = scores.topk(layer.cfg.top_k, dim=-1)
+    weights = top.values / top.values.sum(-1, keepdim=True)
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for w, e in zip(weights[t].tolist(), top.indices[t].tolist()):
+            out[t] += w * swiglu(x[t:t + 1], w13[e], w2[e])[0]
+    return out
+
+
+def _ranks_dedup(rank, world, ep_size):
+    ctx = context_for_tests(rank, world, ep_size)
+    cfg = MoEConfig(num_experts=16, top_k=8, expert_hidden_size=F)
+    torch.manual_seed(5)
+    layer = MoELayer(H, cfg, ctx, num_redundant=ep_size)
+    torch.nn.init.normal_(layer.router.gate.weight, std=0.05)      # near-uniform routing
+    layer.load_expert_weights(lambda e: init_expert_weights(SEED, 0, e, H, F))
+    x = torch.randn(0 if rank == 1 else 64, H, generator=torch.Generator().manual_seed(rank))
+    ref = _dense_token_choice(x, layer)
+    sent = {}
+    for dedup in (True, False):
+        layer.dedup_tokens = dedup
+        out = layer(x)
+        err = (out - ref).abs().max().item() if x.numel() else 0.0
+        assert err < TOL, f"dedup={dedup}: max abs diff {err}"
+        sent[dedup] = layer.wire_rows
+    if x.numel():
+        # top-8 of 16 over `ep_size` ranks: 8 * (ep - 1) / ep copies leave per token, but at most
+        # ep - 1 pairs (1/4 of the copies at EP 2)
+        assert sent[False] > 0
+        ratio = sent[True] / sent[False]
+        expected = (ep_size - 1) / (8 * (ep_size - 1) / ep_size)
+        assert abs(ratio - expected) < 0.08, (ratio, expected, sent)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_token_dedup_matches_reference_and_sends_less(world):
+    run_ranks(world, _ranks_dedup, world)
