@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -40,6 +41,26 @@ def silu_gate(h: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def triton_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """moe_ep.kernels' grouped GEMMs: Triton installed, a CUDA GPU of sm80+, bf16 or fp16."""
+    from . import kernels
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16) or not kernels.available(device):
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def default_backend(device: torch.device, dtype: torch.dtype, hidden: int, inner: int) -> str:
+    """The fastest expert path that runs here: "triton", "grouped_mm" or "loop"."""
+    if PREFER_TRITON and triton_supported(device, dtype):
+        return "triton"
+    return "grouped_mm" if grouped_mm_supported(device, dtype, hidden, inner) else "loop"
+
+
+# Whether the Triton grouped GEMMs beat torch._grouped_mm where both run (set from the
+# H200 measurement in docs/benchmarks.md section 1d).
+PREFER_TRITON = True
+
+
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype, hidden: int, inner: int) -> bool:
     """torch._grouped_mm runs on CPU, and on CUDA for bf16 on sm90+ with 16-byte aligned dims."""
     if not hasattr(torch, "_grouped_mm"):
@@ -63,23 +84,54 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.zeros(num_slots, inner, hidden, dtype=dtype, device=device),
                                requires_grad=False)
         dev = torch.device(device) if device is not None else torch.device("cpu")
-        self.use_grouped_mm = grouped_mm_supported(dev, dtype, hidden, inner)
+        # "triton": moe_ep.kernels' grouped GEMMs with SwiGLU and the row scale fused into their
+        # epilogues; "grouped_mm": torch._grouped_mm + a separate activation; "loop": one
+        # matmul pair per slot (CPU, fp32 on CUDA). See docs/benchmarks.md section 1d.
+        self.backend = default_backend(dev, dtype, hidden, inner)
         # On a GPU the activation as separate kernels costs 1.25 ms per 65536 x 6144 bf16 rows
         # (H200); one fused kernel from torch.compile takes 0.31 ms (launch/gpu_grouped_variants.py),
         # 0.3 ms of the layer's 10 ms measured in place (launch/gpu_check.py).
         self.activation = torch.compile(silu_gate, dynamic=True) if dev.type == "cuda" else silu_gate
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x [M, H] grouped by slot (counts[s] rows for slot s; counts [S] on x's device) -> [M, H]."""
-        if x.shape[0] == 0:
+    @property
+    def use_grouped_mm(self) -> bool:
+        """True when a grouped-GEMM path runs (Triton or torch._grouped_mm), False for the loop."""
+        return self.backend != "loop"
+
+    @use_grouped_mm.setter
+    def use_grouped_mm(self, value: bool) -> None:
+        self.backend = "grouped_mm" if value else "loop"
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, row_scale: Optional[torch.Tensor] = None,
+                row_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Run every row through its slot's expert.
+
+        x [M, H] grouped by slot (counts[s] rows for slot s; counts [S] on x's device) -> [M, H].
+        row_index [M] (optional): row i of the grouped input is x[row_index[i]] (x is then
+        [T, H], e.g. the tokens themselves: the Triton path gathers on load and never writes
+        the permuted copy). row_scale [M] fp32 (optional): output row i is multiplied by it
+        (the routed weight), in fp32 before rounding on the Triton path.
+        """
+        M = row_index.numel() if row_index is not None else x.shape[0]
+        if M == 0:
             return x.new_empty(0, self.hidden)
-        if self.use_grouped_mm:
+        if self.backend == "triton":
+            from .kernels.grouped_gemm import DOWN_CONFIG, GATE_UP_CONFIG, grouped_gemm
+            h = grouped_gemm(x, self.w13, counts, swiglu=True, row_index=row_index, config=GATE_UP_CONFIG)  # [M, F]
+            return grouped_gemm(h, self.w2, counts, row_scale=row_scale, config=DOWN_CONFIG)              # [M, H]
+        if row_index is not None:
+            x = x[row_index]                                                       # [M, H]
+        if self.backend == "grouped_mm":
             offsets = counts.cumsum(0).to(torch.int32)                               # [S]
             h = self.activation(torch._grouped_mm(x, self.w13, offs=offsets))       # [M, F]
-            return torch._grouped_mm(h, self.w2, offs=offsets)                     # [M, H]
-        # A correct loop over slots where the grouped GEMM is not supported (one host sync).
-        rows = x.split(counts.tolist())
-        return torch.cat([swiglu(xs, self.w13[s], self.w2[s]) for s, xs in enumerate(rows)])
+            y = torch._grouped_mm(h, self.w2, offs=offsets)                        # [M, H]
+        else:
+            # A correct loop over slots where the grouped GEMM is not supported (one host sync).
+            rows = x.split(counts.tolist())
+            y = torch.cat([swiglu(xs, self.w13[s], self.w2[s]) for s, xs in enumerate(rows)])
+        if row_scale is not None:
+            y = (y * row_scale.unsqueeze(1)).to(y.dtype)                           # fp32 product, then round
+        return y
 
 
 class DenseMLP(nn.Module):
