@@ -11,6 +11,9 @@ header) before any process group starts; a bad value prints one line
 When a rank dies or hangs while sampling, the others stop within `parallel.timeout_s` (or at
 the launcher's SIGTERM) with `error: rank N lost contact with its peers during <phase>: ...`
 and exit 1, leaving the images of finished batches and stats.json (closed windows) on disk.
+A file under output_dir that cannot be written while the job runs (disk full) stops it with
+`error: config field 'output_dir': rank N could not write <file>: ...` and exit 3, keeping
+what was written before.
 """
 from __future__ import annotations
 
@@ -57,6 +60,7 @@ def parse_args(argv):
 
 
 PEER_LOST = 1  # exit status when a rank lost contact with its peers (2: bad config)
+WRITE_FAILED = 3  # exit status when a file under output_dir could not be written mid-run
 
 
 def error(msg: str) -> int:
@@ -78,7 +82,7 @@ def main(argv=None) -> int:
         print(shlex.join(launch_command(args.hostfile, args.num_nodes, args.num_gpus, args.config, args.set)))
         return 0
 
-    from moe_ep.model.run import PeerLostError, RunInterrupted, preflight, run
+    from moe_ep.job import OutputWriteError, PeerLostError, RunInterrupted, preflight, run
     from moe_ep.parallel import init_distributed, shutdown
 
     try:
@@ -106,6 +110,12 @@ def main(argv=None) -> int:
         # teardown with dead peers: the caller exits at once (see __main__ below)
         print(f"error: {err}", file=sys.stderr, flush=True)
         return PEER_LOST
+    except OutputWriteError as err:
+        # the rank that could not write says so; its peers then stop through the launcher's SIGTERM
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        if ctx.world_size == 1:  # no peers to wait on
+            shutdown()
+        return WRITE_FAILED
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
@@ -119,7 +129,7 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     rc = main()
-    if rc == PEER_LOST:  # do not wait on a process group (or threads) whose peers are gone
+    if rc in (PEER_LOST, WRITE_FAILED):  # do not wait on a process group (or threads) whose peers are gone
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(rc)

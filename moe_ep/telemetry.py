@@ -4,7 +4,7 @@ summary.json, and the plots shared with `launch/report.py`.
 The runner calls one object at fixed points (docs/dashboards.md lists every key):
 
     telemetry = Telemetry(cfg, ctx, out_dir)     # every rank; rank 0 opens metrics.jsonl and wandb
-    telemetry.attach(model, stats)               # one PhaseTimer on every block and MoE layer
+    telemetry.attach(model, stats)               # one PhaseTimer on every MoE layer and attention block
     ... per forward, on every rank:  telemetry.log_rebalance(event)  (when there was an attempt)
                                      telemetry.log_step(record)      (collective: one all_gather)
     telemetry.log_images(paths, captions)        # rank 0
@@ -175,12 +175,15 @@ class Telemetry:
 
     # ------------------------------------------------------------ hooks
     def attach(self, model, stats=None) -> None:
-        """Put one PhaseTimer on every transformer block ("attention") and MoE layer (router,
-        dispatch, experts, combine); keep `stats` for the per-window load heatmap."""
+        """Put one PhaseTimer on every MoE layer (router, dispatch, experts, combine) and on the
+        blocks that time "attention"; keep `stats` for the per-window load heatmap. `model` is a
+        served model (moe_ep.models.base.ServedModel: `moe_layers()`, `attention_blocks()`) or any
+        object with `moe_layers()` and optionally `blocks`."""
         from .timing import PhaseTimer
 
         self.timer = PhaseTimer(self.ctx.device)
-        for block in getattr(model, "blocks", []):
+        blocks = model.attention_blocks() if hasattr(model, "attention_blocks") else getattr(model, "blocks", [])
+        for block in blocks:
             block.timer = self.timer
         for layer in model.moe_layers():
             layer.timer = self.timer

@@ -37,7 +37,7 @@ def _free_port() -> int:
 
 
 def _ranks_run(rank: int, world: int, overrides: list[str]) -> None:
-    from moe_ep.model.run import run
+    from moe_ep.job import run
     from moe_ep.parallel import context_for_tests
 
     cfg = config_mod.load(QUICKSTART, overrides)

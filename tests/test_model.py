@@ -12,7 +12,7 @@ from moe_ep.config import ConfigError
 from moe_ep.images import decode_latents, save_png
 from moe_ep.layer import MoELayer
 from moe_ep.model.dit import MoEDiT
-from moe_ep.model.sampler import FlowMatchEulerScheduler, MoEDiTPipeline
+from moe_ep.model.sampler import FlowMatchEulerScheduler, MoEDiTPipeline, set_flux_timesteps
 from moe_ep.model.text import PromptEncoder, tokenize
 from moe_ep.parallel import ParallelContext
 from moe_ep.stats import ExpertLoadStats
@@ -86,6 +86,7 @@ def test_sampler_hooks_and_cfg_rows():
 
     def begin(i, t, info):
         calls.append(("begin", i, t, info["cond_rows"], info["rows"]))
+        assert info["sample_branch"] == [0, 0, 0, 1, 1, 1]   # conditional samples first
         stats.begin_forward(t, info["cond_rows"])
 
     def end(i, t, info):
@@ -103,13 +104,27 @@ def test_sampler_hooks_and_cfg_rows():
     assert (counts[0].sum(-1) == n * 3 * 2).all() and (counts[1].sum(-1) == n * 3 * 2).all()
 
 
-def test_scheduler():
+def test_scheduler_is_diffusers_flow_match_euler():
+    """The sampler steps with diffusers' FlowMatchEulerDiscreteScheduler on FLUX's schedule:
+    forward i sees t_i = shift u / (1 + (shift - 1) u), u = 1 - i/N (closed form here), diffusers'
+    timesteps are 1000 t, and a step is x + (t_{i+1} - t_i) v with t_N = 0."""
+    from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
+
     s = FlowMatchEulerScheduler(shift=3.0)
-    s.set_timesteps(4)
-    assert s.sigmas[0] == 1.0 and s.sigmas[-1] == 0.0 and len(s.timesteps) == 4
-    assert s.timesteps[1] > 0.75  # shift > 1 spends more steps at high noise
-    x = torch.ones(2)
-    assert torch.allclose(s.step(torch.ones(2), 3, x), x - s.sigmas[3])
+    assert isinstance(s, FlowMatchEulerDiscreteScheduler)
+    ts = set_flux_timesteps(s, 4)
+    u = np.linspace(1.0, 0.0, 5)[:-1]
+    want = 3.0 * u / (1 + 2.0 * u)
+    assert ts[0] == 1.0 and len(ts) == 4 and np.allclose(ts, want, rtol=0, atol=1e-7), ts
+    assert ts[1] > 0.75  # shift > 1 spends more steps at high noise
+    assert torch.equal(s.timesteps, torch.tensor(ts) * 1000) and s.sigmas[-1] == 0.0
+    x, v = torch.ones(2), torch.full((2,), 2.0)
+    for i, t_next in enumerate(ts[1:] + [0.0]):
+        expect = x + (torch.tensor(t_next) - torch.tensor(ts[i])) * v
+        x = s.step(v, s.timesteps[i], x, return_dict=False)[0]
+        assert torch.allclose(x, expect, rtol=0, atol=1e-6), i
+    # shift 1 (the quickstart before the demo): exactly the hand-written schedule of earlier versions
+    assert set_flux_timesteps(FlowMatchEulerScheduler(1.0), 4) == [1.0, 0.75, 0.5, 0.25]
 
 
 def test_images_independent_of_batching():

@@ -3,7 +3,7 @@ keeps what was finished; files are written atomically; a run resumes from an ear
 statistics; the same config and seed give byte-identical PNGs. docs/reliability.md has the list.
 
 The dead-rank tests use the real DeepSpeed launcher on 2 CPU ranks and the test hook
-MOE_EP_TEST_DIE_AT_STEP=<forward>:<rank>[:hang] (moe_ep/model/run.py)."""
+MOE_EP_TEST_DIE_AT_STEP=<forward>:<rank>[:hang] (moe_ep/job.py)."""
 from __future__ import annotations
 
 import json
@@ -63,7 +63,7 @@ def no_temp_files(folder: str) -> list[str]:
 
 
 def _ranks_run(rank: int, world: int, overrides: list[str]) -> None:
-    from moe_ep.model.run import run
+    from moe_ep.job import run
     from moe_ep.parallel import context_for_tests
 
     cfg = config_mod.load(QUICKSTART, overrides)

@@ -26,7 +26,7 @@ TINY = ["sampling.num_inference_steps=4", "sampling.height=16", "sampling.width=
 
 
 def _ranks_run(rank: int, world: int, overrides: list[str], defer_limit=None) -> None:
-    from moe_ep.model.run import run
+    from moe_ep.job import run
     from moe_ep.parallel import context_for_tests
     from moe_ep.telemetry import Telemetry
 

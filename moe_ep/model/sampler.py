@@ -1,9 +1,15 @@
-"""Rectified-flow (flow-matching) Euler sampling with classifier-free guidance.
+"""Rectified-flow (flow-matching) Euler sampling with classifier-free guidance, stepped by
+diffusers' `FlowMatchEulerDiscreteScheduler`.
 
 Convention (SD3 / FLUX): x_t = (1 - t) * x_0 + t * noise, t = 1 is pure noise, the model
 predicts the velocity v = noise - x_0, and Euler steps go from t = 1 to t = 0:
 x_{t'} = x_t + (t' - t) * v. `shift` warps the schedule toward the noisy end
 (t -> shift*t / (1 + (shift - 1)*t)).
+
+moe-ep's t in [0, 1] is diffusers' sigma (diffusers' `timesteps` are sigma * 1000). The
+schedule is FLUX's: `set_timesteps(sigmas=linspace(1, 1/N, N))`, shifted by the scheduler's
+`shift`, then a terminal 0 -- the N forwards see t = shift(1 - i/N), i = 0..N-1. (diffusers'
+default `set_timesteps(N)` would end at sigma_min = 1/1000 instead, a different schedule.)
 
 With guidance (`guidance_scale > 1`, as in diffusers) the conditional and unconditional
 halves run in one batch, conditional rows FIRST: v = v_u + g * (v_c - v_u).
@@ -14,41 +20,42 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
+from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
 
 from .dit import MoEDiT
 from .text import PromptEncoder
 
 # hook(step_index, timestep in [0, 1], info) called before / after every transformer forward;
-# info: {"batch": prompts in the batch, "cond_rows": MoE input rows of the conditional half
-# (None without guidance), "rows": all MoE input rows}
+# info (moe_ep.models.base.ForwardInfo): {"batch": prompts in the batch, "rows": all MoE input
+# rows, "cond_rows": rows of the conditional half (conditional rows first; None without
+# guidance), "sample_branch": per transformer-batch sample 0 = conditional, 1 = unconditional
+# (None without guidance)}
 ForwardHook = Callable[[int, float, dict], None]
 
 
-class FlowMatchEulerScheduler:
-    """diffusers' FlowMatchEulerDiscreteScheduler, the parts inference needs."""
+def FlowMatchEulerScheduler(shift: float = 1.0) -> FlowMatchEulerDiscreteScheduler:
+    """The scheduler MoEDiTPipeline steps with: diffusers' FlowMatchEulerDiscreteScheduler(shift)."""
+    return FlowMatchEulerDiscreteScheduler(shift=shift)
 
-    def __init__(self, shift: float = 1.0):
-        self.shift = shift
-        self.sigmas = torch.tensor([1.0, 0.0])
-        self.timesteps = self.sigmas[:-1]
 
-    def set_timesteps(self, num_inference_steps: int) -> None:
-        s = torch.linspace(1.0, 0.0, num_inference_steps + 1, dtype=torch.float64)
-        s = self.shift * s / (1 + (self.shift - 1) * s)
-        self.sigmas = s.float()                     # [steps + 1], 1 -> 0
-        self.timesteps = self.sigmas[:-1]           # [steps] the t each forward sees
-
-    def step(self, velocity: torch.Tensor, step_index: int, sample: torch.Tensor) -> torch.Tensor:
-        dt = self.sigmas[step_index + 1] - self.sigmas[step_index]
-        return sample + dt * velocity
+def set_flux_timesteps(scheduler: FlowMatchEulerDiscreteScheduler, num_inference_steps: int) -> list[float]:
+    """Set FLUX's schedule (sigmas linspace(1, 1/N, N), shifted) and begin at step 0.
+    -> the t in [0, 1] each of the N forwards sees (the scheduler's sigmas without the final 0)."""
+    n = num_inference_steps
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / n, n).tolist())
+    scheduler.set_begin_index(0)                 # step() then needs no look-up of the timestep
+    return scheduler.sigmas[:-1].tolist()        # [N]
 
 
 class MoEDiTPipeline:
     """prompts -> latents, named like a diffusers pipeline."""
 
-    def __init__(self, transformer: MoEDiT, prompt_encoder: PromptEncoder, scheduler: FlowMatchEulerScheduler):
-        self.transformer, self.prompt_encoder, self.scheduler = transformer, prompt_encoder, scheduler
+    def __init__(self, transformer: MoEDiT, prompt_encoder: PromptEncoder,
+                 scheduler: Optional[FlowMatchEulerDiscreteScheduler] = None):
+        self.transformer, self.prompt_encoder = transformer, prompt_encoder
+        self.scheduler = scheduler if scheduler is not None else FlowMatchEulerScheduler()
         self.device = transformer.ctx.device
 
     def encode_prompt(self, prompt: Sequence[str], negative_prompt: str, do_cfg: bool):
@@ -80,11 +87,12 @@ class MoEDiTPipeline:
         p = self.transformer.cfg.patch_size
         n_tokens = (latents.shape[2] // p) * (latents.shape[3] // p)
         info = {"batch": B, "cond_rows": B * n_tokens if do_cfg else None,
-                "rows": B * n_tokens * (2 if do_cfg else 1)}
-        self.scheduler.set_timesteps(num_inference_steps)
-        for i, t in enumerate(self.scheduler.timesteps.tolist()):
+                "rows": B * n_tokens * (2 if do_cfg else 1),
+                "sample_branch": [0] * B + [1] * B if do_cfg else None}
+        ts = set_flux_timesteps(self.scheduler, num_inference_steps)            # [N] t in [0, 1]
+        for i, t in enumerate(ts):
             model_in = torch.cat([latents, latents]) if do_cfg else latents     # [2B or B, C, h, w]
-            t_vec = torch.full((model_in.shape[0],), t, device=self.device)
+            t_vec = torch.full((model_in.shape[0],), t, device=self.device)      # [2B or B]
             if callback_on_forward_begin is not None:
                 callback_on_forward_begin(i, t, info)
             v = self.transformer(model_in, t_vec, text, text_mask).float()
@@ -93,5 +101,6 @@ class MoEDiTPipeline:
             if do_cfg:
                 v_cond, v_uncond = v.chunk(2)
                 v = v_uncond + guidance_scale * (v_cond - v_uncond)
-            latents = self.scheduler.step(v, i, latents)
+            # Euler: latents + (sigma_{i+1} - sigma_i) * v, in float32
+            latents = self.scheduler.step(v, self.scheduler.timesteps[i], latents, return_dict=False)[0]
         return latents

@@ -1,0 +1,553 @@
+"""The inference job behind `launch/infer.py`: build the served model, sample every prompt,
+write images, stats.json and summary.json, rebalance experts between forwards when enabled.
+
+The job knows no model: it sees a `moe_ep.models.base.ServedModel` (MoE layers, a weight
+source per layer, `sample(prompts, seeds, hooks)`, per-forward hooks). Its parts:
+
+    preflight(cfg, world_size)   every check that needs no process group: paths, the model
+                                 family's own checks, the slot layout, the eplb files
+    WorkSplit                    prompts -> batches -> rounds: batch j runs on rank j % world in
+                                 round j // world; every rank runs the same number of rounds (a
+                                 rank with no batch left samples zero prompts), so the EP
+                                 all-to-alls and the statistics all-reduces always line up
+    ForwardRecorder              the per-forward hooks: statistics, latency, tokens/s, window
+                                 balancedness under the placement in effect, rebalances, telemetry
+    StatsWriter                  rank 0's stats.json: after every round and, at most every
+                                 STATS_SAVE_EVERY_S, when a window closes
+    ImageWriter                  images/NNN.png as each batch finishes
+    build_summary                summary.json's content
+    run(cfg, ctx)                the loop and its error path (PeerLostError, RunInterrupted,
+                                 OutputWriteError; closed statistics windows saved on error)
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .config import Config, ConfigError
+from .images import save_png
+from .models import build_served_model, preflight_model
+from .models.base import ForwardInfo, MoEShape, ServedModel
+from .parallel import ParallelContext, check_layout, derive_ep_size
+from .paths import check_paths
+from .rebalance import Rebalancer, layer_balancedness, read_placement_file
+from .stats import ExpertLoadStats, read_stats_file
+from .telemetry import Telemetry
+
+TEST_DIE_ENV = "MOE_EP_TEST_DIE_AT_STEP"   # tests: "<forward>:<rank>[:hang]", see _test_die_at
+STATS_SAVE_EVERY_S = 10.0                  # rank 0 also rewrites stats.json when a window closes this long after the last write
+_PEER_WORDS = ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket", "broken pipe", "closed")
+
+
+# ---------------------------------------------------------------- errors
+
+class RunInterrupted(Exception):
+    """Raised in the main thread by launch/infer.py's SIGTERM handler (the DeepSpeed launcher
+    sends SIGTERM to every rank when one exits non-zero)."""
+
+
+class PeerLostError(RuntimeError):
+    """A collective failed or timed out (a rank died or hangs), or the launcher stopped this rank."""
+
+    def __init__(self, rank: int, phase: str, detail: str):
+        self.rank, self.phase, self.detail = rank, phase, detail
+        super().__init__(f"rank {rank} lost contact with its peers during {phase}: {detail}")
+
+
+class OutputWriteError(Exception):
+    """A file under output_dir could not be written while the job ran (disk full, folder made
+    read-only, ...). What was written before stays (every writer is atomic)."""
+
+    def __init__(self, rank: int, path: str, err: OSError, phase: str = ""):
+        self.rank, self.path, self.err, self.phase = rank, path, err, phase
+        super().__init__(f"config field 'output_dir': rank {rank} could not write {path}: "
+                         f"{err.strerror or err} (errno {err.errno}); the images and stats.json "
+                         f"written before are kept, no summary.json")
+
+
+def _write(rank: int, path: str, fn: Callable[[], None]) -> None:
+    """Run the writer `fn` of `path`; an OSError becomes OutputWriteError naming the file."""
+    try:
+        fn()
+    except OSError as err:
+        raise OutputWriteError(rank, path, err) from err
+
+
+# ---------------------------------------------------------------- checks before any process group
+
+def check_eplb_files(cfg: Config, shape: MoEShape, ep: int) -> None:
+    """Parse eplb.stats_file / eplb.placement_file against the model's MoE shape (ConfigError)."""
+    L, E = shape.num_layers, shape.num_experts
+    if cfg.eplb.stats_file:
+        try:
+            read_stats_file(cfg.eplb.stats_file, L, E)
+        except ValueError as err:
+            raise ConfigError("eplb.stats_file", cfg.eplb.stats_file, str(err)) from None
+    if cfg.eplb.placement_file:
+        try:
+            read_placement_file(cfg.eplb.placement_file, L, E, E + cfg.eplb.num_redundant_experts, ep)
+        except ValueError as err:
+            raise ConfigError("eplb.placement_file", cfg.eplb.placement_file, str(err)) from None
+
+
+def preflight(cfg: Config, world_size: int) -> None:
+    """Every check that needs no process group (raises ConfigError naming the field), so a bad
+    input stops before any process group or output file: sizes against the world size, every
+    path (moe_ep/paths.py), the model family's checks (checkpoint header, text encoder, model
+    folder), the eplb files' contents."""
+    ep = derive_ep_size(cfg.parallel, world_size)
+    check_paths(cfg)
+    shape = preflight_model(cfg, world_size)
+    if shape is not None:
+        check_layout(shape.num_experts, cfg.eplb.num_redundant_experts, ep)
+        check_eplb_files(cfg, shape, ep)
+
+
+# ---------------------------------------------------------------- the work split
+
+@dataclass(frozen=True)
+class WorkSplit:
+    """Prompts in batches of `batch_size`; batch j runs on rank j % world in round j // world."""
+
+    batches: tuple[tuple[int, ...], ...]     # prompt indices of each batch
+    world_size: int
+
+    @classmethod
+    def of(cls, num_prompts: int, batch_size: int, world_size: int) -> "WorkSplit":
+        return cls(tuple(tuple(range(i, min(i + batch_size, num_prompts))) for i in range(0, num_prompts, batch_size)),
+                   world_size)
+
+    @property
+    def rounds(self) -> int:
+        """Rounds every rank runs (the same on all ranks)."""
+        return math.ceil(len(self.batches) / self.world_size)
+
+    def batch(self, round_idx: int, rank: int) -> list[int]:
+        """Prompt indices rank `rank` samples in round `round_idx` ([] when it has none left)."""
+        j = round_idx * self.world_size + rank
+        return list(self.batches[j]) if j < len(self.batches) else []
+
+    def prompts_in_round(self, round_idx: int) -> int:
+        """Prompts sampled in round `round_idx` on all ranks together."""
+        return sum(len(self.batch(round_idx, r)) for r in range(self.world_size))
+
+
+# ---------------------------------------------------------------- outputs while sampling
+
+class StatsWriter:
+    """stats.json of the run so far (complete windows only), written by rank 0 atomically:
+    after every round, and when a window closes at least `every_s` after the last write."""
+
+    def __init__(self, stats: ExpertLoadStats, out_dir: str, ctx: ParallelContext,
+                 every_s: float = STATS_SAVE_EVERY_S, clock: Callable[[], float] = time.perf_counter):
+        self.stats, self.ctx, self.every_s, self.clock = stats, ctx, every_s, clock
+        self.path = os.path.join(out_dir, "stats.json")
+        self.last = clock()
+        self.writes = 0
+
+    def save(self) -> None:
+        if not self.ctx.is_main:
+            return
+        _write(self.ctx.rank, self.path, lambda: self.stats.save(self.path))
+        self.last = self.clock()
+        self.writes += 1
+
+    def window_closed(self) -> None:
+        if self.clock() - self.last >= self.every_s:
+            self.save()
+
+    def round_done(self) -> None:
+        self.save()  # with the round's images: what a killed run leaves is complete
+
+
+class ImageWriter:
+    """output_dir/images/NNN.png (NNN = prompt index), atomically, as each batch finishes."""
+
+    def __init__(self, out_dir: str, rank: int):
+        self.folder, self.rank = os.path.join(out_dir, "images"), rank
+        self.written: list[tuple[int, str]] = []
+
+    @staticmethod
+    def relpath(i: int) -> str:
+        return os.path.join("images", f"{i:03d}.png")
+
+    def write(self, indices: Sequence[int], images: Sequence[np.ndarray]) -> None:
+        if len(indices) != len(images):
+            raise RuntimeError(f"the model returned {len(images)} images for {len(indices)} prompts")
+        for i, image in zip(indices, images):
+            path = os.path.join(self.folder, f"{i:03d}.png")
+            _write(self.rank, path, lambda: save_png(image, path))
+            self.written.append((i, path))
+
+
+# ---------------------------------------------------------------- per forward
+
+@dataclass
+class RunState:
+    """What the error path needs to know: the phase for the message, the statistics to save."""
+
+    phase: str = "start-up"
+    stats: Optional[ExpertLoadStats] = None
+
+
+def _test_die_at() -> Optional[tuple[int, int, str]]:
+    """MOE_EP_TEST_DIE_AT_STEP="<forward>:<rank>[:hang]" (tests only): exit, or hang, there."""
+    raw = os.environ.get(TEST_DIE_ENV)
+    if not raw:
+        return None
+    forward, rank, *mode = raw.split(":")
+    return int(forward), int(rank), (mode or ["exit"])[0]
+
+
+def _begin_forward_fn(stats: ExpertLoadStats) -> Callable[[float, ForwardInfo], None]:
+    """stats.begin_forward with the guidance branch of each row: `sample_branch` where the
+    statistics take it, else the legacy `cond_rows`."""
+    takes_branch = "sample_branch" in inspect.signature(stats.begin_forward).parameters
+    if takes_branch:
+        return lambda t, info: stats.begin_forward(t, cond_rows=info.get("cond_rows"),
+                                                   sample_branch=info.get("sample_branch"))
+    return lambda t, info: stats.begin_forward(t, info.get("cond_rows"))
+
+
+class ForwardRecorder:
+    """The hooks the served model calls around every transformer forward (every rank).
+
+    Before: statistics timestep bucket and guidance branches, start the clock. After: stop it,
+    close the statistics window / rebalance (collective), and record one step:
+    {forward, round, step, t, latency_ms, tokens (rows of the round on all ranks), tokens_per_s,
+    and when a window closed balancedness (+ per layer) under the placement in effect during
+    that window, rebalanced when an attempt was made}; log it to telemetry (collective)."""
+
+    def __init__(self, ctx: ParallelContext, stats: ExpertLoadStats, moe_layers: list,
+                 timesteps: Sequence[float], split: WorkSplit, rows_per_prompt: int,
+                 rebalancer: Optional[Rebalancer] = None, telemetry: Optional[Telemetry] = None,
+                 stats_writer: Optional[StatsWriter] = None, state: Optional[RunState] = None,
+                 on_step: Callable[[], None] = lambda: None, die_at: Optional[tuple[int, int, str]] = None):
+        self.ctx, self.stats, self.moe_layers = ctx, stats, moe_layers
+        self.timesteps = list(timesteps)
+        self.split, self.rows_per_prompt = split, rows_per_prompt
+        self.rebalancer, self.telemetry, self.stats_writer = rebalancer, telemetry, stats_writer
+        self.state = state if state is not None else RunState()
+        self.on_step, self.die_at = on_step, die_at
+        self.groups = (ctx.ep_group, ctx.dp_group)
+        self.forward, self.round = 0, 0
+        self.steps: list[dict] = []
+        self.window_balance: list[list[float]] = []      # [windows][L] balancedness per closed window
+        self._t0 = 0.0
+        self._begin = _begin_forward_fn(stats)
+        self._sync = (lambda: torch.cuda.synchronize(ctx.device)) if ctx.device.type == "cuda" else (lambda: None)
+        self._snap_placements: Optional[list] = None
+        self._snap_phy2log: Optional[torch.Tensor] = None
+
+    def start_round(self, round_idx: int) -> None:
+        self.round = round_idx
+
+    def stacked(self, placements: list) -> torch.Tensor:
+        """[L, R] phy2log of these Placement objects, stacked again only when one of them is a new
+        object (set_placement installs a new Placement; none is changed in place)."""
+        prev = self._snap_placements
+        if prev is None or not all(a is b for a, b in zip(prev, placements)):
+            self._snap_placements, self._snap_phy2log = placements, torch.stack([p.phy2log for p in placements])
+        return self._snap_phy2log
+
+    def _maybe_die(self) -> None:
+        if self.die_at is not None and self.die_at[:2] == (self.forward, self.ctx.rank):
+            print(f"{TEST_DIE_ENV}: rank {self.ctx.rank} {self.die_at[2]}s before forward {self.forward}",
+                  file=sys.stderr, flush=True)
+            if self.die_at[2] == "hang":
+                while True:
+                    time.sleep(1)
+            os._exit(1)
+
+    def on_forward_begin(self, step: int, t: float, info: ForwardInfo) -> None:
+        self.state.phase = f"forward {self.forward} (round {self.round}, step {step})"
+        self._maybe_die()
+        self._begin(t, info)
+        self._sync()
+        self._t0 = time.perf_counter()
+
+    def _window_balancedness(self, placements: list) -> list[float]:
+        """[L] balancedness of the last closed window under `placements` (the ones in effect during it)."""
+        load = self.stats.windows[-1].astype(np.float64)                         # [L, E]
+        return layer_balancedness(load, self.stacked(placements), self.ctx.ep_size).tolist()
+
+    def on_forward_end(self, step: int, t: float, info: ForwardInfo) -> None:
+        self._sync()
+        latency = time.perf_counter() - self._t0
+        windows_before = self.stats.num_windows
+        in_effect = [l.placement for l in self.moe_layers]   # placement during this forward
+        event = None
+        self.state.phase = f"the statistics window / rebalance after forward {self.forward}"
+        if self.rebalancer is not None:  # it closes the statistics windows itself
+            ts = self.timesteps
+            next_t = ts[step + 1] if step + 1 < len(ts) else ts[0]
+            event = self.rebalancer.after_forward(self.forward, t, next_timestep=next_t)
+        else:
+            self.stats.end_forward(self.groups)
+        closed = self.stats.num_windows > windows_before
+        rows = self.split.prompts_in_round(self.round) * self.rows_per_prompt
+        rec = {"forward": self.forward, "round": self.round, "step": step, "t": t,
+               "latency_ms": latency * 1e3, "tokens": rows, "tokens_per_s": rows / latency if latency > 0 else 0.0}
+        if closed:
+            bal = self._window_balancedness(in_effect)       # the placement before any rebalance now
+            self.window_balance.append(bal)
+            rec["balancedness"] = float(np.mean(bal)) if bal else 1.0
+            rec.update({f"balancedness/layer{i}": b for i, b in enumerate(bal)})
+        if event is not None:
+            if self.telemetry is not None:
+                self.telemetry.log_rebalance(event)
+            rec["rebalanced"] = int(bool(event.get("ok", True)))
+        self.steps.append(rec)
+        self.state.phase = f"the telemetry gather after forward {self.forward}"
+        if self.telemetry is not None:
+            self.telemetry.log_step(rec)
+        if closed and self.stats_writer is not None:
+            self.stats_writer.window_closed()
+        self.forward += 1
+        self.on_step()
+
+    def close_last_window(self) -> None:
+        """Close the last, partial window (collective; the same forward count on every rank)."""
+        if self.stats.window_open:
+            self.stats.close_window(self.groups)
+            self.window_balance.append(self._window_balancedness([l.placement for l in self.moe_layers]))
+
+
+# ---------------------------------------------------------------- eplb at start-up
+
+def make_rebalancer(cfg: Config, model: ServedModel, ctx: ParallelContext, stats: ExpertLoadStats):
+    """-> (rebalancer or None, a note for summary.json)."""
+    if not cfg.eplb.enabled:
+        return None, "disabled"
+    return (Rebalancer(model.moe_layers(), ctx, cfg.eplb, stats, transfer_timeout_s=ctx.timeout_s),
+            "moe_ep.rebalance.Rebalancer")
+
+
+def install_placement_file(path: str, model: ServedModel, ep_size: int) -> None:
+    """Install an offline placement without a rebalancer: every rank fills its own slots from
+    the model's weight source (no weights move between ranks). Raises ConfigError naming
+    eplb.placement_file."""
+    layers = model.moe_layers()
+    try:
+        phy2log = read_placement_file(path, len(layers), layers[0].cfg.num_experts, layers[0].num_slots,
+                                      ep_size)  # [L, R]
+    except ValueError as err:
+        raise ConfigError("eplb.placement_file", path, str(err)) from None
+    for layer in layers:
+        layer.set_placement(phy2log[layer.layer_idx], model.weight_source(layer.layer_idx))
+
+
+def _all_ranks_ok(ok: bool, ctx: ParallelContext) -> bool:
+    """True when `ok` on every rank of the world (one all-reduce; no-op for a world of one)."""
+    if ctx.world_size == 1:
+        return ok
+    flag = torch.tensor([int(ok)], device=ctx.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def apply_eplb_files(cfg: Config, model: ServedModel, ctx: ParallelContext, stats: ExpertLoadStats,
+                     rebalancer: Optional[Rebalancer]) -> None:
+    """eplb.stats_file seeds the statistics; eplb.placement_file installs an offline placement
+    (through the rebalancer when there is one, else straight from the weight source)."""
+    e = cfg.eplb
+    if e.stats_file:
+        error = None
+        try:
+            stats.load_seed(e.stats_file)
+        except ValueError as err:
+            error = err
+        # Every rank read the file; all must have succeeded before any of them enters the
+        # rebalance below, or the others would wait in its broadcast until the timeout.
+        if not _all_ranks_ok(error is None, ctx):
+            raise ConfigError("eplb.stats_file", e.stats_file,
+                              str(error) if error else "could not be read on another rank") from None
+        if rebalancer is not None and not e.placement_file:
+            # resume: start from a placement planned on the earlier run's load (collective)
+            rebalancer.rebalance_now(-1, trigger="stats_file")
+    if e.placement_file:
+        if rebalancer is None:
+            install_placement_file(e.placement_file, model, ctx.ep_size)
+            return
+        try:
+            rebalancer.load_placement_file(e.placement_file)
+        except ValueError as err:
+            raise ConfigError("eplb.placement_file", e.placement_file, str(err)) from None
+
+
+# ---------------------------------------------------------------- summary.json
+
+def build_summary(cfg: Config, ctx: ParallelContext, model: ServedModel, recorder: ForwardRecorder,
+                  rebalancer: Optional[Rebalancer], rebalancer_note: str, wall_s: float) -> dict:
+    """summary.json's content (docs/model.md lists the keys); telemetry adds phase_ms and telemetry."""
+    s = cfg.sampling
+    prompts = list(s.prompts)
+    steps = recorder.steps
+    # per layer: the mean over the closed windows of the balancedness under the placement in effect
+    # for each window (not the final placement applied to the whole run's load)
+    wb = recorder.window_balance
+    bal = np.mean(wb, axis=0).tolist() if wb else []
+    lat = [x["latency_ms"] for x in steps]
+    fwd_time = sum(lat) / 1e3
+    events = rebalancer.events if rebalancer is not None else []
+    return {
+        "config": cfg.to_dict(),
+        "world_size": ctx.world_size, "ep_size": ctx.ep_size, "dp_size": ctx.dp_size,
+        "ranks_per_node": ctx.ranks_per_node, "device": str(ctx.device),
+        "num_prompts": len(prompts), "num_forwards": len(steps), "tokens_per_image": model.tokens_per_image,
+        "images": [{"path": ImageWriter.relpath(i), "prompt": prompts[i], "seed": s.seed + i}
+                   for i in range(len(prompts))],
+        "wall_s": wall_s,
+        "latency_ms": {"mean": float(np.mean(lat)) if lat else 0.0, "p50": float(np.median(lat)) if lat else 0.0,
+                       "max": float(np.max(lat)) if lat else 0.0},
+        "tokens_per_s": sum(x["tokens"] for x in steps) / fwd_time if fwd_time > 0 else 0.0,
+        "steps": steps,
+        "balancedness": {"per_layer": bal, "mean": float(np.mean(bal)) if bal else 1.0, "windows": wb},
+        "placement": [l.placement.phy2log.tolist() for l in model.moe_layers()],
+        "eplb": {"enabled": cfg.eplb.enabled, "rebalancer": rebalancer_note},
+        "rebalances": [{k: v for k, v in ev.items() if not str(k).startswith("_")} for ev in events],
+        "checkpoint": cfg.model.checkpoint,
+        "model": model.describe(),
+    }
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if torch.is_tensor(x):
+        return x.tolist()
+    return x
+
+
+# ---------------------------------------------------------------- the run and its error path
+
+def _lost_peer(err: BaseException, ctx: ParallelContext) -> bool:
+    if isinstance(err, RunInterrupted):
+        return True
+    if ctx.world_size <= 1 or not isinstance(err, RuntimeError):
+        return False
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    return any(w in str(err).lower() for w in _PEER_WORDS)
+
+
+def _save_stats_on_error(stats: Optional[ExpertLoadStats], out_dir: str) -> None:
+    """Every surviving rank writes the closed windows (the same on every rank: they are
+    all-reduced over the world) to stats.json; SIGTERM is held off during the write."""
+    if stats is None or not stats.num_windows:
+        return
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, signal.SIG_IGN) if main else None
+    try:
+        stats.save(os.path.join(out_dir, "stats.json"))
+    except Exception as err:  # noqa: BLE001 - report, keep the original error
+        print(f"warning: could not write stats.json on the error path: {err}", file=sys.stderr, flush=True)
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, old)
+
+
+def run(cfg: Config, ctx: ParallelContext, progress: bool = True) -> dict:
+    """Sample every prompt; write output_dir/images/*.png, stats.json, summary.json. Collective.
+
+    Images are written as each batch finishes and stats.json after each round, so a failed run
+    keeps what it finished. When a collective fails or times out (a rank died or hangs;
+    `parallel.timeout_s`) or the launcher stops this rank, the closed statistics windows are
+    written to stats.json and PeerLostError names this rank and the phase (no summary.json).
+    A file that cannot be written (disk full) raises OutputWriteError the same way."""
+    state = RunState()
+    try:
+        return _run(cfg, ctx, progress, state)
+    except ConfigError:
+        raise
+    except BaseException as err:
+        _save_stats_on_error(state.stats, cfg.output_dir)
+        Telemetry.abort_active()  # rank 0: offline wandb history so far, run finished with exit code 1; never raises
+        if isinstance(err, OutputWriteError):
+            err.phase = state.phase
+            raise
+        if _lost_peer(err, ctx):
+            detail = "stopped by SIGTERM (the launcher stops every rank when one exits non-zero)" \
+                if isinstance(err, RunInterrupted) else \
+                f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]}"
+            raise PeerLostError(ctx.rank, state.phase, detail) from err
+        raise
+
+
+def _run(cfg: Config, ctx: ParallelContext, progress: bool, state: RunState) -> dict:
+    s, out_dir = cfg.sampling, cfg.output_dir
+    images_dir = os.path.join(out_dir, "images")
+    _write(ctx.rank, images_dir, lambda: os.makedirs(images_dir, exist_ok=True))
+    model = build_served_model(cfg, ctx)
+    layers = model.moe_layers()
+    stats = ExpertLoadStats(len(layers), layers[0].cfg.num_experts, ctx.device, cfg.eplb.window_size,
+                            cfg.eplb.timestep_buckets, layers[0].cfg.top_k)
+    state.stats = stats
+    for layer in layers:
+        layer.stats = stats
+    rebalancer, rebalancer_note = make_rebalancer(cfg, model, ctx, stats)
+    apply_eplb_files(cfg, model, ctx, stats, rebalancer)
+    telemetry = Telemetry(cfg, ctx, out_dir)
+    telemetry.attach(model, stats)  # phase timers on the attention blocks and MoE layers; window loads for heatmaps
+    for ev in (rebalancer.events if rebalancer is not None else []):   # stats_file / placement_file
+        telemetry.log_rebalance(ev)
+
+    prompts = list(s.prompts)
+    split = WorkSplit.of(len(prompts), s.batch_size, ctx.world_size)
+    from tqdm import tqdm
+    bar = tqdm(total=split.rounds * model.num_inference_steps, desc="sampling", unit="step",
+               disable=not (progress and ctx.is_main), dynamic_ncols=True)
+    stats_writer = StatsWriter(stats, out_dir, ctx)
+    recorder = ForwardRecorder(ctx, stats, layers, model.timesteps, split, model.rows_per_prompt,
+                               rebalancer, telemetry, stats_writer, state, on_step=lambda: bar.update(1),
+                               die_at=_test_die_at())
+    images = ImageWriter(out_dir, ctx.rank)
+
+    t_start = time.perf_counter()
+    for r in range(split.rounds):
+        recorder.start_round(r)
+        idx = split.batch(r, ctx.rank)
+        images.write(idx, model.sample([prompts[i] for i in idx], [s.seed + i for i in idx], recorder))
+        state.phase = f"writing the statistics after round {r}"
+        stats_writer.round_done()
+    wall = time.perf_counter() - t_start
+    bar.close()
+    state.phase = "the last statistics window"
+    recorder.close_last_window()
+    state.phase = "the final barrier"
+    if ctx.world_size > 1:
+        dist.barrier()  # every rank's images are on disk
+    state.phase = "writing the outputs"
+
+    summary = build_summary(cfg, ctx, model, recorder, rebalancer, rebalancer_note, wall)
+    stats_writer.save()
+    if ctx.is_main:
+        telemetry.log_images([os.path.join(out_dir, x["path"]) for x in summary["images"]],
+                             [f"{x['prompt']} (seed {x['seed']})" for x in summary["images"]])
+    summary_path = os.path.join(out_dir, "summary.json")
+    try:
+        telemetry.finish(_jsonable(summary))
+    except OSError as err:
+        telemetry.abort()   # finish() already let go of the active run: close wandb here
+        raise OutputWriteError(ctx.rank, summary_path, err) from err
+    model.close()
+    return summary

@@ -1,0 +1,107 @@
+"""The built-in MoE-DiT (moe_ep/model/) behind the served-model interface.
+
+Built on every rank from `model.seed` or from a moe-ep checkpoint (`model.checkpoint`, each
+rank reading only its experts); sampled by MoEDiTPipeline (diffusers' flow-matching Euler
+scheduler, classifier-free guidance with conditional rows first), decoded by the fixed
+stand-in decoder of moe_ep/images.py.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..checkpoint import CheckpointReader, inspect_checkpoint, load_checkpoint
+from ..config import Config
+from ..experts import init_expert_weights
+from ..images import decode_latents
+from ..parallel import ParallelContext, check_layout, derive_ep_size
+from .base import ExpertWeightSource, ForwardHooks, MoEShape, ServedModel
+
+
+def moe_shape(cfg: Config) -> MoEShape:
+    """MoE layers and experts of the built-in model: block i is MoE when (i + 1) % moe_every == 0."""
+    m = cfg.model
+    return MoEShape(m.num_layers // m.moe_every, m.moe.num_experts, m.moe.top_k)
+
+
+def preflight(cfg: Config, world_size: int) -> MoEShape:
+    """Checks that need no process group (raise ConfigError): the slot layout against the EP
+    size, the checkpoint header against the model config, the user text encoder's import."""
+    from ..model.text import load_user_encoder
+
+    ep = derive_ep_size(cfg.parallel, world_size)
+    check_layout(cfg.model.moe.num_experts, cfg.eplb.num_redundant_experts, ep)
+    if cfg.model.checkpoint:
+        inspect_checkpoint(cfg.model.checkpoint, cfg.model)
+    if cfg.model.text_encoder != "builtin":
+        load_user_encoder(cfg.model.text_encoder)
+    return moe_shape(cfg)
+
+
+class MoEDiTModel(ServedModel):
+    """MoEDiT + PromptEncoder + MoEDiTPipeline + decode_latents, as a ServedModel."""
+
+    def __init__(self, cfg: Config, transformer, weight_source, reader: Optional[CheckpointReader] = None):
+        from ..model.sampler import FlowMatchEulerScheduler, MoEDiTPipeline, set_flux_timesteps
+        from ..model.text import PromptEncoder
+
+        self.cfg, self.transformer, self.reader = cfg, transformer, reader
+        self._weight_source = weight_source
+        m, s = cfg.model, cfg.sampling
+        encoder = PromptEncoder(m, transformer.text_encoder, transformer.ctx.device, transformer.dtype)
+        self.pipe = MoEDiTPipeline(transformer, encoder, FlowMatchEulerScheduler(s.shift))
+        self.tokens_per_image = (s.height // m.vae_scale_factor // m.patch_size) * \
+                                (s.width // m.vae_scale_factor // m.patch_size)
+        self.rows_per_prompt = self.tokens_per_image * (2 if s.guidance_scale > 1.0 else 1)
+        self.num_inference_steps = s.num_inference_steps
+        # the t of each forward, from a scheduler of its own (the same numbers the pipeline sets)
+        self._timesteps = set_flux_timesteps(FlowMatchEulerScheduler(s.shift), s.num_inference_steps)
+
+    @classmethod
+    def build(cls, cfg: Config, ctx: ParallelContext) -> "MoEDiTModel":
+        """Seed-initialised, or loaded from `model.checkpoint` (header already checked by preflight)."""
+        from ..model.dit import MoEDiT
+
+        model = MoEDiT(cfg.model, ctx, num_redundant=cfg.eplb.num_redundant_experts)
+        if cfg.model.checkpoint:
+            reader = load_checkpoint(model, cfg.model.checkpoint)
+            return cls(cfg, model, reader.layer_source, reader)
+        model.init_from_seed()
+        H, F, seed = cfg.model.hidden_size, cfg.model.moe.expert_hidden_size, cfg.model.seed
+        return cls(cfg, model, lambda layer: lambda e: init_expert_weights(seed, layer, e, H, F, model.dtype))
+
+    # ------------------------------------------------------------ ServedModel
+    def moe_layers(self) -> list:
+        return self.transformer.moe_layers()
+
+    def weight_source(self, layer_idx: int) -> ExpertWeightSource:
+        return self._weight_source(layer_idx)
+
+    @property
+    def timesteps(self) -> list[float]:
+        return self._timesteps
+
+    def sample(self, prompts: Sequence[str], seeds: Sequence[int], hooks: ForwardHooks) -> list[np.ndarray]:
+        s = self.cfg.sampling
+        latents = self.pipe(list(prompts), negative_prompt=s.negative_prompt,
+                            num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
+                            height=s.height, width=s.width, seeds=list(seeds),
+                            callback_on_forward_begin=hooks.on_forward_begin,
+                            callback_on_forward_end=hooks.on_forward_end)           # [B, C, h, w]
+        return list(decode_latents(latents, self.cfg.model.vae_scale_factor))       # B x [H, W, 3] uint8
+
+    def attention_blocks(self) -> list:
+        return list(self.transformer.blocks)
+
+    def describe(self) -> dict:
+        m = self.cfg.model
+        layers = self.moe_layers()
+        return {"type": "moe_dit", "checkpoint": m.checkpoint, "dtype": m.dtype,
+                "num_blocks": m.num_layers, "num_moe_layers": len(layers), "num_experts": m.moe.num_experts,
+                "top_k": m.moe.top_k, "hidden_size": m.hidden_size,
+                "expert_hidden_size": m.moe.expert_hidden_size, "text_encoder": m.text_encoder,
+                "scheduler": "diffusers.FlowMatchEulerDiscreteScheduler", "shift": self.cfg.sampling.shift}
+
+    def close(self) -> None:
+        self.reader = None
