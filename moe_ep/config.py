@@ -94,6 +94,9 @@ class EplbConfig:
     timestep_aware: bool = False         # one placement per timestep phase
     placement_file: Optional[str] = None  # start from a placement planned offline
     stats_file: Optional[str] = None     # seed the statistics from an earlier run
+    # "sync": stop, move every layer, swap all at once; "async": one layer per forward boundary
+    # while sampling goes on (docs/eplb_runtime.md)
+    migration: Literal["sync", "async"] = "sync"
 
 
 @dataclass

@@ -40,6 +40,7 @@ from .config import EplbConfig
 from .parallel import ParallelContext
 from .placement import make_placement
 from .stats import ExpertLoadStats
+from .migration import LayerByLayerMigration
 from .transfer import Transfer, plan_transfers, summarize
 
 Planner = Callable[..., tuple]
@@ -128,6 +129,26 @@ class Rebalancer:
         # per bucket: what _maybe_switch_phase derives from (phase plans, placement, loads), reused
         # while none of the three changed (see _phase_terms)
         self._phase_cache: dict[int, tuple] = {}
+        # asynchronous migration (cfg.migration == "async"): the one in progress, its event, and
+        # the process group its exchange runs on (its own NCCL communicator: no queueing behind
+        # the forward's all-to-alls)
+        self.migration: Optional[LayerByLayerMigration] = None
+        self._migration_event: Optional[dict] = None
+        self._migration_group = self._make_migration_group() if cfg.migration == "async" else None
+
+    def _make_migration_group(self):
+        """A second group over this rank's EP ranks (collective: every rank makes every group)."""
+        ctx = self.ctx
+        if ctx.ep_group is None:
+            return None
+        import datetime
+        timeout = datetime.timedelta(seconds=ctx.timeout_s)
+        mine = None
+        for d in range(ctx.world_size // ctx.ep_size):      # EP groups are consecutive ranks
+            g = dist.new_group(list(range(d * ctx.ep_size, (d + 1) * ctx.ep_size)), timeout=timeout)
+            if ctx.rank // ctx.ep_size == d:
+                mine = g
+        return mine
 
     # ------------------------------------------------------------ small helpers
     @property
@@ -219,7 +240,9 @@ class Rebalancer:
         if self.stats.end_forward(self.groups):
             self._on_window_closed()
         event = None
-        if self.cfg.enabled:
+        if self.migration is not None:
+            self._step_migration()
+        elif self.cfg.enabled:
             aware = self.cfg.timestep_aware and self.stats.timestep_buckets > 1
             if self._forwards % self.cfg.interval == 0:
                 event = self.plan_phases(forward_idx) if aware else self.rebalance_now(forward_idx)
@@ -286,12 +309,81 @@ class Rebalancer:
         if status != FAILED:
             ev["balancedness_after"] = _summary(layer_balancedness(load, new, self.ctx.ep_size))
         return self._execute(ev, old, new if status == GO else old, failed=status == FAILED,
-                             reason=reason, status_if_noop="failed" if status == FAILED else "skipped", t0=t0)
+                             reason=reason, status_if_noop="failed" if status == FAILED else "skipped", t0=t0,
+                             allow_async=trigger == "interval")
+
+    # ------------------------------------------------------------ asynchronous migration
+    def _vote_max(self, flags: list[int]) -> list[int]:
+        return [int(v) for v in self._all_reduce(self._ctl(flags)).cpu().tolist()]
+
+    def _start_migration(self, ev: dict, old: torch.Tensor, new: torch.Tensor, failed: bool, reason: str,
+                         status_if_noop: str, t0: float) -> dict:
+        """Agree on `new` first (the same vote as the synchronous path), then move it in one
+        layer per forward boundary (moe_ep.migration). Collective."""
+        self._attempts += 1
+        moving = not failed and not torch.equal(new, old)
+        p = (new if moving else old).flatten().to(torch.int64)
+        vote = self._all_reduce(self._ctl(torch.cat([torch.tensor([int(failed)]), p, -p]))).cpu()
+        n = p.numel()
+        any_failed, same = int(vote[0]) == 1, torch.equal(vote[1:1 + n], -vote[1 + n:])
+        if moving and not any_failed and same:
+            moves = plan_transfers(old, new, self.ctx.ep_size)
+            self.migration = LayerByLayerMigration(
+                self.layers, moves, new, self.ctx.ep_rank, self.ctx.ep_size,
+                self._migration_group if self._migration_group is not None else self.ctx.ep_group,
+                self._vote_max, tag=1 + self._attempts % 30000, timeout_s=self.transfer_timeout_s,
+                fault_hook=self.fault_hook)
+            ev.update(status="migrating", ok=False, migration="async", _t0=t0)
+            self._migration_event = ev
+            self.events.append(ev)
+            self._step_migration()          # prepare and post the first layer now
+            return ev
+        if not any_failed and not same:
+            reason = "replicas of the data-parallel group proposed different placements"
+        elif any_failed and not failed:
+            reason = reason or "failed on another data-parallel replica"
+        ev["status"] = "failed" if (any_failed or not same) else status_if_noop
+        ev["reason"] = reason
+        ev["time_ms"] = (time.perf_counter() - t0) * 1e3
+        self.events.append(ev)
+        return ev
+
+    def _step_migration(self) -> None:
+        mig, ev = self.migration, self._migration_event
+        if not mig.step():
+            return
+        st = mig.stats
+        stall = mig.stall_s
+        ev.update(layers_moved=len(mig.committed), stall_ms_per_forward=float(np.mean(stall)) * 1e3,
+                  stall_ms_max=float(np.max(stall)) * 1e3, forwards=len(stall),
+                  peak_staging_bytes=mig.peak_staging_bytes)
+        t0 = ev.pop("_t0")
+        ev["time_ms"] = (time.perf_counter() - t0) * 1e3
+        if mig.failed_reason:
+            ev["status"], ev["reason"] = "failed", mig.failed_reason
+            ev["attempted"] = {"experts_moved": st.experts_moved, "bytes_moved": st.bytes_moved}
+            if mig.committed:
+                ev["reason"] += f" (layers {mig.committed} were moved and keep the new placement)"
+        else:
+            ev.update(status="ok", ok=True, reason="", experts_moved=st.experts_moved,
+                      remote_moves=st.remote_moves, local_copies=st.local_copies, bytes_moved=st.bytes_moved)
+            ev["_skip_windows"] = 1 if self.stats.window_open else 0
+            self._pending_measure.append(ev)
+        self.migration, self._migration_event = None, None
+
+    def finish_migration(self) -> None:
+        """Complete a migration in progress (collective; call before the run ends)."""
+        while self.migration is not None:
+            self._step_migration()
 
     # ------------------------------------------------------------ transfer + agreement
     def _execute(self, ev: dict, old: torch.Tensor, new: torch.Tensor, failed: bool, reason: str,
-                 status_if_noop: str, t0: float) -> dict:
-        """Move weights for old -> new (when they differ), agree, swap or keep. Collective."""
+                 status_if_noop: str, t0: float, allow_async: bool = False) -> dict:
+        """Move weights for old -> new (when they differ), agree, swap or keep. Collective.
+        `allow_async`: periodic rebalances may migrate layer by layer (eplb.migration = "async");
+        start-up placements and timestep-phase switches are always moved at once."""
+        if allow_async and self.cfg.migration == "async":
+            return self._start_migration(ev, old, new, failed, reason, status_if_noop, t0)
         self._attempts += 1
         moving = not failed and not torch.equal(new, old)
         transfer, st, t_p2p = None, None, 0.0

@@ -179,12 +179,19 @@ class Transfer:
 
         Call on every rank of the EP group after a successful go/no-go vote on prepare().
         """
+        self.finish(self.post())
+
+    def post(self) -> list:
+        """Post this rank's sends and receives (batch_isend_irecv) and return their works at
+        once; the exchange goes on in the background until `finish`."""
         ops, self._ops = self._ops, []
-        if ops:
-            works = dist.batch_isend_irecv(ops)
-            timeout = None if self.timeout_s is None else datetime.timedelta(seconds=self.timeout_s)
-            for w in works:
-                w.wait(timeout) if timeout is not None else w.wait()
+        return dist.batch_isend_irecv(ops) if ops else []
+
+    def finish(self, works: list) -> None:
+        """Wait for the posted exchange (at most `timeout_s`), then unpack into staging."""
+        timeout = None if self.timeout_s is None else datetime.timedelta(seconds=self.timeout_s)
+        for w in works:
+            w.wait(timeout) if timeout is not None else w.wait()
         for peer, (buf, meta) in self._recv.items():
             off = 0
             for layer, local_slot, s13, s2, _ in meta:
@@ -197,14 +204,16 @@ class Transfer:
         if self.fault_hook is not None:
             self.fault_hook("received")
 
-    def commit(self, new_phy2log: torch.Tensor) -> None:
-        """Copy staging into the live weights and install the new placement on every layer."""
+    def commit(self, new_phy2log: torch.Tensor, only_layers: Optional[list[int]] = None) -> None:
+        """Copy staging into the live weights and install the new placement on every layer
+        (or on `only_layers`, whose moves are all this transfer holds)."""
         for (layer, local_slot), (w13, w2) in self.staging.items():
             ex = self.layers[layer].experts
             ex.w13.data[local_slot].copy_(w13)
             ex.w2.data[local_slot].copy_(w2)
         for l, layer in enumerate(self.layers):
-            layer.set_placement(new_phy2log[l])
+            if only_layers is None or l in only_layers:
+                layer.set_placement(new_phy2log[l])
         self.clear()
 
     def clear(self) -> None:
