@@ -1,0 +1,174 @@
+"""A diffusers folder that does not match its model fails with one clear line naming the file and
+the key (ConfigError on model.path), before any process group (`preflight`); the served model's
+interface at EP = 1; the disk weight source."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from moe_ep.config import Config, ConfigError
+from moe_ep.models.diffusers import (build_served_model, inspect_folder, load_transformer, preflight)
+from moe_ep.models.diffusers.loader import build_meta_model
+from moe_ep.models.diffusers.tiny import save_tiny_folders
+from moe_ep.parallel import ParallelContext
+
+EXPERT_KEY = "double_stream_blocks.0.block.ff_i.experts.1.w2.weight"
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    return save_tiny_folders(str(tmp_path_factory.mktemp("diffusers_models")))
+
+
+@pytest.fixture
+def hidream(saved, tmp_path):
+    """A private copy of the sharded HiDream transformer folder."""
+    return shutil.copytree(saved["hidream"], tmp_path / "hidream")
+
+
+@pytest.fixture
+def nucleus(saved, tmp_path):
+    """A private copy of the NucleusMoE pipeline folder."""
+    return shutil.copytree(saved["nucleus"], tmp_path / "nucleus")
+
+
+def shard_of(folder, key: str) -> str:
+    with open(os.path.join(folder, "diffusion_pytorch_model.safetensors.index.json")) as f:
+        return os.path.join(folder, json.load(f)["weight_map"][key])
+
+
+def edit_index(folder, fn) -> None:
+    path = os.path.join(folder, "diffusion_pytorch_model.safetensors.index.json")
+    with open(path) as f:
+        index = json.load(f)
+    fn(index["weight_map"])
+    with open(path, "w") as f:
+        json.dump(index, f)
+
+
+def edit_config(folder, **changes) -> None:
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config.update(changes)
+    with open(path, "w") as f:
+        json.dump(config, f)
+
+
+def fails(folder, *needles) -> str:
+    """Loading and preflight both refuse `folder` with one line on model.path containing `needles`."""
+    cfg = Config()
+    cfg.model.type, cfg.model.path = "diffusers", str(folder)
+    for call in (lambda: preflight(cfg, 1), lambda: load_transformer(str(folder), ParallelContext())):
+        with pytest.raises(ConfigError) as err:
+            call()
+        msg = str(err.value)
+        assert err.value.field_name == "model.path" and "\n" not in msg, msg
+        for needle in needles:
+            assert str(needle) in msg, (needle, msg)
+    return msg
+
+
+def test_wrong_shape_names_shard_and_key(hidream):
+    shard = shard_of(hidream, EXPERT_KEY)
+    tensors = load_file(shard)
+    tensors[EXPERT_KEY] = tensors[EXPERT_KEY][:, :-1].contiguous()
+    save_file(tensors, shard)
+    msg = fails(hidream, os.path.basename(shard), EXPERT_KEY, "has shape")
+    assert "[32, 255]" in msg and "[32, 256]" in msg
+
+
+def test_missing_key_names_index_and_key(hidream):
+    shard = shard_of(hidream, EXPERT_KEY)
+    tensors = load_file(shard)
+    del tensors[EXPERT_KEY]
+    save_file(tensors, shard)
+    # still listed in the index: the index names a shard that does not hold it
+    fails(hidream, "index.json", EXPERT_KEY, os.path.basename(shard))
+    edit_index(hidream, lambda m: m.pop(EXPERT_KEY))
+    fails(hidream, "index.json", EXPERT_KEY, "is missing")
+
+
+def test_unexpected_key_and_config_that_does_not_match_the_weights(nucleus):
+    weights = os.path.join(nucleus, "transformer", "diffusion_pytorch_model.safetensors")
+    tensors = load_file(weights)
+    save_file({**tensors, "transformer_blocks.7.img_mlp.gate.weight": torch.zeros(8, 128)}, weights)
+    fails(nucleus, "diffusion_pytorch_model.safetensors", "transformer_blocks.7.img_mlp.gate.weight", "is not in")
+    save_file(tensors, weights)
+    # the config says 16 experts, the weights hold 8: the first key (in order) whose shape differs
+    edit_config(os.path.join(nucleus, "transformer"), num_experts=16)
+    fails(nucleus, "diffusion_pytorch_model.safetensors", "transformer_blocks.1.img_mlp.experts.down_proj",
+          "[8, 24, 64]", "[16, 24, 64]")
+
+
+def test_bad_config(hidream, tmp_path):
+    cfg_file = os.path.join(hidream, "config.json")
+    with open(cfg_file) as f:
+        good = f.read()
+    edit_config(hidream, _class_name="FluxTransformer2DModel")
+    fails(hidream, "config.json", "_class_name", "FluxTransformer2DModel", "HiDreamImageTransformer2DModel")
+    edit_config(hidream, _class_name="HiDreamImageTransformer2DModel", num_attention_heads="four")
+    fails(hidream, "config.json", "cannot be built")
+    with open(cfg_file, "w") as f:
+        f.write(good[:-5])
+    fails(hidream, "config.json", "JSON")
+    fails(tmp_path / "nowhere", "is not a folder")
+    os.makedirs(tmp_path / "empty")
+    fails(tmp_path / "empty", "config.json", "model_index.json")
+
+
+def test_truncated_shard(hidream):
+    shard = shard_of(hidream, EXPERT_KEY)
+    with open(shard, "r+b") as f:
+        f.truncate(100)
+    fails(hidream, os.path.basename(shard), "cannot be read as safetensors")
+
+
+def test_module_tensor_without_rebuild_rule_is_refused(saved):
+    info = inspect_folder(saved["nucleus"])
+    build_meta_model(info)  # with the spec's rule: fine
+    bare = dataclasses.replace(info, spec=dataclasses.replace(info.spec, rebuild={}))
+    with pytest.raises(ConfigError, match=r"module 'pos_embed' holds tensor '(pos|neg)_freqs'.*rebuild rule"):
+        build_meta_model(bare)
+
+
+def test_preflight_shape_and_layout(saved):
+    from moe_ep.models import preflight_model
+
+    cfg = Config()
+    cfg.model.type, cfg.model.path = "diffusers", saved["hidream"]
+    shape = preflight_model(cfg, 4)
+    assert (shape.num_layers, shape.num_experts, shape.top_k) == (3, 4, 2)
+    cfg.model.path = saved["nucleus"]
+    shape = preflight(cfg, 2)
+    assert (shape.num_layers, shape.num_experts) == (3, 8)
+    cfg.eplb.num_redundant_experts = 1   # 9 slots over 2 ranks
+    with pytest.raises(ConfigError) as err:
+        preflight(cfg, 2)
+    assert err.value.field_name == "eplb.num_redundant_experts"
+    cfg.model.path = None
+    with pytest.raises(ConfigError, match="model.path"):
+        preflight(cfg, 1)
+
+
+def test_served_model_and_disk_source(saved):
+    cfg = Config()
+    cfg.model.type, cfg.model.path = "diffusers", saved["nucleus"]
+    cfg.eplb.num_redundant_experts = 2
+    served = build_served_model(cfg, ParallelContext())
+    layers = served.moe_layers()
+    assert len(layers) == 3 and all(layer.num_slots == 10 for layer in layers)
+    json.dumps(served.describe())
+    for i, layer in enumerate(layers):
+        for slot, expert in enumerate(layer.local_experts):
+            w13, w2 = served.weight_source(i)(expert)      # read from disk again
+            assert torch.equal(w13, layer.experts.w13[slot]) and torch.equal(w2, layer.experts.w2[slot])
+    report = served.loaded.report
+    assert report.expert_bytes_read == 3 * 10 * (64 * 48 + 24 * 64) * 4
+    assert report.peak_tensor_bytes >= report.expert_slot_bytes + report.other_bytes
