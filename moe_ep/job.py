@@ -150,8 +150,9 @@ class StatsWriter:
     after every round, and when a window closes at least `every_s` after the last write."""
 
     def __init__(self, stats: ExpertLoadStats, out_dir: str, ctx: ParallelContext,
-                 every_s: float = STATS_SAVE_EVERY_S, clock: Callable[[], float] = time.perf_counter):
-        self.stats, self.ctx, self.every_s, self.clock = stats, ctx, every_s, clock
+                 every_s: Optional[float] = None, clock: Callable[[], float] = time.perf_counter):
+        self.stats, self.ctx, self.clock = stats, ctx, clock
+        self.every_s = STATS_SAVE_EVERY_S if every_s is None else every_s
         self.path = os.path.join(out_dir, "stats.json")
         self.last = clock()
         self.writes = 0
