@@ -90,8 +90,9 @@ class ServedModel(ABC):
     @abstractmethod
     def weight_source(self, layer_idx: int) -> ExpertWeightSource:
         """expert -> (w13 [H, 2F], w2 [F, H]) of any logical expert of MoE layer `layer_idx`
-        (from the seed or from disk): fills slots for a placement file without a rebalancer,
-        and is the rebalancer's fallback where no peer holds an expert."""
+        (from the seed or from disk): fills slots for a placement file without a rebalancer;
+        meant as the rebalancer's disk fallback where no peer holds an expert (not used by
+        moe_ep.rebalance today: every expert always has a replica on some rank)."""
 
     @property
     @abstractmethod
