@@ -83,6 +83,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def launcher_local_world(default: int) -> int:
+    """Ranks the launcher started on this node: torchrun sets LOCAL_WORLD_SIZE, DeepSpeed's
+    launcher (deepspeed.launcher.launch, one per node) sets LOCAL_SIZE only; `default` if neither."""
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        if os.environ.get(name):
+            return int(os.environ[name])
+    return default
+
+
 def pick_device(kind: str, local_rank: int) -> torch.device:
     if kind == "cpu" or (kind == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
@@ -106,7 +115,7 @@ def init_distributed(cfg: ParallelConfig) -> ParallelContext:
     device = pick_device(cfg.device, local_rank)
     # share the cores this process may run on (affinity, not os.cpu_count) between the ranks of
     # this node instead of oversubscribing; GPU ranks too (latent decoding, PNG encoding on the CPU)
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    local_world = launcher_local_world(int(os.environ.get("WORLD_SIZE", "1")))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(max(1, cores // max(1, local_world)))
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -143,7 +152,7 @@ def build_context(cfg: ParallelConfig, rank: int, world: int, device: torch.devi
             g = tdist.new_group(list(range(e, world, ep)), timeout=timeout) if dp > 1 else None
             if rank % ep == e:
                 dp_group = g
-    rpn = cfg.ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    rpn = cfg.ranks_per_node or launcher_local_world(world)
     return ParallelContext(rank=rank, world_size=world, ep_size=ep, ep_rank=rank % ep, ep_group=ep_group,
                            dp_size=dp, dp_rank=rank // ep, dp_group=dp_group, ranks_per_node=max(1, rpn),
                            device=device, timeout_s=cfg.timeout_s)
