@@ -13,7 +13,7 @@ import math
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 
 class ConfigError(ValueError):
@@ -206,52 +206,179 @@ def _build(cls, data: Any, prefix: str):
     return cls(**kwargs)
 
 
-def _positive(name: str, value, allow_zero: bool = False):
-    if value is None:
-        return
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(name, value, "must be >= 0" if allow_zero else "must be > 0")
+# ---------------------------------------------------------------- allowed values, one table
+
+@dataclass(frozen=True)
+class Allowed:
+    """The values one config field may take beyond its JSON type: a numeric range (`lo`/`hi`,
+    open or closed) or a predicate on the value with its description (`text`).
+
+    `describe()` is the text of the "allowed" column of docs/config.md, and `refuse()` the check
+    `validate` runs; tests/test_config.py holds the two against each other, field by field.
+    """
+
+    lo: Optional[float] = None
+    hi: Optional[float] = None
+    lo_open: bool = False
+    hi_open: bool = False
+    text: Optional[str] = None
+    ok: Optional[Callable[[Any], bool]] = None
+
+    def describe(self) -> str:
+        if self.text is not None:
+            return self.text
+        parts = []
+        if self.lo is not None:
+            parts.append(("> " if self.lo_open else ">= ") + _number_text(self.lo))
+        if self.hi is not None:
+            parts.append(("< " if self.hi_open else "<= ") + _number_text(self.hi))
+        return ", ".join(parts) or "any"
+
+    def refuse(self, value) -> bool:
+        """True when `value` (already of the field's JSON type, not None) is not allowed."""
+        if self.ok is not None and not self.ok(value):
+            return True
+        if self.lo is not None and (value < self.lo or (self.lo_open and value == self.lo)):
+            return True
+        if self.hi is not None and (value > self.hi or (self.hi_open and value == self.hi)):
+            return True
+        return False
+
+
+def _number_text(v) -> str:
+    """2**63 as "2**63", 1e9 as "1e9", others as written."""
+    if isinstance(v, int) and abs(v) >= 2 ** 32 and abs(v) & (abs(v) - 1) == 0:
+        return ("-" if v < 0 else "") + f"2**{abs(v).bit_length() - 1}"
+    if isinstance(v, float) and v.is_integer() and abs(v) >= 1e6:
+        mantissa, exponent = f"{v:.0e}".split("e")
+        return f"{mantissa}e{int(exponent)}"
+    return str(v)
+
+
+def _text_encoder_ok(v: str) -> bool:
+    return v == "builtin" or (v.count(":") == 1 and all(v.split(":")))
+
+
+POSITIVE_INT = Allowed(lo=1)
+COUNT = Allowed(lo=0)
+POSITIVE = Allowed(lo=0, lo_open=True)
+NON_EMPTY = Allowed(text="non-empty", ok=lambda v: len(v) > 0)
+ANY_TEXT = Allowed(text="any")
+SEED = Allowed(lo=-2 ** 63, hi=2 ** 64, hi_open=True)   # what torch.Generator takes
+
+# Every int, number, string and list field of the config (dotted name -> allowed values).
+# Fields typed Literal[...] (the allowed strings are the type) and bools need no row; a new field
+# of another type must get one (tests/test_config.py fails until it has), and a row in docs/config.md.
+# Consistency between fields (top_k <= num_experts, divisibility, ...) is checked in `validate`.
+FIELDS: dict[str, Allowed] = {
+    "model.hidden_size": POSITIVE_INT,
+    "model.num_layers": POSITIVE_INT,
+    "model.num_heads": POSITIVE_INT,
+    "model.moe_every": POSITIVE_INT,
+    "model.dense_hidden_size": POSITIVE_INT,
+    "model.in_channels": POSITIVE_INT,
+    "model.patch_size": POSITIVE_INT,
+    "model.text_dim": POSITIVE_INT,
+    "model.max_prompt_tokens": POSITIVE_INT,
+    "model.text_encoder": Allowed(text='`"builtin"` or `"module:function"`', ok=_text_encoder_ok),
+    "model.vae_scale_factor": POSITIVE_INT,
+    "model.seed": SEED,
+    "model.checkpoint": NON_EMPTY,
+    "model.path": NON_EMPTY,
+    "model.moe.num_experts": POSITIVE_INT,
+    "model.moe.top_k": POSITIVE_INT,
+    "model.moe.expert_hidden_size": POSITIVE_INT,
+    "model.moe.num_shared_experts": COUNT,
+    "model.moe.route_scale": POSITIVE,
+    "model.moe.n_group": POSITIVE_INT,
+    "model.moe.topk_group": POSITIVE_INT,
+    "model.moe.capacity_factor": POSITIVE,
+    "parallel.ep_size": POSITIVE_INT,
+    "parallel.tensor_parallel_size": POSITIVE_INT,
+    "parallel.sequence_parallel_size": POSITIVE_INT,
+    "parallel.cfg_parallel_size": POSITIVE_INT,
+    "parallel.data_parallel_size": POSITIVE_INT,
+    "parallel.ranks_per_node": POSITIVE_INT,
+    # datetime.timedelta and the backends take no more than 1e9 s
+    "parallel.timeout_s": Allowed(lo=0, lo_open=True, hi=1e9),
+    "eplb.num_redundant_experts": COUNT,
+    "eplb.window_size": POSITIVE_INT,
+    "eplb.interval": POSITIVE_INT,
+    # a difference of two balancedness values, which lie in [0, 1]; -1: always rebalance
+    "eplb.min_gain": Allowed(lo=-1, hi=1),
+    "eplb.num_groups": POSITIVE_INT,
+    "eplb.timestep_buckets": POSITIVE_INT,
+    "eplb.placement_file": NON_EMPTY,
+    "eplb.stats_file": NON_EMPTY,
+    "sampling.prompts": Allowed(text="non-empty list of strings",
+                                ok=lambda v: bool(v) and all(isinstance(x, str) for x in v)),
+    "sampling.negative_prompt": ANY_TEXT,
+    "sampling.num_inference_steps": POSITIVE_INT,
+    "sampling.guidance_scale": COUNT,
+    "sampling.height": POSITIVE_INT,
+    "sampling.width": POSITIVE_INT,
+    "sampling.seed": SEED,
+    "sampling.batch_size": POSITIVE_INT,
+    "sampling.shift": POSITIVE,
+    "telemetry.project": NON_EMPTY,
+    "telemetry.run_name": ANY_TEXT,
+    "telemetry.tags": Allowed(text="list of strings", ok=lambda v: all(isinstance(x, str) for x in v)),
+    "output_dir": NON_EMPTY,
+}
+
+
+def field_types(cls=None, prefix: str = "") -> dict[str, Any]:
+    """Every leaf field of the config: dotted name -> its annotation (e.g. Optional[int])."""
+    cls = cls or Config
+    out = {}
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            out.update(field_types(tp, name + "."))
+        else:
+            out[name] = tp
+    return out
+
+
+def allowed_text(name: str) -> str:
+    """The allowed values of a leaf field, as docs/config.md states them."""
+    tp = field_types()[name]
+    args = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) is typing.Union else [tp]
+    if len(args) == 1 and typing.get_origin(args[0]) is Literal:
+        return ", ".join(f'`"{a}"`' for a in typing.get_args(args[0]))
+    if args == [bool]:
+        return "true, false"
+    return FIELDS[name].describe()
+
+
+def _value(cfg: "Config", name: str):
+    node = cfg
+    for part in name.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def check_fields(cfg: "Config") -> None:
+    """Each field in FIELDS against its allowed values (None, where a field may be null, passes)."""
+    for name, allowed in FIELDS.items():
+        value = _value(cfg, name)
+        if value is not None and allowed.refuse(value):
+            raise ConfigError(name, value, f"must be {allowed.describe()}".replace("`", ""))
 
 
 def validate(cfg: Config) -> Config:
     """Range and consistency checks that need no process group. Raises ConfigError."""
     m, moe, p, e, s = cfg.model, cfg.model.moe, cfg.parallel, cfg.eplb, cfg.sampling
-    for name, value in [("model.hidden_size", m.hidden_size), ("model.num_layers", m.num_layers),
-                        ("model.num_heads", m.num_heads), ("model.moe_every", m.moe_every),
-                        ("model.dense_hidden_size", m.dense_hidden_size), ("model.in_channels", m.in_channels),
-                        ("model.patch_size", m.patch_size), ("model.text_dim", m.text_dim),
-                        ("model.vae_scale_factor", m.vae_scale_factor),
-                        ("model.max_prompt_tokens", m.max_prompt_tokens),
-                        ("model.moe.num_experts", moe.num_experts), ("model.moe.top_k", moe.top_k),
-                        ("model.moe.expert_hidden_size", moe.expert_hidden_size),
-                        ("model.moe.n_group", moe.n_group), ("model.moe.topk_group", moe.topk_group),
-                        ("parallel.ep_size", p.ep_size), ("parallel.tensor_parallel_size", p.tensor_parallel_size),
-                        ("parallel.sequence_parallel_size", p.sequence_parallel_size),
-                        ("parallel.cfg_parallel_size", p.cfg_parallel_size),
-                        ("parallel.data_parallel_size", p.data_parallel_size),
-                        ("parallel.ranks_per_node", p.ranks_per_node), ("parallel.timeout_s", p.timeout_s),
-                        ("eplb.window_size", e.window_size), ("eplb.interval", e.interval),
-                        ("eplb.num_groups", e.num_groups), ("eplb.timestep_buckets", e.timestep_buckets),
-                        ("sampling.num_inference_steps", s.num_inference_steps),
-                        ("sampling.height", s.height), ("sampling.width", s.width),
-                        ("sampling.batch_size", s.batch_size), ("sampling.shift", s.shift)]:
-        _positive(name, value)
-    _positive("model.moe.num_shared_experts", moe.num_shared_experts, allow_zero=True)
-    _positive("eplb.num_redundant_experts", e.num_redundant_experts, allow_zero=True)
-    _positive("model.moe.route_scale", moe.route_scale)
-    _positive("model.moe.capacity_factor", moe.capacity_factor)
+    check_fields(cfg)
     if m.type == "diffusers" and not m.path:
         raise ConfigError("model.path", m.path, "must name a diffusers model folder when model.type is 'diffusers'")
     if m.type == "moe_dit" and m.path:
         raise ConfigError("model.path", m.path, "is only for model.type 'diffusers' (the built-in model "
                                                 "loads model.checkpoint)")
-    _positive("sampling.guidance_scale", s.guidance_scale, allow_zero=True)
-    if p.timeout_s > 1e9:  # datetime.timedelta and the backends take no more
-        raise ConfigError("parallel.timeout_s", p.timeout_s, "must be <= 1e9 seconds")
     # torch.Generator takes seeds in [-2**63, 2**64); prompt i uses sampling.seed + i.
-    for name, lo, hi in (("model.seed", m.seed, m.seed), ("sampling.seed", s.seed, s.seed + len(s.prompts) - 1)):
-        if lo < -2 ** 63 or hi >= 2 ** 64:
-            raise ConfigError(name, lo, "must be in [-2**63, 2**64) (with sampling.seed + prompt index)")
+    if s.seed + len(s.prompts) - 1 >= 2 ** 64:
+        raise ConfigError("sampling.seed", s.seed, "must be < 2**64 - (number of prompts - 1): prompt i uses seed + i")
     if m.moe_every > m.num_layers:
         raise ConfigError("model.moe_every", m.moe_every,
                           f"must be <= model.num_layers ({m.num_layers}), or the model has no MoE layer")
@@ -271,17 +398,9 @@ def validate(cfg: Config) -> Config:
         if size % (m.patch_size * m.vae_scale_factor):
             raise ConfigError(name, size, f"must be a multiple of model.patch_size x model.vae_scale_factor "
                                           f"({m.patch_size * m.vae_scale_factor})")
-    if m.text_encoder != "builtin" and (m.text_encoder.count(":") != 1 or not all(m.text_encoder.split(":"))):
-        raise ConfigError("model.text_encoder", m.text_encoder, "must be 'builtin' or 'module:function'")
     if e.num_groups > 1 and moe.num_experts % e.num_groups:
         raise ConfigError("eplb.num_groups", e.num_groups,
                           f"must divide model.moe.num_experts ({moe.num_experts})")
-    if not s.prompts or not all(isinstance(x, str) for x in s.prompts):
-        raise ConfigError("sampling.prompts", s.prompts, "must be a non-empty list of strings")
-    if not all(isinstance(x, str) for x in cfg.telemetry.tags):
-        raise ConfigError("telemetry.tags", cfg.telemetry.tags, "must be a list of strings")
-    if not cfg.output_dir:
-        raise ConfigError("output_dir", cfg.output_dir, "must be a non-empty path")
     return cfg
 
 

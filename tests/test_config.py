@@ -47,3 +47,119 @@ def test_missing_and_broken_files(tmp_path):
         config.load(str(bad))
     with pytest.raises(ConfigError, match="--set"):
         config.apply_overrides({}, ["novalue"])
+
+
+# ---------------------------------------------------------------- the field table vs docs/config.md
+
+import dataclasses  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import typing  # noqa: E402
+
+DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "config.md")
+
+
+def docs_fields(path: str = DOCS) -> dict[str, dict]:
+    """Every row of docs/config.md's key tables: dotted field name -> {"type", "default", "allowed",
+    "remark"} (the allowed cell split at its first ';'). A row may list several keys."""
+    out, section = {}, None
+    for line in open(path, encoding="utf-8"):
+        heading = re.match(r"^## `([a-z_]+)`", line)
+        if heading:
+            section = heading.group(1)
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("| `") else None
+        if not cells or section is None:
+            continue
+        assert len(cells) == 4, f"docs/config.md row with {len(cells)} cells (key | type, default | allowed | meaning): {line}"
+        keys = re.findall(r"`([a-z_.0-9]+)`", cells[0])
+        type_text, _, default = cells[1].partition(", ")
+        allowed, _, remark = cells[2].partition("; ")
+        for key in keys:
+            name = key if section == key else f"{section}.{key}"
+            assert name not in out, f"docs/config.md documents {name} twice"
+            out[name] = {"type": type_text, "default": default, "allowed": allowed, "remark": remark}
+    return out
+
+
+def _type_text(tp) -> str:
+    """Annotation -> the docs' type words: int, number, str, bool, list of str; '... or null'."""
+    nullable = typing.get_origin(tp) is typing.Union and type(None) in typing.get_args(tp)
+    if nullable:
+        tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
+    if typing.get_origin(tp) is typing.Literal:
+        tp = str
+    words = {int: "int", float: "number", str: "str", bool: "bool", list: "list of str"}[tp]
+    return words + (" or null" if nullable else "")
+
+
+def _default_text(value) -> str:
+    """A dataclass default as the docs write it: `"x"` for strings, JSON otherwise (floats as given)."""
+    if isinstance(value, str):
+        return f'`"{value}"`'
+    if isinstance(value, list):
+        return "`" + json.dumps(value) + "`"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value) if not isinstance(value, float) or not value.is_integer() else (f"{value:.1f}", str(int(value)))
+
+
+def _leaf_defaults(cfg=None, prefix: str = "") -> dict:
+    cfg = cfg or config.Config()
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            out.update(_leaf_defaults(v, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = v
+    return out
+
+
+def test_every_field_of_a_free_type_has_a_rule():
+    """Ints, numbers, strings and lists need a row in config.FIELDS (Literal choices and bools are
+    fully described by their type): a new field without one fails here."""
+    types = config.field_types()
+    for name, tp in types.items():
+        args = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) is typing.Union else [tp]
+        free = not (len(args) == 1 and (typing.get_origin(args[0]) is typing.Literal or args[0] is bool))
+        assert (name in config.FIELDS) == free, f"{name}: {'missing from' if free else 'needs no row in'} config.FIELDS"
+
+
+def test_docs_agree_with_the_validator_field_by_field():
+    """docs/config.md has one row per config field, with the field's type, default and allowed values
+    exactly as moe_ep.config has them."""
+    docs = docs_fields()
+    types, defaults = config.field_types(), _leaf_defaults()
+    assert sorted(docs) == sorted(types), (f"not documented: {sorted(set(types) - set(docs))}; "
+                                           f"documented but not fields: {sorted(set(docs) - set(types))}")
+    for name, row in docs.items():
+        assert row["type"] == _type_text(types[name]), (name, row["type"], _type_text(types[name]))
+        want_default = _default_text(defaults[name])
+        assert row["default"] in (want_default if isinstance(want_default, tuple) else (want_default,)), \
+            (name, row["default"], want_default)
+        assert row["allowed"] == config.allowed_text(name), (name, row["allowed"], config.allowed_text(name))
+
+
+@pytest.mark.parametrize("name", sorted(config.FIELDS))
+def test_refusal_names_the_field_and_states_the_docs_rule(name):
+    """One out-of-range value per field: ConfigError naming it, whose message is the docs' rule."""
+    allowed = config.FIELDS[name]
+    if allowed.lo is not None:
+        bad = allowed.lo if allowed.lo_open else allowed.lo - 1
+    elif allowed.ok is not None:
+        bad = {"non-empty": "", "non-empty list of strings": [], "list of strings": [1]}.get(allowed.text, "x")
+    else:
+        return  # "any"
+    data = {}
+    node = data
+    *parents, last = name.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[last] = bad
+    with pytest.raises(ConfigError) as err:
+        config.from_dict(data)
+    assert err.value.field_name == name
+    assert str(err.value).endswith("must be " + allowed.describe().replace("`", ""))

@@ -9,6 +9,10 @@ import copy
 import json
 import math
 import os
+import re
+import zlib
+
+import numpy as np
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -121,7 +125,13 @@ def test_fuzz_numeric_edges(path, value):
     data = copy.deepcopy(FULL)
     _set(data, path, value)
     out = accepted_or_config_error(data)
-    if not isinstance(out, ConfigError):
+    name = ".".join(path)
+    rule = numeric_rule(DOC_FIELDS[name]["allowed"])
+    wrong_type = name in INT_FIELDS and not isinstance(value, int)
+    if wrong_type or not math.isfinite(value) or not in_rule(value, rule):
+        # outside what docs/config.md allows: refused, and the error names this field
+        assert isinstance(out, ConfigError) and out.field_name == name, (name, value, out)
+    elif not isinstance(out, ConfigError):
         assert_sane(out)
 
 
@@ -268,3 +278,138 @@ def test_refused_overrides_on_a_list_config(tmp_path):
 def test_refused_validate_alone(patch):
     with pytest.raises(ConfigError):
         config.from_dict(patch)
+
+
+# ---------------------------------------------------------------- per field, from docs/config.md's rules
+
+from test_config import docs_fields  # noqa: E402  (the docs' field table, parsed)
+
+DOC_FIELDS = docs_fields()
+_BOUND = re.compile(r"^(>=|>|<=|<) (-?(?:2\*\*\d+|[0-9.]+(?:e\d+)?))$")
+
+
+def _number(text: str):
+    if "**" in text:
+        sign = -1 if text.startswith("-") else 1
+        return sign * 2 ** int(text.lstrip("-").split("**")[1])
+    return float(text) if ("." in text or "e" in text) else int(text)
+
+
+def numeric_rule(allowed: str):
+    """'>= 1', '> 0, <= 1e9', ... -> [(op, bound), ...], or None when the text is not a range."""
+    parts = allowed.split(", ")
+    bounds = [_BOUND.match(p) for p in parts]
+    if not all(bounds):
+        return None
+    return [(m.group(1), _number(m.group(2))) for m in bounds]
+
+
+def in_rule(value, rule) -> bool:
+    ops = {">=": lambda a, b: a >= b, ">": lambda a, b: a > b, "<=": lambda a, b: a <= b, "<": lambda a, b: a < b}
+    return all(ops[op](value, bound) for op, bound in rule)
+
+
+# A permissive base (one head, patch 1, top-1 of groups of one) so that a value in its field's range
+# meets no other field's rule, plus the companions a field's own cross-field rules need.
+PERMISSIVE = {"model": {"num_heads": 1, "patch_size": 1, "vae_scale_factor": 1, "moe_every": 1,
+                        "moe": {"top_k": 1, "n_group": 1, "topk_group": 1}},
+              "sampling": {"prompts": ["a"], "height": 8, "width": 8}, "eplb": {"num_groups": 1}}
+COMPANIONS = {  # field -> fields set to the same value
+    "model.num_heads": ["model.hidden_size"], "model.moe_every": ["model.num_layers"],
+    "model.patch_size": ["sampling.height", "sampling.width"], "model.vae_scale_factor": ["sampling.height", "sampling.width"],
+    "model.moe.top_k": ["model.moe.num_experts"], "model.moe.n_group": ["model.moe.num_experts"],
+    "model.moe.topk_group": ["model.moe.n_group", "model.moe.num_experts"], "eplb.num_groups": ["model.moe.num_experts"],
+}
+COMPANION_CONSTANTS = {"model.path": {"model.type": "diffusers"}}
+NUMERIC_FIELDS = sorted(n for n, row in DOC_FIELDS.items() if numeric_rule(row["allowed"]))
+INT_FIELDS = {n for n, row in DOC_FIELDS.items() if row["type"].startswith("int")}
+
+
+def _with(name: str, value, companions: bool = True) -> dict:
+    """PERMISSIVE with `name` = value (and, with `companions`, the fields its rules tie to it)."""
+    data = copy.deepcopy(PERMISSIVE)
+    _set(data, tuple(name.split(".")), value)
+    for other in COMPANIONS.get(name, []) if companions else []:
+        _set(data, tuple(other.split(".")), value)
+    for other, v in COMPANION_CONSTANTS.get(name, {}).items():
+        _set(data, tuple(other.split(".")), v)
+    return data
+
+
+def _values_near(rule, is_int: bool):
+    """Values on, just inside and just outside every bound, and far beyond."""
+    out = []
+    for _, b in rule:
+        if is_int:
+            out += [b - 2, b - 1, b, b + 1, b + 2]
+        else:
+            out += [b - 1.0, math.nextafter(float(b), -math.inf), float(b), math.nextafter(float(b), math.inf), b + 1.0]
+    out += [-10 ** 30, 10 ** 30] if is_int else [-1e300, 1e300]
+    return out
+
+
+@pytest.mark.parametrize("name", NUMERIC_FIELDS)
+def test_each_numeric_field_refused_exactly_outside_its_documented_range(name):
+    """For every numeric field: values outside the range docs/config.md states are refused with a
+    ConfigError naming that field; values inside are accepted (and kept as given). Bounds, their
+    neighbours, huge values, and 60 random draws either side."""
+    rule = numeric_rule(DOC_FIELDS[name]["allowed"])
+    is_int = name in INT_FIELDS
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    draws = [int(v) for v in rng.integers(-10 ** 6, 10 ** 6, 60)] if is_int else list(rng.normal(0, 1e3, 60))
+    for value in _values_near(rule, is_int) + draws:
+        inside = in_rule(value, rule)
+        try:
+            cfg = config.from_dict(_with(name, value, companions=inside))
+        except ConfigError as err:
+            assert not inside, f"{name} = {value!r} is in the documented range {rule} but refused: {err}"
+            assert err.field_name == name, f"{name} = {value!r}: the error names {err.field_name}: {err}"
+            continue
+        assert inside, f"{name} = {value!r} is outside the documented range {rule} but accepted"
+        assert _get(cfg.to_dict(), tuple(name.split("."))) == value
+
+
+STRING_CASES = {  # docs' allowed text -> (accepted values, refused values)
+    "non-empty": (["x", "outputs/a b", "ü"], [""]),
+    "any": (["", "x", "ü"], []),
+    "non-empty list of strings": ([["a"], ["a", ""]], [[], [1], ["a", None]]),
+    "list of strings": ([[], ["a", "b"]], [[1], [None]]),
+    '`"builtin"` or `"module:function"`': (["builtin", "pkg.mod:fn", "a:b"], ["", "mod", ":fn", "mod:", "a:b:c", "Builtin"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(n for n, row in DOC_FIELDS.items() if row["allowed"] in STRING_CASES))
+def test_each_string_field_refused_exactly_outside_its_documented_rule(name):
+    ok, bad = STRING_CASES[DOC_FIELDS[name]["allowed"]]
+    for value in ok:
+        assert _get(config.from_dict(_with(name, value)).to_dict(), tuple(name.split("."))) == value
+    for value in bad:
+        with pytest.raises(ConfigError) as err:
+            config.from_dict(_with(name, value))
+        assert err.value.field_name == name, (value, str(err.value))
+
+
+@pytest.mark.parametrize("name", sorted(n for n, row in DOC_FIELDS.items() if row["allowed"].startswith('`"')
+                                        and " or " not in row["allowed"]))
+def test_each_choice_field_takes_exactly_its_documented_values(name):
+    choices = re.findall(r'`"([^"]*)"`', DOC_FIELDS[name]["allowed"])
+    extra = {"model.type": {"diffusers": {"model.path": "some/folder"}}}.get(name, {})
+    for value in choices:
+        data = _with(name, value)
+        for other, v in extra.get(value, {}).items():
+            _set(data, tuple(other.split(".")), v)
+        assert _get(config.from_dict(data).to_dict(), tuple(name.split("."))) == value
+    for value in ["", choices[0].upper(), choices[0] + " ", "none", 1, None, True]:
+        if value in choices:
+            continue
+        with pytest.raises(ConfigError) as err:
+            config.from_dict(_with(name, value))
+        assert err.value.field_name == name, (value, str(err.value))
+
+
+def test_every_documented_field_is_fuzzed_per_field():
+    """No field escapes the three per-field tests above (bools: their type check elsewhere)."""
+    covered = set(NUMERIC_FIELDS) | {n for n, r in DOC_FIELDS.items() if r["allowed"] in STRING_CASES} \
+        | {n for n, r in DOC_FIELDS.items() if r["allowed"].startswith('`"') and " or " not in r["allowed"]} \
+        | {n for n, r in DOC_FIELDS.items() if r["allowed"] == "true, false"}
+    assert covered == set(DOC_FIELDS), sorted(set(DOC_FIELDS) - covered)
