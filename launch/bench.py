@@ -6,7 +6,8 @@ sizes, the same gate weights and the same expert weights, in one run.
     # one GPU, the HunyuanImage-like shape
     python launch/bench.py layer --device cuda --dtype bfloat16 --tokens 8192 --hidden 4096 --expert-hidden 3072
     # a full sampling step of a model preset: time per step, MoE share, memory per GPU
-    python launch/bench.py step --config configs/hunyuan_like.json --set sampling.batch_size=4
+    # (--cuda-graph: also eager vs the forward replayed from a CUDA graph, EP = 1)
+    python launch/bench.py step --config configs/hunyuan_like.json --set sampling.batch_size=4 --cuda-graph
 
 Prints one table row per system (median forward time, max over ranks per iteration), and
 checks that both systems compute the same function (relative error of the outputs).
@@ -114,6 +115,25 @@ def build_deepspeed_moe(args, ctx, gate_weight, dtype, drop_tokens: bool):
     return moe.to(ctx.device)
 
 
+def layer_graph(layer, x):
+    """The EP = 1 layer on input x captured in a CUDA graph: a function that replays it and
+    returns the graph's output (capture fails on any host sync)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(3):
+            layer(x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        out = layer(x)
+
+    def replay(_):
+        graph.replay()
+        return out
+    return replay
+
+
 def bench_layer(args) -> list[dict]:
     ctx = init_distributed(ParallelConfig(device=args.device, timeout_s=600))
     dtype = DTYPES[args.dtype]
@@ -134,6 +154,8 @@ def bench_layer(args) -> list[dict]:
 
     rows = []
     systems = [("moe-ep (dropless)", lambda t: ours(t))]
+    if ctx.device.type == "cuda" and ctx.ep_size == 1:
+        systems.append(("moe-ep (dropless), CUDA graph", layer_graph(ours, x)))
     if not args.skip_deepspeed:
         for drop in ([False, True] if args.with_capacity else [False]):
             ds = build_deepspeed_moe(args, ctx, gate, dtype, drop_tokens=drop)
@@ -216,11 +238,38 @@ def bench_step(args) -> dict:
               "peak_mem_gib": (torch.cuda.max_memory_allocated() / 2 ** 30) if ctx.device.type == "cuda" else None,
               "expert_weights_gib": sum(l.experts.w13.numel() + l.experts.w2.numel() for l in model.moe_layers())
               * model.moe_layers()[0].experts.w13.element_size() / 2 ** 30}
+    if args.cuda_graph:
+        result.update(eager_vs_cuda_graph(pipe, model, run, begin, end, times))
     if ctx.is_main:
         print(json.dumps(result))
         if args.json:
             write_json_atomic(args.json, result)
     return result
+
+
+def eager_vs_cuda_graph(pipe, model, run, begin, end, times: list) -> dict:
+    """Step time eager (no phase timers) and with the transformer forward replayed from a CUDA
+    graph, in one process, same prompts and seeds; and how far the two final latents differ."""
+    from moe_ep.model.graphs import CudaGraphForward
+
+    for layer in model.moe_layers():
+        layer.timer = None
+    steps = len(times) if times else 5
+
+    def timed():
+        times.clear()
+        latents = run(steps, callback_on_forward_begin=begin, callback_on_forward_end=end)
+        return latents, statistics.median(times)
+
+    eager_latents, eager_ms = timed()
+    pipe.transformer = CudaGraphForward(model)
+    try:
+        run(2)                                   # captures (once per input shape)
+        graph_latents, graph_ms = timed()
+    finally:
+        pipe.transformer = model
+    return {"eager_step_ms_median": eager_ms, "cuda_graph_step_ms_median": graph_ms,
+            "graph_vs_eager_max_abs_diff": float((graph_latents - eager_latents).abs().max())}
 
 
 def main(argv=None):
@@ -247,6 +296,8 @@ def main(argv=None):
     st.add_argument("--config", required=True)
     st.add_argument("--set", action="append", default=[], help="section.key=value override")
     st.add_argument("--steps", type=int, default=5)
+    st.add_argument("--cuda-graph", action="store_true",
+                    help="also time the steps with the forward replayed from a CUDA graph (EP = 1, CUDA)")
     st.add_argument("--json")
     args = p.parse_args(argv)
     {"layer": bench_layer, "step": bench_step}[args.cmd](args)

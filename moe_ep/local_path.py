@@ -21,14 +21,24 @@ from .router import RoutedCopies
 _ONE_HOT_LIMIT = 1 << 25
 
 
+def _triton_sort(keys: torch.Tensor, num_bins: int) -> bool:
+    """The Triton counting sort runs here: CUDA, and few enough bins for a one-hot block in registers."""
+    from . import kernels
+    return keys.is_cuda and num_bins <= 256 and kernels.available(keys.device)
+
+
 def counting_sort(keys: torch.Tensor, num_bins: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Stable sort by small integer keys without sorting: keys [N] in [0, num_bins) ->
     (pos [N] int64: where element i lands in the sorted order, counts [num_bins] int64).
 
     pos[i] = (elements with a smaller key) + (earlier elements with the same key), read off
-    a running count of a [N, num_bins] one-hot matrix. No host sync.
+    a running count of a [N, num_bins] one-hot matrix (Triton, block by block, on CUDA;
+    torch on CPU). No host sync.
     """
     N = keys.numel()
+    if _triton_sort(keys, num_bins):
+        from .kernels.sort import counting_sort_cuda
+        return counting_sort_cuda(keys, num_bins)
     if N * num_bins > _ONE_HOT_LIMIT:
         order = torch.argsort(keys, stable=True)                               # [N]
         pos = torch.empty_like(order)
@@ -56,6 +66,15 @@ class LocalPlan:
 def local_dispatch(slots: torch.Tensor, copies: RoutedCopies, num_slots: int) -> LocalPlan:
     """slots [N] (slot of copy i) -> the plan: copies grouped by slot, in copy order within a slot
     (the same order a stable argsort gives)."""
+    if _triton_sort(slots, num_slots):  # one pass also writes row_index and row_scale
+        from .kernels.sort import counting_sort_cuda
+        if copies.token is None:
+            pos, counts, row_index, row_scale = counting_sort_cuda(slots, num_slots, top_k=copies.top_k,
+                                                                   weights=copies.weight)
+        else:
+            pos, counts, row_index, row_scale = counting_sort_cuda(slots, num_slots, rows=copies.token,
+                                                                   weights=copies.weight)
+        return LocalPlan(pos, row_index, row_scale, counts)
     pos, counts = counting_sort(slots, num_slots)                              # [N], [S]
     row_index = torch.empty_like(pos)
     row_index[pos] = copies.rows()                                             # [N]

@@ -43,11 +43,13 @@ class GemmConfig:
     num_warps: int = 8
     num_stages: int = 4
     desc: bool = False     # TMA descriptors for the tiles (Hopper), else pointer loads
+    gather_on_load: bool = True   # with a row index: gather A rows while loading (else copy x[idx] first)
 
 
-# Chosen on one H200 (launch/gpu_kernel_variants.py, docs/benchmarks.md section 1d).
-GATE_UP_CONFIG = GemmConfig(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3)
-DOWN_CONFIG = GemmConfig(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3)
+# Chosen on one H200 (launch/gpu_kernel_variants.py, docs/benchmarks.md section 1d): TMA for the
+# weights (and for A where it is not gathered); on GPUs before Hopper the pointer-load kernel runs.
+GATE_UP_CONFIG = GemmConfig(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, desc=True)
+DOWN_CONFIG = GemmConfig(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, desc=True)
 
 
 @triton.jit
@@ -142,12 +144,13 @@ def _grouped_kernel(a_ptr, row_index_ptr, b_ptr, c_ptr, scale_ptr, counts_ptr,
 
 
 @triton.jit
-def _grouped_tma_kernel(a_desc, b_desc, c_ptr, scale_ptr, counts_ptr,
-                        M, N, K, S, TM, B_COL_UP, stride_cm,
+def _grouped_tma_kernel(a_desc, a_ptr, row_index_ptr, b_desc, c_ptr, scale_ptr, counts_ptr,
+                        M, N, K, S, TM, B_COL_UP, stride_am, stride_cm,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                        S_P2: tl.constexpr, SWIGLU: tl.constexpr, SCALE: tl.constexpr,
+                        S_P2: tl.constexpr, SWIGLU: tl.constexpr, SCALE: tl.constexpr, GATHER: tl.constexpr,
                         NUM_STAGES: tl.constexpr):
-    """TMA-descriptor grouped GEMM (Hopper): A [M, K] and B as [S*K, Ncols] 2-D descriptors.
+    """TMA-descriptor grouped GEMM (Hopper): B as a [S*K, Ncols] 2-D descriptor; A [M, K] as a
+    descriptor too, or (GATHER) by pointer loads of rows a[row_index[i]] (TMA cannot gather rows).
 
     An A tile may run past its slot into the next slot's rows (or past M, zero-filled by TMA);
     those rows are computed and not stored. K must be a multiple of BK (checked by the caller).
@@ -160,11 +163,19 @@ def _grouped_tma_kernel(a_desc, b_desc, c_ptr, scale_ptr, counts_ptr,
     m0 = row_start + local_m * BM
     n0 = pid_n * BN
     kb = slot * K
+    if GATHER:
+        offs_m = local_m * BM + tl.arange(0, BM)
+        rows = row_start + tl.minimum(offs_m, count - 1)                     # clamped: loads stay in bounds
+        a_rows = tl.load(row_index_ptr + rows).to(tl.int64)
+        a_ptrs = a_ptr + a_rows[:, None] * stride_am + tl.arange(0, BK)[None, :]   # [BM, BK]
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     if SWIGLU:
         acc_up = tl.zeros((BM, BN), dtype=tl.float32)
     for k in tl.range(0, K, BK, num_stages=NUM_STAGES):
-        a = a_desc.load([m0, k])
+        if GATHER:
+            a = tl.load(a_ptrs + k)
+        else:
+            a = a_desc.load([m0, k])
         acc = tl.dot(a, b_desc.load([kb + k, n0]), acc)
         if SWIGLU:
             acc_up = tl.dot(a, b_desc.load([kb + k, B_COL_UP + n0]), acc_up)
@@ -209,13 +220,18 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor, *, swig
     TM = triton.cdiv(M, cfg.BM) + S                    # static bound on M-tiles: no host sync
     grid = (TM * triton.cdiv(N, cfg.BN),)
     scale = row_scale if row_scale is not None else c  # dummy pointer when unused
-    if cfg.desc and row_index is None and K % cfg.BK == 0 and TensorDescriptor is not None:
-        a_desc = TensorDescriptor.from_tensor(a, [cfg.BM, cfg.BK])
+    if row_index is not None and not cfg.gather_on_load:
+        a, row_index = a[row_index], None                                     # [M, K] permuted copy
+    tma_ok = not a.is_cuda or torch.cuda.get_device_capability(a.device)[0] >= 9   # CPU: the interpreter
+    if cfg.desc and tma_ok and K % cfg.BK == 0 and TensorDescriptor is not None:
+        gather = row_index is not None
+        a_desc = a if gather else TensorDescriptor.from_tensor(a, [cfg.BM, cfg.BK])
         b_desc = TensorDescriptor.from_tensor(b.view(S * K, Nb), [cfg.BK, cfg.BN])
-        _grouped_tma_kernel[grid](a_desc, b_desc, c, scale, counts, M, N, K, S, TM, N if swiglu else 0, c.stride(0),
+        _grouped_tma_kernel[grid](a_desc, a, row_index if gather else counts, b_desc, c, scale, counts,
+                                  M, N, K, S, TM, N if swiglu else 0, a.stride(0), c.stride(0),
                                   BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, S_P2=_next_pow2(S),
-                                  SWIGLU=swiglu, SCALE=row_scale is not None, NUM_STAGES=cfg.num_stages,
-                                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                                  SWIGLU=swiglu, SCALE=row_scale is not None, GATHER=gather,
+                                  NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return c
     idx = row_index if row_index is not None else counts  # dummy pointer when unused
     _grouped_kernel[grid](a, idx, b, c, scale, counts, M, N, K, S, TM, N if swiglu else 0,
