@@ -164,13 +164,17 @@ def _tensor_attrs(model: nn.Module) -> list[tuple[str, nn.Module, str, torch.Ten
     return out
 
 
+def _model_class(info: FolderInfo) -> type:
+    import diffusers
+
+    return getattr(diffusers, info.model_class)
+
+
 def build_meta_model(info: FolderInfo) -> nn.Module:
     """The diffusers class built from the folder's config with every parameter on the meta device
     (no memory), and the spec's rebuild modules re-created on the CPU. Raises ConfigError if the
     config does not build, or if a module holds a tensor made in __init__ that no rule re-creates."""
-    import diffusers
-
-    cls = getattr(diffusers, info.model_class)
+    cls = _model_class(info)
     try:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # init functions on meta / zero-size tensors
@@ -395,13 +399,14 @@ def load_transformer(path: str, ctx: ParallelContext, num_redundant: int = 0,
     report = LoadReport()
     meter = _Meter(report)
     device = ctx.device
+    info = inspect_folder(path)
+    _model_class(info)  # import diffusers' modules before the memory baseline (they are not the model)
     rss_ok = _reset_rss_hwm()
     rss0 = _rss_hwm_kib() if rss_ok else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         cuda0 = torch.cuda.memory_allocated(device)
 
-    info = inspect_folder(path)
     model = build_meta_model(info)
     check_weights(info, model)
     spec = info.spec
