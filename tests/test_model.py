@@ -99,6 +99,7 @@ def test_sampler_hooks_and_cfg_rows():
     assert calls[0] == ("begin", 0, 1.0, n, 2 * n)
     assert [c[1] for c in calls if c[0] == "end"] == [0, 1, 2]
     ts = [c[2] for c in calls if c[0] == "begin"]
+    assert pipe.timesteps == ts                              # t in [0, 1] (not diffusers' 1000 t)
     assert ts[0] == 1.0 and ts == sorted(ts, reverse=True) and ts[-1] > 0
     counts = stats.counts.sum(0)                             # [branch, L, E]
     assert (counts[0].sum(-1) == n * 3 * 2).all() and (counts[1].sum(-1) == n * 3 * 2).all()

@@ -57,6 +57,7 @@ class MoEDiTPipeline:
         self.transformer, self.prompt_encoder = transformer, prompt_encoder
         self.scheduler = scheduler if scheduler is not None else FlowMatchEulerScheduler()
         self.device = transformer.ctx.device
+        self.timesteps: list[float] = []   # t in [0, 1] of each forward of the last call
 
     def encode_prompt(self, prompt: Sequence[str], negative_prompt: str, do_cfg: bool):
         """-> (emb [B or 2B, T, D], mask [B or 2B, T]); conditional rows first."""
@@ -90,6 +91,7 @@ class MoEDiTPipeline:
                 "rows": B * n_tokens * (2 if do_cfg else 1),
                 "sample_branch": [0] * B + [1] * B if do_cfg else None}
         ts = set_flux_timesteps(self.scheduler, num_inference_steps)            # [N] t in [0, 1]
+        self.timesteps = ts   # moe-ep's t of each forward (scheduler.timesteps are diffusers' 1000 t)
         for i, t in enumerate(ts):
             model_in = torch.cat([latents, latents]) if do_cfg else latents     # [2B or B, C, h, w]
             t_vec = torch.full((model_in.shape[0],), t, device=self.device)      # [2B or B]
