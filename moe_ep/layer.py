@@ -52,6 +52,9 @@ class MoELayer(nn.Module):
         # EP > 1: send each token once per destination rank (False: once per routed copy)
         self.dedup_tokens = True
         self.wire_rows = 0      # token rows this rank sent to other ranks in the last forward
+        # True while this rank's rows are padding (a rank with no prompt left runs a stand-in
+        # batch): it takes part in the exchange with no rows and returns zeros
+        self.idle = False
         self.timer: Optional[PhaseTimer] = None
         # EP = 1: the fused local path (local_path.py); False: the generic dispatch/combine
         self.fused_local = True
@@ -103,6 +106,12 @@ class MoELayer(nn.Module):
         `router_input` [B, S, Hr] (default: x) is what the router scores; the experts see x.
         Expert choice picks tokens per sample, so it needs x as [B, S, H].
         """
+        if self.idle:
+            self._forward_rows(x[:0], None if router_input is None else router_input[:0])
+            return x.new_zeros(x.shape)
+        return self._forward_rows(x, router_input)
+
+    def _forward_rows(self, x: torch.Tensor, router_input: Optional[torch.Tensor]) -> torch.Tensor:
         shape = x.shape
         r_in = x if router_input is None else router_input
         rows_per_sample = shape[1] if x.dim() == 3 else None

@@ -1,0 +1,201 @@
+"""A user's diffusers pipeline (or transformer) made expert-parallel with one call:
+
+    import moe_ep
+    pipe = HiDreamImagePipeline.from_pretrained(...)            # or NucleusMoEImagePipeline, ...
+    pipe = moe_ep.expert_parallel(pipe, eplb={"enabled": True, "num_redundant_experts": 4})
+    image = pipe(prompt, ...).images[0]                          # every rank calls it, as in any EP job
+    pipe.moe_ep.stats.save("stats.json"); print(pipe.moe_ep.summary())
+
+What it does: every MoE block of the transformer becomes an EPMoEBlock (wrap.wrap_transformer;
+this rank keeps only its slots' experts), and two hooks on the transformer's forward count the
+tokens each expert gets (by timestep bucket and guidance branch) and, between forwards, close
+statistics windows and rebalance (moe_ep.rebalance.Rebalancer). The pipeline's own `__call__`,
+scheduler, callbacks and VAE are untouched.
+
+A forward's timestep and guidance branch come from the transformer's call and the family's
+pipeline convention (`CONVENTIONS`): HiDream passes t x 1000 and runs [negative, positive]
+in one batch; NucleusMoE passes t in [0, 1] and runs the conditional forward, then the
+unconditional one, at the same t.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ...config import EplbConfig, ParallelConfig, _build
+from ...parallel import ParallelContext, build_context, init_distributed
+from ...rebalance import Rebalancer, layer_balancedness
+from ...stats import ExpertLoadStats
+from ..base import ForwardHooks, ForwardInfo
+from .wrap import EPMoEBlock, wrap_transformer
+
+
+@dataclass(frozen=True)
+class PipelineConvention:
+    """How a family's pipeline calls its transformer."""
+
+    timestep_arg: str            # keyword of the timestep tensor [B]
+    timestep_scale: float        # t in [0, 1] = value / timestep_scale
+    guidance: str                # "batched_negative_first" | "separate_cond_first"
+
+
+CONVENTIONS = {
+    "hidream": PipelineConvention("timesteps", 1000.0, "batched_negative_first"),
+    "nucleusmoe": PipelineConvention("timestep", 1.0, "separate_cond_first"),
+}
+
+
+class TransformerWatch:
+    """Hooks on a diffusers transformer's forward that call `hooks.on_forward_begin/end(step, t,
+    info)` around every call, with t in [0, 1] and each sample's guidance branch."""
+
+    def __init__(self, transformer: nn.Module, convention: PipelineConvention, hooks: ForwardHooks,
+                 pipeline: Any = None):
+        self.convention, self.hooks, self.pipeline = convention, hooks, pipeline
+        self.step, self._last_t, self._info, self._t = -1, None, None, 0.0
+        self._handles = [transformer.register_forward_pre_hook(self._before, with_kwargs=True),
+                         transformer.register_forward_hook(self._after, with_kwargs=True)]
+
+    def new_call(self) -> None:
+        """A new pipeline call starts (steps count from 0 again)."""
+        self.step, self._last_t = -1, None
+
+    def _guided(self) -> bool:
+        p = self.pipeline
+        return bool(p is not None and getattr(p, "do_classifier_free_guidance", getattr(p, "guidance_scale", 1.0) > 1))
+
+    def _branches(self, batch: int, same_t: bool) -> Optional[list[int]]:
+        if not self._guided():
+            return None
+        if self.convention.guidance == "batched_negative_first":
+            half = batch // 2
+            return [1] * half + [0] * (batch - half)
+        return [1 if same_t else 0] * batch                        # second call at a t: unconditional
+
+    def _before(self, module, args, kwargs):
+        c = self.convention
+        t_arg = kwargs.get(c.timestep_arg, args[1] if len(args) > 1 else None)
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        t = 0.0 if t_arg is None else float(torch.as_tensor(t_arg).flatten()[0]) / c.timestep_scale
+        same_t = self._last_t is not None and math.isclose(t, self._last_t, rel_tol=0, abs_tol=1e-9)
+        if not same_t:
+            self.step += 1
+        self._last_t = t
+        batch = 0 if x is None else int(x.shape[0])
+        self._t = min(1.0, max(0.0, t))
+        self._info = ForwardInfo(batch=batch, rows=batch, cond_rows=None,
+                                 sample_branch=self._branches(batch, same_t))
+        self.hooks.on_forward_begin(self.step, self._t, self._info)
+
+    def _after(self, module, args, kwargs, output):
+        self.hooks.on_forward_end(self.step, self._t, self._info)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+class ExpertParallel(ForwardHooks):
+    """What `expert_parallel` attaches as `pipe.moe_ep`: the statistics, the rebalancer and the
+    hooks that drive them (collective: every rank runs the same forwards)."""
+
+    def __init__(self, transformer: nn.Module, wrappers: list[EPMoEBlock], ctx: ParallelContext,
+                 eplb: EplbConfig, convention: PipelineConvention, pipeline: Any = None):
+        self.transformer, self.wrappers, self.ctx, self.eplb = transformer, wrappers, ctx, eplb
+        layers = self.moe_layers()
+        first = layers[0]
+        self.stats = ExpertLoadStats(len(layers), first.cfg.num_experts, ctx.device, eplb.window_size,
+                                     eplb.timestep_buckets, first.cfg.top_k)
+        for layer in layers:
+            layer.stats = self.stats
+        self.rebalancer = (Rebalancer(layers, ctx, eplb, self.stats, transfer_timeout_s=ctx.timeout_s)
+                           if eplb.enabled else None)
+        self.forwards = 0
+        self.window_balancedness: list[list[float]] = []
+        self.watch = TransformerWatch(transformer, convention, self, pipeline)
+
+    def moe_layers(self) -> list:
+        return [w.moe for w in self.wrappers]
+
+    # ForwardHooks
+    def on_forward_begin(self, step: int, t: float, info: ForwardInfo) -> None:
+        self.stats.begin_forward(t, cond_rows=info.get("cond_rows"), sample_branch=info.get("sample_branch"))
+        self._in_effect = torch.stack([m.placement.phy2log for m in self.moe_layers()])   # [L, R]
+
+    def on_forward_end(self, step: int, t: float, info: ForwardInfo) -> None:
+        before = self.stats.num_windows
+        if self.rebalancer is not None:
+            self.rebalancer.after_forward(self.forwards, t)
+        else:
+            self.stats.end_forward((self.ctx.ep_group, self.ctx.dp_group))
+        if self.stats.num_windows > before:
+            load = self.stats.windows[-1].astype(np.float64)
+            self.window_balancedness.append(layer_balancedness(load, self._in_effect, self.ctx.ep_size).tolist())
+        self.forwards += 1
+
+    def finish(self) -> None:
+        """Complete a migration in progress and close the last partial window (collective)."""
+        if self.rebalancer is not None:
+            self.rebalancer.finish_migration()
+        if self.stats.window_open:
+            self.stats.close_window((self.ctx.ep_group, self.ctx.dp_group))
+
+    def summary(self) -> dict:
+        """Forwards, balancedness per closed window (placement in effect), rebalance events."""
+        bal = self.window_balancedness
+        return {"forwards": self.forwards, "windows": self.stats.num_windows,
+                "balancedness": float(np.mean(bal)) if bal else 1.0, "balancedness_windows": bal,
+                "rebalances": [{k: v for k, v in e.items() if not str(k).startswith("_")}
+                               for e in (self.rebalancer.events if self.rebalancer else [])],
+                "placement": [m.placement.phy2log.tolist() for m in self.moe_layers()],
+                "local_experts": [m.local_experts for m in self.moe_layers()]}
+
+    def remove_hooks(self) -> None:
+        self.watch.remove()
+
+
+def _context(parallel: Optional[ParallelConfig], device: torch.device) -> ParallelContext:
+    """The EP/DP context: joins an initialised world, or starts one through DeepSpeed."""
+    cfg = parallel or ParallelConfig()
+    if dist.is_available() and dist.is_initialized():
+        return build_context(cfg, dist.get_rank(), dist.get_world_size(), device)
+    return init_distributed(cfg)
+
+
+def expert_parallel(pipe_or_transformer: Any, ctx: Optional[ParallelContext] = None, *,
+                    eplb: EplbConfig | dict | None = None, parallel: ParallelConfig | dict | None = None,
+                    score_dtype: Optional[str] = None) -> Any:
+    """Make a diffusers pipeline (anything with `.transformer`) or transformer expert-parallel,
+    in place, and return it with `.moe_ep` (an `ExpertParallel`: stats, rebalancer, summary()).
+
+    ctx: an EP context (moe_ep.parallel); default: the initialised torch.distributed world
+    (every rank in one EP group unless `parallel` says otherwise), or one started through
+    DeepSpeed. eplb: an EplbConfig or its dict (the config file's `eplb` section: enabled,
+    num_redundant_experts, window_size, interval, migration, ...). score_dtype: "float32"
+    (default) or "input" to score the gate exactly as the model's own code does.
+    Every rank must call this with the same weights, and then run the same pipeline calls.
+    """
+    transformer = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
+    pipeline = pipe_or_transformer if transformer is not pipe_or_transformer else None
+    if isinstance(eplb, dict):
+        eplb = _build(EplbConfig, eplb, "eplb")
+    if isinstance(parallel, dict):
+        parallel = _build(ParallelConfig, parallel, "parallel")
+    eplb = eplb or EplbConfig()
+    device = next(transformer.parameters()).device
+    ctx = ctx or _context(parallel, device)
+    wrappers, _ = wrap_transformer(transformer, ctx, num_redundant=eplb.num_redundant_experts,
+                                   score_dtype=score_dtype)
+    convention = CONVENTIONS.get(wrappers[0].spec.name)
+    if convention is None:
+        raise ValueError(f"no pipeline convention for model family {wrappers[0].spec.name!r}; "
+                         f"known: {sorted(CONVENTIONS)}")
+    handle = ExpertParallel(transformer, wrappers, ctx, eplb, convention, pipeline)
+    pipe_or_transformer.moe_ep = handle
+    return pipe_or_transformer
