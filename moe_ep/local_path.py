@@ -1,9 +1,10 @@
 """The EP = 1 forward path: every routed copy stays on this rank, so nothing is exchanged.
 
-Index math is one stable counting sort (no argsort, no inverse permutation); the expert
-input is gathered while the first GEMM loads it (the permuted [N, H] copy of x is never
-written on the Triton path); the routed weight is applied in the down GEMM's epilogue; and
-the combine is a plain gather + sum per token in one kernel. No step reads a value back to
+Index math is one stable counting sort (no argsort, no inverse permutation) that also writes
+each slot-grouped row's token index and routed weight; the experts take the tokens and that
+index (their Triton kernels can gather rows while loading them; copying them first measured
+faster on the H200); the routed weight is applied in the down GEMM's epilogue; and the
+combine is a plain gather + sum per token in one kernel (the shared expert's output folded in). No step reads a value back to
 the host, so the layer can be captured in a CUDA graph.
 """
 from __future__ import annotations

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The GPU runs behind docs/benchmarks.md section 1d (one H200): kernel variants, bf16-vs-fp64
+# checks and phases, the layer vs DeepSpeed-MoE (random and Zipf 1.2 gates), and the
+# hunyuan_like step eager vs CUDA graph. Logs go to ${OUT:-.}/.  Usage: bash launch/gpu_issue13.sh [round2]
+set -u
+out=${OUT:-.}
+export PYTHONUNBUFFERED=1
+L="--device cuda --dtype bfloat16 --tokens 8192 --hidden 4096 --expert-hidden 3072 --experts 64 --top-k 8 --iters 20"
+timeout 200 python3 launch/gpu_kernel_variants.py ${1:+--$1} --json "$out/variants.json" > "$out/variants.log" 2>&1
+echo "variants rc=$?"; grep -E "^(gate_up|down|router_ms|index_ms)" "$out/variants.log" | cut -c1-60,118-
+timeout 200 python3 launch/gpu_check.py > "$out/check.log" 2>&1
+echo "check rc=$?"; grep -vE '^ |^\{|^\}' "$out/check.log" | tail -24 | cut -c1-200
+for skew in 0 1.2; do
+  timeout 200 python3 launch/bench.py layer $L --skew $skew --json "$out/layer_skew$skew.json" > "$out/layer_skew$skew.log" 2>&1
+  echo "layer skew=$skew rc=$?"; tail -6 "$out/layer_skew$skew.log" | cut -c1-200
+done
+timeout 240 python3 launch/bench.py step --config configs/hunyuan_like.json --set sampling.batch_size=4 \
+  --set telemetry.wandb=false --steps 5 --cuda-graph --json "$out/step.json" > "$out/step.log" 2>&1
+echo "step rc=$?"; tail -3 "$out/step.log" | cut -c1-900
