@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from ...config import ConfigError
 from ...parallel import ParallelContext, check_layout
-from .spec import MoEBlockSpec, expert_shapes, gate_weight, moe_config, spec_for, spec_registry
+from .spec import MoEBlockSpec, gate_weight, moe_config, spec_for, spec_registry
 from .wrap import EPMoEBlock, expert_parts, find_blocks, make_layer, replace_module, to_w13_w2
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"

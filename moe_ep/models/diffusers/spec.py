@@ -42,7 +42,7 @@ Vocabulary: a block's *expert input* is what its experts (and its shared expert)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch.nn as nn
 
@@ -240,5 +240,3 @@ def spec_for(model_class: str) -> MoEBlockSpec:
         raise KeyError(f"no moe-ep spec for {model_class!r}; supported: {', '.join(sorted(registry))}")
     return registry[model_class]
 
-
-Factory = Callable[[nn.Module], nn.Module]
