@@ -101,36 +101,57 @@ def test_fuzz_rebalance_experts_special_loads(topo, L, data, policy):
         check_plan(w, out, R, G, N, P)
 
 
+# (input, valid?): valid = a non-empty 2-D array of finite non-negative real numbers (eplb.md).
+# Lists of bools are planned as 0/1 loads (numpy converts them) while bool tensors are refused:
+# recorded as the current behaviour.
 WEIRD_INPUTS = [
-    np.array([1.0, 2.0]), np.zeros((0, 4)), np.zeros((2, 0)), np.zeros((2, 2, 2)), np.array(3.0),
-    [[1, 2], [3]], [["a", "b"]], [[None, 1.0]], [[True, False]], {"a": 1}, "1,2", None,
-    torch.ones(2, 4, dtype=torch.bool), torch.ones(2, 4, dtype=torch.complex64), torch.ones(2, 4, dtype=torch.float16),
-    torch.ones(2, 4, dtype=torch.bfloat16), torch.ones(2, 4, dtype=torch.int32), torch.ones(2, 4, dtype=torch.uint8),
-    np.ones((2, 4), dtype=np.int64), np.ones((2, 4), dtype=np.float32), np.ones((2, 4), dtype=object),
-    np.array([[1, 2, 3, 4]], dtype=np.uint64) * (2 ** 63), torch.full((2, 4), float("nan")),
+    (np.array([1.0, 2.0]), False), (np.zeros((0, 4)), False), (np.zeros((2, 0)), False), (np.zeros((2, 2, 2)), False),
+    (np.array(3.0), False), ([[1, 2], [3]], False), ([["a", "b"]], False), ([[None, 1.0]], False),
+    ([[True, False]], True), ({"a": 1}, False), ("1,2", False), (None, False),
+    (torch.ones(2, 4, dtype=torch.bool), False), (torch.ones(2, 4, dtype=torch.complex64), False),
+    (torch.ones(2, 4, dtype=torch.float16), True), (torch.ones(2, 4, dtype=torch.bfloat16), True),
+    (torch.ones(2, 4, dtype=torch.int32), True), (torch.ones(2, 4, dtype=torch.uint8), True),
+    (np.ones((2, 4), dtype=np.int64), True), (np.ones((2, 4), dtype=np.float32), True),
+    (np.ones((2, 4), dtype=object), True), (np.array([[1, 2, 3, 4]], dtype=np.uint64) * (2 ** 63), True),
+    (torch.full((2, 4), float("nan")), False), ([[1.0, -1.0, 2.0, 3.0]], False), ([[1.0, 2.0], [3.0, 4.0]], True),
 ]
 
 
-@pytest.mark.parametrize("weight", WEIRD_INPUTS, ids=range(len(WEIRD_INPUTS)))
+@pytest.mark.parametrize("weight,valid", WEIRD_INPUTS, ids=range(len(WEIRD_INPUTS)))
 @pytest.mark.parametrize("policy", ["default", "greedy"])
-def test_rebalance_experts_weird_shapes_and_dtypes(weight, policy):
+def test_rebalance_experts_weird_shapes_and_dtypes(weight, valid, policy):
+    """Each input has its expected outcome: a valid plan (checked slot by slot) or a ValueError."""
     out = plan_or_value_error(weight, 4, 1, 1, 2, policy)
-    if out is not None:
+    if valid:
+        assert out is not None, f"refused a valid load: {weight!r}"
         check_plan(as_load_tensor(weight).numpy(), out, 4, 1, 1, 2)
+    else:
+        assert out is None, f"accepted an invalid load: {weight!r}"
 
 
 @FUZZ
 @given(policy=st.sampled_from(["default", "greedy"]), prev=st.one_of(
     st.lists(st.lists(st.integers(-2, 9), min_size=0, max_size=9), min_size=0, max_size=3),
+    st.lists(st.lists(st.integers(-2, 9), min_size=8, max_size=8), min_size=2, max_size=2),   # right shape
+    st.lists(st.lists(st.integers(0, 7), min_size=8, max_size=8), min_size=2, max_size=2),    # valid
     st.sampled_from([None, [[0.5] * 8] * 2, np.zeros((2, 8), dtype=bool), [[0, 1, 2, 3, 4, 5, 6, 7]] * 2])))
 def test_fuzz_previous_placement(policy, prev):
-    """previous_phy2log of any shape/dtype/value: ValueError or a valid plan."""
+    """previous_phy2log of any shape/dtype/value: a valid plan exactly when it is a [2, 8] array of
+    integer expert ids in [0, 8) (None: no previous placement), else ValueError naming it."""
     w = np.arange(1, 17, dtype=np.float64).reshape(2, 8)
+    valid = prev is None or (isinstance(prev, list) and len(prev) == 2 and all(
+        isinstance(row, list) and len(row) == 8 and all(type(v) is int and 0 <= v < 8 for v in row) for row in prev))
     try:
         out = eplb.rebalance_experts(w, 8, 1, 1, 2, policy=policy, previous_phy2log=prev)
-    except ValueError:
+    except ValueError as err:
+        assert not valid, f"refused a valid previous placement {prev!r}: {err}"
+        assert "previous_phy2log" in str(err), str(err)
         return
+    assert valid, f"accepted an invalid previous placement {prev!r}"
     check_plan(w, out, 8, 1, 1, 2)
+    if prev is not None:  # relabelled to keep experts in place: never fewer kept slots than a fresh plan
+        fresh = eplb.rebalance_experts(w, 8, 1, 1, 2, policy=policy)[0]
+        assert (out[0] == torch.tensor(prev)).sum() >= (fresh == torch.tensor(prev)).sum()
 
 
 VALID_STATS = {"format": "moe-ep.expert-load", "version": 1, "num_layers": 2, "num_experts": 4, "top_k": 2,
@@ -140,9 +161,21 @@ JSONISH = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-10 ** 40
                        lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=6), c, max_size=3), max_leaves=12)
 
 
+EDGE_VALUES = [0, 1, 2, -1, -0.5, 1.0, 3.5, True, "x", None, math.nan, math.inf, 10 ** 400, [], [[1]], {}]
+
+
 @st.composite
 def stats_documents(draw):
     doc = json.loads(json.dumps(VALID_STATS))
+    if draw(st.booleans()):  # one targeted change: a header field or one load entry to an edge value
+        target = draw(st.sampled_from(["version", "format", "num_layers", "num_experts", "load", "windows"]))
+        value = draw(st.sampled_from(EDGE_VALUES + ["moe-ep.expert-load"]))
+        if target in ("load", "windows"):
+            matrix = doc["load"] if target == "load" else doc["windows"][0]["load"]
+            matrix[draw(st.integers(0, 1))][draw(st.integers(0, 3))] = value
+        else:
+            doc[target] = value
+        return doc
     for _ in range(draw(st.integers(1, 3))):
         key = draw(st.sampled_from(sorted(VALID_STATS) + ["load.0", "load.0.1", "windows.0.load", "windows.0"]))
         parts, node = key.split("."), doc
@@ -169,35 +202,151 @@ def test_fuzz_load_stats(tmp_path_factory, doc):
 
     path = tmp_path_factory.mktemp("s") / "stats.json"
     path.write_text(json.dumps(doc))  # NaN / Infinity are written as JSON extensions, which json reads back
+    doc = json.loads(path.read_text())  # what the readers see (NaN as float nan)
+    want = stats_doc_ok(doc)
     try:
         out = eplb.load_stats(str(path))
-    except ValueError:
+    except ValueError as err:
+        assert not want, f"load_stats refused a valid file: {err}: {doc}"
         out = None
     if out is not None:
+        assert want, f"load_stats accepted an invalid file: {doc}"
         load = out["load"]
         assert load.dtype == np.float64 and load.ndim == 2 and np.isfinite(load).all() and (load >= 0).all()
+        assert np.array_equal(load, np.asarray(doc["load"], dtype=np.float64))
+    want_run = stats_doc_ok(doc, (2, 4))
     try:
-        read_stats_file(str(path), 2, 4)
-    except ValueError:
-        pass
+        run = read_stats_file(str(path), 2, 4)
+    except ValueError as err:
+        assert not want_run, f"read_stats_file refused a valid file for 2 x 4: {err}: {doc}"
+        assert str(err).startswith(f"stats file {path}: "), str(err)
+        return
+    assert want_run, f"read_stats_file accepted a file that does not fit 2 layers x 4 experts: {doc}"
+    assert np.array_equal(run["load"], out["load"])
 
 
-@pytest.mark.parametrize("content", [b"", b"{", b"\xff\xfe\x00", b"[]", b"null", b'{"load": "x"}',
-                                     b'{"load": [[NaN, 1]]}', b'{"load": [[1e999, 1]]}', b'{"load": [[-1, 1]]}',
-                                     b'{"load": [[0, 0], [0, 0]]}', b'{"load": [[1, 2], [3]]}', b'{"load": [[1, 2]], "num_layers": 5}',
-                                     b'{"load": [[1, 2]], "windows": [{"load": [[1]]}]}', b'{"load": [[1, 2]], "format": "x"}',
-                                     b'{"load": [[' + str(10 ** 400).encode() + b', 1]]}'])
-def test_cli_plan_bad_stats_files(tmp_path, capsys, content):
-    """`python -m eplb plan`: a bad stats file is one `error:` line and exit 2; a valid one (all
-    zeros included) plans and writes a loadable placement."""
+def _matrix_ok(m, shape=None) -> bool:
+    """A non-empty [L][E] list of lists of finite non-negative numbers (not bools), rectangular."""
+    if not isinstance(m, list) or not m or not all(isinstance(r, list) and r for r in m):
+        return False
+    if len({len(r) for r in m}) != 1 or (shape is not None and (len(m), len(m[0])) != tuple(shape)):
+        return False
+    for x in (x for r in m for x in r):
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            return False
+        if isinstance(x, int) and abs(x) > 1.7976931348623157e308:
+            return False
+        if not math.isfinite(float(x)) or x < 0:
+            return False
+    return True
+
+
+def stats_doc_ok(doc, run_shape=None) -> bool:
+    """The stats format's rules (docs/formats.md), written plainly: an object; `format` and
+    `version` (when present) the format's own; `num_layers` / `num_experts` (when present) positive
+    ints equal to the shape of `load`, a required [L][E] matrix; `windows` and `timestep_buckets`
+    (when present) lists of objects whose `load` has that shape; `branches` an object of such
+    matrices. `run_shape`: the reading run's (layers, experts), which `load` must have too."""
+    if not isinstance(doc, dict) or doc.get("format", "moe-ep.expert-load") != "moe-ep.expert-load":
+        return False
+    version = doc.get("version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version != 1:
+        return False
+    for key in ("num_layers", "num_experts"):
+        if key in doc and (isinstance(doc[key], bool) or not isinstance(doc[key], int) or doc[key] <= 0):
+            return False
+    if not _matrix_ok(doc.get("load"), run_shape):
+        return False
+    shape = (len(doc["load"]), len(doc["load"][0]))
+    if doc.get("num_layers", shape[0]) != shape[0] or doc.get("num_experts", shape[1]) != shape[1]:
+        return False
+    for key in ("windows", "timestep_buckets"):
+        if key in doc and not (isinstance(doc[key], list) and all(
+                isinstance(e, dict) and _matrix_ok(e.get("load"), shape) for e in doc[key])):
+            return False
+    if "branches" in doc and not (isinstance(doc["branches"], dict)
+                                  and all(_matrix_ok(m, shape) for m in doc["branches"].values())):
+        return False
+    return True
+
+
+def _edited(target: str, value):
+    doc = json.loads(json.dumps(VALID_STATS))
+    if target in ("load", "windows"):
+        (doc["load"] if target == "load" else doc["windows"][0]["load"])[1][2] = value
+    elif target == "reshaped":  # a consistent file of another run's shape (value: (L, E))
+        L, E = value
+        m = [[float(e + layer) for e in range(E)] for layer in range(L)]
+        doc.update(num_layers=L, num_experts=E, load=m, windows=[{"load": m}])
+    else:
+        doc[target] = value
+    return doc
+
+
+EDITS = [(t, v) for t in ("version", "format", "num_layers", "num_experts", "load", "windows")
+         for v in EDGE_VALUES + ["moe-ep.expert-load"]] + [("reshaped", (3, 4)), ("reshaped", (2, 5)), ("reshaped", (2, 4))]
+
+
+@pytest.mark.parametrize("target,value", EDITS, ids=[f"{t}={v!r}"[:40] for t, v in EDITS])
+def test_load_stats_edge_values(tmp_path, target, value):
+    """Every header field and one load entry set to each edge value, and files of other shapes:
+    load_stats and the runtime's reader accept exactly what the format's rules allow."""
+    from moe_ep.stats import read_stats_file
+
+    doc = _edited(target, value)
+    path = tmp_path / "stats.json"
+    path.write_text(json.dumps(doc))
+    doc = json.loads(path.read_text())
+    for want, read in ((stats_doc_ok(doc), lambda: eplb.load_stats(str(path))),
+                       (stats_doc_ok(doc, (2, 4)), lambda: read_stats_file(str(path), 2, 4))):
+        try:
+            out = read()
+        except ValueError as err:
+            assert not want, f"refused a valid file ({err}): {doc}"
+            continue
+        assert want, f"accepted an invalid file: {doc}"
+        assert np.array_equal(out["load"], np.asarray(doc["load"], dtype=np.float64))
+
+
+def test_valid_stats_document_is_accepted(tmp_path):
+    """The unmutated document (and the oracle's view of it) is valid: the fuzz starts from an accepted file."""
+    from moe_ep.stats import read_stats_file
+
+    path = tmp_path / "stats.json"
+    path.write_text(json.dumps(VALID_STATS))
+    assert stats_doc_ok(VALID_STATS, (2, 4))
+    assert eplb.load_stats(str(path))["load"].tolist() == VALID_STATS["load"]
+    assert read_stats_file(str(path), 2, 4)["load"].tolist() == VALID_STATS["load"]
+
+
+CLI_STATS = [  # (file content, valid?)
+    (b"", False), (b"{", False), (b"\xff\xfe\x00", False), (b"[]", False), (b"null", False), (b'{"load": "x"}', False),
+    (b'{"load": [[NaN, 1]]}', False), (b'{"load": [[1e999, 1]]}', False), (b'{"load": [[-1, 1]]}', False),
+    (b'{"load": [[0, 0], [0, 0]]}', True), (b'{"load": [[1, 2], [3]]}', False), (b'{"load": [[1, 2]], "num_layers": 5}', False),
+    (b'{"load": [[1, 2]], "windows": [{"load": [[1]]}]}', False), (b'{"load": [[1, 2]], "format": "x"}', False),
+    (b'{"load": [[' + str(10 ** 400).encode() + b', 1]]}', False), (b'{"load": [[1, 2], [3, 4]]}', True),
+    (b'{"format": "moe-ep.expert-load", "version": 1, "num_layers": 1, "load": [[5, 1]], "windows": [{"load": [[5, 1]]}]}', True),
+]
+
+
+@pytest.mark.parametrize("content,valid", CLI_STATS, ids=range(len(CLI_STATS)))
+def test_cli_plan_bad_stats_files(tmp_path, capsys, content, valid):
+    """`python -m eplb plan`: a bad stats file is one `error:` line and exit 2 and writes nothing;
+    a valid one (all zeros included) plans and writes a placement that loads back."""
     stats, out = tmp_path / "stats.json", tmp_path / "placement.json"
     stats.write_bytes(content)
     rc = eplb_main(["plan", "--stats", str(stats), "--replicas", "4", "--gpus", "2", "--out", str(out)])
-    err = capsys.readouterr().err.strip()
-    if rc == 0:
-        assert eplb.load_placement(str(out)).shape[1] == 4
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    if valid:
+        assert rc == 0, err
+        load = np.asarray(json.loads(content)["load"], dtype=np.float64)
+        placement = eplb.load_placement(str(out))
+        assert placement.shape == (load.shape[0], 4)
+        check_plan(load, eplb.rebalance_experts(load, 4, 1, 1, 2), 4, 1, 1, 2)
+        assert "balancedness after (default)" in captured.out
     else:
-        assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
+        assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), (rc, err)
         assert not out.exists()
 
 
