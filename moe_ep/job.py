@@ -532,6 +532,9 @@ def _run(cfg: Config, ctx: ParallelContext, progress: bool, state: RunState) -> 
         stats_writer.round_done()
     wall = time.perf_counter() - t_start
     bar.close()
+    if rebalancer is not None and rebalancer.migration is not None:
+        state.phase = "the migration in progress"
+        rebalancer.finish_migration()   # collective: every rank has the same migration in flight
     state.phase = "the last statistics window"
     recorder.close_last_window()
     state.phase = "the final barrier"

@@ -43,3 +43,39 @@ def sample(pipe, emb: dict, seeds, steps: int = 2):
     """Images [B, 16, 16, 3] float in [0, 1] (numpy)."""
     return pipe(height=16, width=16, num_inference_steps=steps, guidance_scale=4.0, output_type="np",
                 generator=[torch.Generator().manual_seed(s) for s in seeds], **emb).images
+
+
+class PromptEmbeddingPipeline:
+    """A HiDream pipeline whose text encoders are replaced by a fixed, deterministic map from a prompt
+    string to its embeddings (a seed from the prompt's bytes): what `model.text_encoder =
+    "tiny_pipelines:hidream_pipeline_for"` gives the job, since no real text encoder can be loaded here."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    def __getattr__(self, name):          # do_classifier_free_guidance, vae_scale_factor, ...
+        return getattr(self.pipe, name)
+
+    @staticmethod
+    def _seed(text: str) -> int:
+        return sum((i + 1) * b for i, b in enumerate(text.encode())) % (1 << 31)
+
+    def _embed(self, texts) -> dict:
+        parts = [hidream_embeddings(self.pipe, self._seed(t), 1) for t in texts]
+        cat = {k: torch.cat([p[k] for p in parts], dim=1 if "llama3" in k else 0) for k in parts[0]}
+        return {k: v for k, v in cat.items() if not k.startswith("negative_")}
+
+    def __call__(self, prompt, negative_prompt=None, **kw):
+        emb = self._embed(prompt)
+        neg = self._embed([negative_prompt or ""] * len(prompt))
+        emb.update({f"negative_{k}": v for k, v in neg.items()})
+        kw.pop("height", None), kw.pop("width", None)      # the tiny model draws 16 x 16
+        return self.pipe(height=16, width=16, **emb, **kw)
+
+
+def hidream_pipeline_for(transformer):
+    """model.text_encoder factory for the job: the tiny pipeline around `transformer`."""
+    pipe = tiny_hidream_pipeline(0)
+    pipe.transformer = transformer
+    pipe.register_modules(transformer=transformer)
+    return PromptEmbeddingPipeline(pipe)

@@ -1,18 +1,17 @@
 """The diffusers family behind moe_ep.models.base.ServedModel: `preflight` and `build_served_model`.
 
-What is here: the transformer, loaded expert-parallel (loader.load_transformer), its MoE layers
-and a disk weight source per layer. What is not here yet: sampling a batch (text encoders,
-scheduler, VAE: the pipeline API, issue 11 item 4), so `sample` and `timesteps` raise
-NotImplementedError until that lands on top of `DiffusersServedModel.loaded`.
+The transformer, loaded expert-parallel (loader.load_transformer), its MoE layers, a disk weight
+source per layer, and sampling a batch through a diffusers pipeline around it (sampling.py).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 from ...config import ConfigError
 from ...parallel import ParallelContext, derive_ep_size
 from ..base import MoEShape, ServedModel
 from .loader import DTYPES, LoadedTransformer, check_folder, load_transformer
+from .sampling import PipelineSampler, load_pipeline
 
 
 def preflight(cfg, world_size: int) -> MoEShape:
@@ -30,20 +29,24 @@ class DiffusersServedModel(ServedModel):
     """A diffusers MoE transformer served on this rank. `loaded.model` is the diffusers module
     (call it as diffusers does); `loaded.report` is what this rank read and held."""
 
-    rows_per_prompt = None
-    tokens_per_image = None
-    num_inference_steps = None
-
-    def __init__(self, cfg, loaded: LoadedTransformer):
-        self.cfg, self.loaded = cfg, loaded
+    def __init__(self, cfg, loaded: LoadedTransformer, sampler: Optional[PipelineSampler] = None):
+        self.cfg, self.loaded, self.sampler = cfg, loaded, sampler
+        s, p = cfg.sampling, int(getattr(loaded.model.config, "patch_size", 1) or 1)
+        vae = int(getattr(getattr(sampler, "pipeline", None), "vae_scale_factor", 8) or 8) if sampler else 8
+        # image tokens per prompt (an estimate: a family's pipeline may resize the request)
+        self.tokens_per_image = max(1, (s.height // vae // p) * (s.width // vae // p))
+        self.rows_per_prompt = self.tokens_per_image * (2 if s.guidance_scale > 1.0 else 1)
+        self.num_inference_steps = s.num_inference_steps
 
     @classmethod
     def build(cls, cfg, ctx: ParallelContext) -> "DiffusersServedModel":
         if cfg.model.dtype not in DTYPES:
             raise ConfigError("model.dtype", cfg.model.dtype, "must be one of " + ", ".join(DTYPES))
         loaded = load_transformer(cfg.model.path, ctx, num_redundant=cfg.eplb.num_redundant_experts,
-                                  dtype=DTYPES[cfg.model.dtype])
-        return cls(cfg, loaded)
+                                  dtype=DTYPES[cfg.model.dtype], score_dtype=cfg.model.moe.score_dtype)
+        pipeline = load_pipeline(cfg, loaded.model, DTYPES[cfg.model.dtype])
+        sampler = PipelineSampler(cfg, pipeline, loaded.model, loaded.moe_layers, loaded.info.spec.name)
+        return cls(cfg, loaded, sampler)
 
     def moe_layers(self) -> list:
         return self.loaded.moe_layers
@@ -53,10 +56,10 @@ class DiffusersServedModel(ServedModel):
 
     @property
     def timesteps(self) -> list[float]:
-        raise NotImplementedError("diffusers model: the sampling loop (pipeline API) is not wired yet")
+        return self.sampler.timesteps()
 
     def sample(self, prompts: Sequence[str], seeds: Sequence[int], hooks) -> list:
-        raise NotImplementedError("diffusers model: the sampling loop (pipeline API) is not wired yet")
+        return self.sampler.sample(prompts, seeds, hooks)
 
     def describe(self) -> dict:
         info, layers = self.loaded.info, self.loaded.moe_layers
