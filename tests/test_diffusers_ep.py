@@ -166,6 +166,14 @@ def test_ep1_whole_transformer_equals_diffusers(folders, name):
     assert compare(name, loaded.model, ref, seed=1) <= REL_TOL
     replace_all(loaded, seed=5)
     assert compare(name, loaded.model, ref, seed=2) <= REL_TOL
+    # loading straight into a given placement (eplb.placement_file) reads that placement's experts
+    slots = [layer.num_slots for layer in loaded.moe_layers]
+    placements = [random_placement(loaded.moe_layers[0].cfg.num_experts, r, 40 + i) for i, r in enumerate(slots)]
+    placed, log = recording_load(folders[name], ctx, num_redundant=slots[0] - loaded.moe_layers[0].cfg.num_experts,
+                                 placements=placements)
+    assert all(torch.equal(layer.placement.phy2log, p) for layer, p in zip(placed.moe_layers, placements))
+    check_reads(placed, log)
+    assert compare(name, placed.model, ref, seed=4, timesteps=TIMESTEPS[:1]) <= REL_TOL
     # the in-memory path (a user's pipeline transformer): wrap diffusers' own module in place
     mine = reference_model(name, folders[name])
     wrappers, _ = wrap_transformer(mine, ctx)
