@@ -51,6 +51,55 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
 
 
+def round3(x, xs, w13, w2, counts, order, scale, act, flops1, flops2, k) -> dict:
+    """Warp-specialised K loops (tl.range(warp_specialize=True)) vs the defaults, alone and in
+    the whole layer (the module's configs swapped in place, alternating, twice)."""
+    import dataclasses
+
+    from moe_ep.config import MoEConfig
+    from moe_ep.experts import init_expert_weights
+    from moe_ep.kernels import grouped_gemm as gg
+    from moe_ep.layer import MoELayer
+    from moe_ep.parallel import ParallelContext
+    offs = counts.cumsum(0).to(torch.int32)
+    ri = order // k
+    ref_h = act(torch._grouped_mm(xs, w13, offs=offs))
+    hin = ref_h.contiguous()
+    ref_y = torch._grouped_mm(hin, w2, offs=offs) * scale[:, None]
+    up0, down0 = gg.GATE_UP_CONFIG, gg.DOWN_CONFIG
+    up1, down1 = dataclasses.replace(up0, warp_specialize=True), dataclasses.replace(down0, warp_specialize=True)
+    out: dict = {}
+    for name, fn, ref in [
+            ("gate_up default", lambda: grouped_gemm(x, w13, counts, swiglu=True, row_index=ri, config=up0), ref_h),
+            ("gate_up warp-specialised", lambda: grouped_gemm(x, w13, counts, swiglu=True, row_index=ri, config=up1),
+             ref_h),
+            ("down default", lambda: grouped_gemm(hin, w2, counts, row_scale=scale, config=down0), ref_y),
+            ("down warp-specialised", lambda: grouped_gemm(hin, w2, counts, row_scale=scale, config=down1), ref_y)]:
+        try:
+            o = fn()
+            out[name] = {"ms": bench(fn), "rel": rel(o, ref)}
+        except Exception as e:  # noqa: BLE001
+            out[name] = {"ms": float("nan"), "rel": f"failed: {e!r}"[:300]}
+    dev = x.device
+    T, H = x.shape
+    Fh, S = w2.shape[1], w2.shape[0]
+    layer = MoELayer(H, MoEConfig(num_experts=S, top_k=k, expert_hidden_size=Fh), ParallelContext(device=dev),
+                     dtype=torch.bfloat16)
+    layer.router.gate.weight.data.normal_(std=0.02)
+    layer.load_expert_weights(lambda e: init_expert_weights(0, 0, e, H, Fh, torch.bfloat16, dev))
+    combos = {"layer default": (up0, down0)}
+    if isinstance(out["gate_up warp-specialised"]["rel"], float):
+        combos["layer ws gate_up"] = (up1, down0)
+    if isinstance(out["down warp-specialised"]["rel"], float):
+        combos["layer ws both"] = (up1, down1) if "layer ws gate_up" in combos else (up0, down1)
+    for rep in ("", " again"):
+        for name, (u, d) in combos.items():
+            gg.GATE_UP_CONFIG, gg.DOWN_CONFIG = u, d
+            out[name + rep] = {"ms": bench(lambda: layer(x), reps=20)}
+    gg.GATE_UP_CONFIG, gg.DOWN_CONFIG = up0, down0
+    return {"round3": out}
+
+
 def round2(x, xs, w13, w2, counts, order, slots, scale, wts, ids, gate, act, flops1, flops2, k, S) -> dict:
     """Second round (after the first sweep): TMA weights with A gathered on load vs copied first,
     more TMA tile shapes, the down GEMM with the row scale, the Triton counting sort, router steps."""
@@ -115,6 +164,8 @@ def main():
     p.add_argument("--json")
     p.add_argument("--quick", action="store_true", help="fewer GEMM configs")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (TRITON_INTERPRET=1)")
+    p.add_argument("--round3", action="store_true",
+                   help="only the third round: warp-specialised TMA GEMMs, alone and in the layer")
     p.add_argument("--round2", action="store_true",
                    help="only the second round: TMA with gathered A, TMA tile shapes, Triton counting sort, router steps")
     args = p.parse_args()
@@ -181,6 +232,16 @@ def main():
     res["index_ms"] = {"argsort+inverse": bench(argsort_path, 20), "counting sort": bench(counting_path, 20),
                        "same positions": bool(torch.equal(pa, pc))}
 
+    if args.round3:
+        res.update(round3(x, xs, w13, w2, counts, order, scale, act, flops1, flops2, k))
+        print(json.dumps(res, indent=1, default=str))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1, default=str)
+        for n, v in res["round3"].items():
+            rr = v.get("rel", "")
+            print(f"{n[:120]:120s} {v['ms']:7.3f} ms rel {rr if isinstance(rr, str) else f'{rr:.1e}'}")
+        return
     if args.round2:
         res.update(round2(x, xs, w13, w2, counts, order, slots, scale, wts, ids, gate, act, flops1, flops2, k, S))
         print(json.dumps(res, indent=1, default=str))

@@ -47,6 +47,7 @@ class GemmConfig:
     num_stages: int = 4
     desc: bool = False     # TMA descriptors for the tiles (Hopper), else pointer loads
     gather_on_load: bool = True   # with a row index: gather A rows while loading (else copy x[idx] first)
+    warp_specialize: bool = False  # TMA kernel: Triton's warp-specialised K loop (producer/consumer warps)
 
 
 # Chosen on one H200 (launch/gpu_kernel_variants.py, docs/benchmarks.md section 1d): TMA for the
@@ -154,7 +155,7 @@ def _grouped_tma_kernel(a_desc, a_ptr, row_index_ptr, b_desc, c_ptr, scale_ptr, 
                         M, N, K, S, TM, B_COL_UP, stride_am, stride_cm,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                         S_P2: tl.constexpr, SWIGLU: tl.constexpr, SCALE: tl.constexpr, GATHER: tl.constexpr,
-                        NUM_STAGES: tl.constexpr):
+                        NUM_STAGES: tl.constexpr, WS: tl.constexpr):
     """TMA-descriptor grouped GEMM (Hopper): B as a [S*K, Ncols] 2-D descriptor; A [M, K] as a
     descriptor too, or (GATHER) by pointer loads of rows a[row_index[i]] (TMA cannot gather rows).
 
@@ -177,7 +178,7 @@ def _grouped_tma_kernel(a_desc, a_ptr, row_index_ptr, b_desc, c_ptr, scale_ptr, 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     if SWIGLU:
         acc_up = tl.zeros((BM, BN), dtype=tl.float32)
-    for k in tl.range(0, K, BK, num_stages=NUM_STAGES):
+    for k in tl.range(0, K, BK, num_stages=NUM_STAGES, warp_specialize=WS):
         if GATHER:
             a = tl.load(a_ptrs + k)
         else:
@@ -242,7 +243,8 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor, *, swig
                                   M, N, K, S, TM, N if swiglu else 0, a.stride(0), c.stride(0),
                                   BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, S_P2=_next_pow2(S),
                                   SWIGLU=swiglu, SCALE=row_scale is not None, GATHER=gather,
-                                  NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                                  NUM_STAGES=cfg.num_stages, WS=cfg.warp_specialize, num_warps=cfg.num_warps,
+                                  num_stages=cfg.num_stages)
         return c
     idx = row_index if row_index is not None else counts  # dummy pointer when unused
     _grouped_kernel[grid](a, idx, b, c, scale, counts, M, N, K, S, TM, N if swiglu else 0,
