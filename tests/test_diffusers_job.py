@@ -13,7 +13,7 @@ from PIL import Image
 from moe_ep import config as config_mod
 from moe_ep.models.diffusers.tiny import save_tiny_folders
 from mp import run_ranks
-from tiny_pipelines import hidream_pipeline_for
+from moe_ep.models.diffusers.tiny_pipeline import hidream_pipeline_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "hidream_tiny.json")

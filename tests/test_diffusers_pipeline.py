@@ -11,7 +11,7 @@ import moe_ep
 from moe_ep.parallel import context_for_tests
 from mp import run_ranks
 from rebalance_helpers import random_planner
-from tiny_pipelines import hidream_embeddings, sample, tiny_hidream_pipeline
+from moe_ep.models.diffusers.tiny_pipeline import hidream_embeddings, sample, tiny_hidream_pipeline
 
 TOL = 1e-5
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_ep.models.diffusers.tiny import tiny_hidream
+from .tiny import save_tiny_folders, tiny_hidream
 
 
 def tiny_hidream_pipeline(seed: int = 0, **transformer_kw):
@@ -48,7 +48,7 @@ def sample(pipe, emb: dict, seeds, steps: int = 2):
 class PromptEmbeddingPipeline:
     """A HiDream pipeline whose text encoders are replaced by a fixed, deterministic map from a prompt
     string to its embeddings (a seed from the prompt's bytes): what `model.text_encoder =
-    "tiny_pipelines:hidream_pipeline_for"` gives the job, since no real text encoder can be loaded here."""
+    "moe_ep.models.diffusers.tiny_pipeline:hidream_pipeline_for"` gives the job, since no real text encoder can be loaded here."""
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -79,3 +79,11 @@ def hidream_pipeline_for(transformer):
     pipe.transformer = transformer
     pipe.register_modules(transformer=transformer)
     return PromptEmbeddingPipeline(pipe)
+
+
+if __name__ == "__main__":
+    # python -m moe_ep.models.diffusers.tiny_pipeline [ROOT]: writes ROOT/hidream and ROOT/nucleus
+    # (default outputs/tiny_models), the folders configs/hidream_tiny.json reads
+    import sys
+
+    print(save_tiny_folders(sys.argv[1] if len(sys.argv) > 1 else "outputs/tiny_models"))
