@@ -14,6 +14,9 @@ from moe_ep import config as config_mod
 from moe_ep.models.diffusers.tiny import save_tiny_folders
 from mp import run_ranks
 from moe_ep.models.diffusers.tiny_pipeline import hidream_pipeline_for
+import pytest
+
+pytestmark = pytest.mark.slow   # spawned ranks or launchers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "hidream_tiny.json")

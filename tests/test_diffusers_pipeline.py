@@ -13,6 +13,8 @@ from mp import run_ranks
 from rebalance_helpers import random_planner
 from moe_ep.models.diffusers.tiny_pipeline import hidream_embeddings, sample, tiny_hidream_pipeline
 
+pytestmark = pytest.mark.slow   # spawned ranks or launchers
+
 TOL = 1e-5
 
 

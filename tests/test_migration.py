@@ -13,6 +13,8 @@ from moe_ep.stats import ExpertLoadStats
 from mp import run_ranks
 from rebalance_helpers import (eplb_cfg, inputs, local_weights_ok, make_stack, random_planner, run_stack)
 
+pytestmark = pytest.mark.slow   # spawned ranks or launchers
+
 TOL = 1e-5
 E, K, NL = 8, 2, 3
 
