@@ -135,14 +135,16 @@ def check_reads(loaded, log) -> None:
     spec = loaded.info.spec
     expert_keys = {k for w in loaded.wrappers for e in range(w.moe.cfg.num_experts)
                    for _, k, _ in expert_parts(spec.experts, w.path, e)}
-    want = sorted((k, row) for w in loaded.wrappers for e in w.moe.local_experts
-                  for _, k, row in expert_parts(spec.experts, w.path, e))
+    # each distinct expert of the rank's slots once (two replicas on one rank: one read)
+    held = [(w, sorted(set(w.moe.local_experts))) for w in loaded.wrappers]
+    want = sorted((k, row) for w, experts in held for e in experts for _, k, row in expert_parts(spec.experts, w.path, e))
     got = sorted(r for r in log if r[0] in expert_keys)
     assert got == want, (got, want)
     others = [k for k, _ in log if k not in expert_keys]
     assert sorted(others) == sorted(set(loaded.info.tensors) - expert_keys)   # each once
     rep = loaded.report
-    assert rep.expert_keys_read == [(w.moe.layer_idx, e) for w in loaded.wrappers for e in w.moe.local_experts]
+    assert rep.expert_keys_read == [(w.moe.layer_idx, e) for w, experts in held
+                                    for e in dict.fromkeys(w.moe.local_experts)]
     per_expert = {}
     for w in loaded.wrappers:
         for e in range(w.moe.cfg.num_experts):
@@ -150,9 +152,11 @@ def check_reads(loaded, log) -> None:
                 loaded.info.tensors[k].dtype.itemsize * int(torch.Size(loaded.info.tensors[k].shape)[1 if r is not None else 0:].numel())
                 for _, k, r in expert_parts(spec.experts, w.path, e))
     assert rep.expert_bytes_read == sum(per_expert[k] for k in rep.expert_keys_read)
-    slots = sum(w.moe.slots_per_rank for w in loaded.wrappers)
     assert rep.expert_slot_bytes == sum(per_expert[(w.moe.layer_idx, 0)] * w.moe.slots_per_rank for w in loaded.wrappers)
-    assert len(rep.expert_keys_read) == slots
+    for w in loaded.wrappers:  # every slot holds its expert's weights, as stored
+        for slot, e in enumerate(w.moe.local_experts):
+            w13, w2 = loaded.sources[w.moe.layer_idx](e)
+            assert torch.equal(w.moe.experts.w13[slot], w13) and torch.equal(w.moe.experts.w2[slot], w2)
 
 
 # ---------------------------------------------------------------- EP = 1, in process

@@ -1,6 +1,6 @@
 """A diffusers folder that does not match its model fails with one clear line naming the file and
-the key (ConfigError on model.path), before any process group (`preflight`); the served model's
-interface at EP = 1; the disk weight source."""
+the key (ConfigError on model.path), before any process group (`preflight`); the disk weight
+source and the load report at EP = 1."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moe_ep.config import Config, ConfigError
-from moe_ep.models.diffusers import (build_served_model, inspect_folder, load_transformer, preflight)
+from moe_ep.models.diffusers import inspect_folder, load_transformer, preflight
 from moe_ep.models.diffusers.loader import build_meta_model
 from moe_ep.models.diffusers.tiny import save_tiny_folders
 from moe_ep.parallel import ParallelContext
@@ -157,18 +157,19 @@ def test_preflight_shape_and_layout(saved):
         preflight(cfg, 1)
 
 
-def test_served_model_and_disk_source(saved):
-    cfg = Config()
-    cfg.model.type, cfg.model.path = "diffusers", saved["nucleus"]
-    cfg.eplb.num_redundant_experts = 2
-    served = build_served_model(cfg, ParallelContext())
-    layers = served.moe_layers()
+def test_disk_source_and_report(saved):
+    """The disk weight source gives what the slots hold; the report counts this rank's experts.
+    (`build_served_model` around the loader, with its pipeline, is tested with the pipeline.)"""
+    loaded = load_transformer(saved["nucleus"], ParallelContext(), num_redundant=2)
+    layers = loaded.moe_layers
     assert len(layers) == 3 and all(layer.num_slots == 10 for layer in layers)
-    json.dumps(served.describe())
     for i, layer in enumerate(layers):
         for slot, expert in enumerate(layer.local_experts):
-            w13, w2 = served.weight_source(i)(expert)      # read from disk again
+            w13, w2 = loaded.sources[i](expert)      # read from disk again
             assert torch.equal(w13, layer.experts.w13[slot]) and torch.equal(w2, layer.experts.w2[slot])
-    report = served.loaded.report
-    assert report.expert_bytes_read == 3 * 10 * (64 * 48 + 24 * 64) * 4
+    report = loaded.report
+    # 10 slots hold 8 distinct experts (slots 8, 9 replicate experts 0, 1): each read once
+    assert report.expert_bytes_read == 3 * 8 * (64 * 48 + 24 * 64) * 4
+    assert report.expert_slot_bytes == 3 * 10 * (64 * 48 + 24 * 64) * 4
     assert report.peak_tensor_bytes >= report.expert_slot_bytes + report.other_bytes
+    json.dumps(report.as_dict())

@@ -357,6 +357,20 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+@torch.no_grad()
+def fill_slots(layer, source) -> None:
+    """Fill this rank's slots of `layer` (an MoELayer) from `source`, reading each distinct
+    logical expert once (a rank may hold two replicas of one expert)."""
+    slots_of: dict[int, list[int]] = {}
+    for slot, expert in enumerate(layer.local_experts):
+        slots_of.setdefault(expert, []).append(slot)
+    for expert, slots in slots_of.items():
+        w13, w2 = source(expert)                                          # [H, 2F], [F, H]
+        for slot in slots:
+            layer.experts.w13[slot].copy_(w13)
+            layer.experts.w2[slot].copy_(w2)
+
+
 @dataclass
 class LoadedTransformer:
     """A diffusers transformer served expert-parallel on this rank.
@@ -453,9 +467,8 @@ def load_transformer(path: str, ctx: ParallelContext, num_redundant: int = 0,
         source = DiskExpertSource(info, bpath, idx, dtype, report)
         source.meter = meter
         if placements is not None:
-            layer.set_placement(placements[idx], weights=source)
-        else:
-            layer.load_expert_weights(source)
+            layer.set_placement(placements[idx])
+        fill_slots(layer, source)
         source.report, source.meter = None, None  # later reads (rebalancer fallback) are not the load's
         wrapper = EPMoEBlock(spec, layer, bpath)
         replace_module(model, bpath, wrapper)
