@@ -1,10 +1,15 @@
 """launch/report.py renders PNG plots, report.md and report.html from a real (tiny) run folder,
-and stops with a clear error on a folder that is not a run."""
+and stops with a clear error on a folder that is not a run. Its numbers are checked against values
+recomputed here from the run's own files (metrics.jsonl, stats.json, the config), not just its labels."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
+
+import numpy as np
 
 import pytest
 from PIL import Image
@@ -61,3 +66,64 @@ def test_report_skips_a_torn_last_metrics_line(run_dir, tmp_path):
     _, _, records = report.load_run(torn)
     assert len(records) == len(lines)
     assert report.make_report(torn)["md"]
+
+
+def _key_numbers(md: str) -> dict[str, str]:
+    """The "Key numbers" table of report.md: label -> value cell."""
+    section = md.split("## Key numbers", 1)[1].split("\n## ", 1)[0]
+    rows = [ln.strip().strip("|").split("|") for ln in section.splitlines() if ln.startswith("| ") and "---" not in ln]
+    return {k.strip(): v.strip() for k, v in rows if k.strip()}
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x.replace(",", "")) for x in re.findall(r"-?[0-9][0-9,]*\.?[0-9]*", text)]
+
+
+def test_report_numbers_match_the_run_files(run_dir):
+    """Every key number of report.md, recomputed from metrics.jsonl (per-forward records), stats.json
+    (window loads) and the config: forwards, tokens/s, latency, per-layer and mean balancedness,
+    rebalances, experts and bytes moved; and the window balancedness itself from the window's loads
+    and the start-up placement (eplb.gpu_load), so a wrong number anywhere in the chain fails."""
+    import torch
+
+    from eplb import gpu_load
+    from moe_ep.placement import contiguous_placement
+
+    out = report.make_report(run_dir)
+    got = _key_numbers(open(out["md"]).read())
+    records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    stats = json.load(open(os.path.join(run_dir, "stats.json")))
+    cfg = summary["config"]
+
+    assert _floats(got["prompts / forwards"]) == [len(cfg["sampling"]["prompts"]), len(records)]
+    assert _floats(got["ranks (world / EP / DP)"]) == [2, 2, 1]
+    lat = np.array([r["latency_ms"] for r in records])                      # [forwards]
+    assert _floats(got["latency per forward (mean / p50 / max)"]) == pytest.approx(
+        [round(lat.mean(), 1), round(float(np.median(lat)), 1), round(lat.max(), 1)], abs=0.051)
+    tokens_per_s = sum(r["tokens"] for r in records) / (lat.sum() / 1e3)
+    assert _floats(got["tokens/s (forward time)"])[0] == pytest.approx(tokens_per_s, abs=0.51)
+
+    # window balancedness: the first window from its loads and the start-up (contiguous) placement
+    L, E = stats["num_layers"], stats["num_experts"]
+    start = contiguous_placement(E, cfg["eplb"]["num_redundant_experts"], 2).phy2log     # [R]
+    gpus = gpu_load(np.asarray(stats["windows"][0]["load"], dtype=np.float64), torch.stack([start] * L), 2)  # [L, 2]
+    first = (gpus.mean(-1) / gpus.max(-1).values).numpy()                                 # [L]
+    closed = [r for r in records if "balancedness/layer0" in r]                           # one per closed window
+    assert len(closed) == stats["num_windows"] == len(stats["windows"])
+    assert np.allclose([closed[0][f"balancedness/layer{i}"] for i in range(L)], first, atol=1e-12)
+    per_layer = np.mean([[r[f"balancedness/layer{i}"] for i in range(L)] for r in closed], axis=0)   # [L]
+    assert _floats(got["balancedness per layer"]) == pytest.approx(np.round(per_layer, 3).tolist(), abs=5e-4)
+    assert _floats(got["balancedness over the run (mean of layers)"])[0] == pytest.approx(per_layer.mean(), abs=5e-4)
+
+    attempts = [r for r in records if r.get("rebalance/attempt")]
+    ok = [r for r in attempts if r.get("rebalance/ok")]
+    assert ok, "the tiny run (min_gain -1) rebalances: nothing to check"
+    assert _floats(got["rebalances (moved / attempts)"]) == [len(ok), len(attempts)]
+    moved = sum(r["rebalance/experts_moved"] for r in ok)
+    moved_bytes = sum(r["rebalance/bytes_moved"] for r in ok)
+    experts, size = got["experts moved / bytes moved"].split(" / ")
+    number, unit = size.split(" ")
+    scale = {"B": 1, "KiB": 2 ** 10, "MiB": 2 ** 20, "GiB": 2 ** 30}[unit]
+    assert int(experts) == moved
+    assert float(number) == pytest.approx(moved_bytes / scale, abs=0.051) and (unit == "GiB" or moved_bytes < 1024 * scale)
