@@ -249,6 +249,7 @@ def _ep_ranks(rank, world, folders, out_dir):
         json.dump(results, f, indent=1)
 
 
+@pytest.mark.slow
 def test_ep4_and_ep2xdp2_equal_diffusers(folders, tmp_path):
     run_ranks(4, _ep_ranks, folders, str(tmp_path))
     worst = {}
