@@ -78,7 +78,9 @@ def full_runs(tmp_path_factory):
     outs = {name: str(base / name) for name in ("a", "b", "resumed")}
     for name in ("a", "b"):
         run_ranks(2, _ranks_run, SMALL + [f"output_dir={outs[name]}"])
-    run_ranks(2, _ranks_run, SMALL + [f"output_dir={outs['resumed']}", f"eplb.stats_file={outs['a']}/stats.json"])
+    # min_gain -1: the start-up rebalance from the seed moves weights whatever the predicted gain
+    run_ranks(2, _ranks_run, SMALL + [f"output_dir={outs['resumed']}", f"eplb.stats_file={outs['a']}/stats.json",
+                                      "eplb.min_gain=-1"])
     return outs
 
 
@@ -104,7 +106,7 @@ def test_resume_from_an_earlier_runs_statistics(full_runs):
     summary = json.load(open(os.path.join(full_runs["resumed"], "summary.json")))
     first = summary["rebalances"][0]
     assert first["trigger"] == "stats_file" and first["forward_idx"] == -1, first
-    assert first["status"] != "failed", first
+    assert first["status"] == "ok" and first["experts_moved"] > 0, first   # "skipped" is not a resume
     a = {n: np.asarray(Image.open(os.path.join(full_runs["a"], "images", n))) for n in png_bytes(full_runs["a"])}
     for n, img in a.items():
         assert np.array_equal(img, np.asarray(Image.open(os.path.join(full_runs["resumed"], "images", n)))), n
