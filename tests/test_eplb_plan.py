@@ -166,3 +166,51 @@ def test_integer_and_tensor_inputs():
     w = torch.tensor([[5, 1, 1, 1, 0, 0, 0, 0]])
     out = rebalance_experts(w, 8, 1, 1, 2)
     check_valid(w.double().numpy(), 8, 1, 1, 2, *out)
+
+
+def test_bench_cli_numbers(monkeypatch, capsys):
+    """`python -m eplb bench --quick --seeds 0 7` (through eplb/__main__.py, on two small sizes): one
+    table row per (seed, size, skew) whose balancedness columns are the planner's own numbers for
+    those seeded loads, default >= greedy <= bound, and summary lines that follow from the rows."""
+    import re
+    import runpy
+    import sys
+
+    import eplb.bench as bench
+    from eplb import lower_bound_balancedness
+
+    sizes = ((4, 8, 12, 4, 2, 4), (6, 16, 20, 1, 1, 4))  # (L, E, R, G, N, P)
+    monkeypatch.setattr(bench, "QUICK_SIZES", sizes)
+    monkeypatch.setattr(sys, "argv", ["python -m eplb", "bench", "--quick", "--seeds", "0", "7"])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_module("eplb", run_name="__main__")
+    assert done.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [ln for ln in lines if re.match(r"^\| \d+x\d+", ln)]
+    assert len(rows) == 2 * len(sizes) * 2
+    ratios, ratios_next = [], []
+    for i, row in enumerate(rows):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        sd, ci, si = (0, 7)[i // 4], (i // 2) % 2, i % 2
+        L, E, R, G, N, P = sizes[ci]
+        skew = bench.SKEWS[0] if si == 0 else bench.SKEWS[-1]
+        assert cells[0] == f"{L}x{E}, {R}" and cells[1] == f"{G}/{N}/{P}" and float(cells[2]) == skew
+        w1, w2 = zipf_windows(sd + 100 * ci + si, L, E, skew)
+        pg = rebalance_experts(w1, R, G, N, P, policy="greedy")[0]
+        pd = rebalance_experts(w1, R, G, N, P)[0]
+        pp = rebalance_experts(w1, R, G, N, P, drift_hedge=False)[0]
+        hier = G % N == 0
+        want = [plan_balancedness(w1, pg, P), plan_balancedness(w1, pd, P), plan_balancedness(w1, pp, P),
+                lower_bound_balancedness(w1, R, G if hier else 1, N if hier else 1, P),
+                plan_balancedness(w2, pg, P), plan_balancedness(w2, pd, P), plan_balancedness(w2, pp, P)]
+        got = [float(c) for c in cells[3:10]]
+        assert got == pytest.approx(want, abs=5.1e-5), (row, want)
+        assert got[1] >= got[0] - 1e-4 and got[3] >= got[1] - 1e-4
+        assert all(float(c) > 0 for c in cells[10:14])  # times, ms
+        ratios.append(want[1] / want[0])
+        ratios_next.append(want[5] / want[4])
+    summary = next(ln for ln in lines if ln.startswith("default / greedy:"))
+    gm = float(np.exp(np.mean(np.log(ratios))))
+    gm_next = float(np.exp(np.mean(np.log(ratios_next))))
+    assert f"planning window {gm:.4f}" in summary and f"next window {gm_next:.4f}" in summary, summary
+    assert summary.endswith(f"of {len(rows)} cases")
