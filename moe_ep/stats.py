@@ -158,13 +158,15 @@ class ExpertLoadStats:
 
     def bucket_load(self) -> Optional[np.ndarray]:
         """[B, L, E] float64: load per timestep bucket over all closed windows plus the seed
-        (None when there is neither). Computed once per window close / seed (cached); a copy."""
+        (None when there is neither; the seed weighted by `seed_weight()`). Computed once per
+        window close / seed (cached); a copy."""
         if self._bucket_total is None:
             out = None
             if self.num_windows:
                 out = self._total.sum(axis=1).astype(np.float64)
             if self.seed_buckets is not None:
-                out = self.seed_buckets.copy() if out is None else out + self.seed_buckets
+                seed = self.seed_buckets * self.seed_weight()[None, :, None]       # [B, L, E]
+                out = seed if out is None else out + seed
             if out is None:
                 return None
             self._bucket_total = out
@@ -196,10 +198,24 @@ class ExpertLoadStats:
 
         write_json_atomic(path, self.to_json(), indent=None)
 
+    def seed_weight(self) -> np.ndarray:
+        """[L] float64: the factor the seed's loads get where they add to this run's counts
+        (`bucket_load()`). The seed counts as at most one window of this run: per layer,
+        min(1, this run's mean window load / the seed's total load), so a seed from a run many
+        times longer than this one cannot outweigh what this run measures, and its share falls as
+        1 / (windows + 1). Before this run closes a window the seed is used alone, unscaled
+        (balance is scale-invariant, so its scale does not matter there). docs/eplb_runtime.md."""
+        if self.seed_buckets is None or not self.num_windows:
+            return np.ones(self.num_layers)
+        run_window = self._total.sum(axis=(0, 1, 3)) / self.num_windows                # [L] mean window load
+        seed_total = self.seed_buckets.sum(axis=(0, 2))                                 # [L]
+        ratio = np.divide(run_window, seed_total, out=np.ones(self.num_layers), where=seed_total > 0)
+        return np.minimum(1.0, ratio)
+
     def load_seed(self, path: str) -> dict:
         """Read a stats file written by `save` (or by another run) and use its load as the
         seed: `last_window_load()` returns it until a window closes, and its timestep
-        buckets (when their count matches) add to `bucket_load()`.
+        buckets (when their count matches) add to `bucket_load()`, weighted by `seed_weight()`.
 
         Raises ValueError naming the file and the field before changing anything.
         """
