@@ -127,3 +127,15 @@ def test_triton_kernels_under_the_interpreter():
     env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
     res = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("ep_size,device,field", [(2, "cuda", "parallel.ep_size"), (1, "cpu", "parallel.device")])
+def test_cuda_graph_forward_refuses_ep_above_one_and_cpu(ep_size, device, field):
+    from types import SimpleNamespace
+
+    from moe_ep.config import ConfigError
+    from moe_ep.model.graphs import CudaGraphForward
+    from moe_ep.parallel import ParallelContext
+    model = SimpleNamespace(ctx=ParallelContext(ep_size=ep_size, device=torch.device(device)))
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        CudaGraphForward(model)
