@@ -177,8 +177,9 @@ def expert_parallel(pipe_or_transformer: Any, ctx: Optional[ParallelContext] = N
     ctx: an EP context (moe_ep.parallel); default: the initialised torch.distributed world
     (every rank in one EP group unless `parallel` says otherwise), or one started through
     DeepSpeed. eplb: an EplbConfig or its dict (the config file's `eplb` section: enabled,
-    num_redundant_experts, window_size, interval, migration, ...). score_dtype: "float32"
-    (default) or "input" to score the gate exactly as the model's own code does.
+    num_redundant_experts, window_size, interval, migration, ...). score_dtype: None (default)
+    scores the gate as the model's own code does (its spec: "input" for HiDream and NucleusMoE),
+    "float32" scores in float32 (a few tokens then pick other experts in bf16).
     Every rank must call this with the same weights, and then run the same pipeline calls.
     """
     transformer = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)

@@ -43,7 +43,7 @@ class DiffusersServedModel(ServedModel):
         if cfg.model.dtype not in DTYPES:
             raise ConfigError("model.dtype", cfg.model.dtype, "must be one of " + ", ".join(DTYPES))
         loaded = load_transformer(cfg.model.path, ctx, num_redundant=cfg.eplb.num_redundant_experts,
-                                  dtype=DTYPES[cfg.model.dtype], score_dtype=cfg.model.moe.score_dtype)
+                                  dtype=DTYPES[cfg.model.dtype])   # scores as the model computes them (spec)
         pipeline = load_pipeline(cfg, loaded.model, DTYPES[cfg.model.dtype])
         sampler = PipelineSampler(cfg, pipeline, loaded.model, loaded.moe_layers, loaded.info.spec.name)
         return cls(cfg, loaded, sampler)
