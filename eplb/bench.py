@@ -1,6 +1,7 @@
 """``python -m eplb bench``: greedy vs default on seeded synthetic loads, judged on the next window too."""
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -21,6 +22,21 @@ SIZES = (
 )
 SKEWS = (0.8, 1.1, 1.5)
 QUICK_SIZES = (SIZES[0], SIZES[2], SIZES[-1])
+# Routing learned by a model: the trained shapes demo's trace (moe_ep/demo/routing.py, docs/eplb_runtime.md).
+# Planning window: its even sampling steps; next window: its odd steps. (replicas, groups, nodes, gpus)
+TRACE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data", "shapes_demo_trace.json")
+TRACE_SIZES = ((72, 1, 1, 8), (128, 8, 8, 64))
+
+
+def trace_windows(path: str = TRACE):
+    """The trace's (planning, next) windows [L, E]: sums of its even and of its odd per-step windows;
+    None when the file is not there (an installed package without tests/)."""
+    from .io import load_stats
+
+    if not os.path.isfile(path):
+        return None
+    wins = [np.asarray(w["load"], dtype=np.float64) for w in load_stats(path)["windows"]]
+    return sum(wins[0::2]), sum(wins[1::2])
 
 
 def _time(fn, repeat: int) -> tuple[float, float, object]:
@@ -43,26 +59,31 @@ def run(quick: bool = False, seed: int = 0, repeat: int = 5, seeds=None, baselin
     rows = []
     sizes = QUICK_SIZES if quick else SIZES
     skews = (SKEWS[0], SKEWS[-1]) if quick else SKEWS
-    for sd in (seeds or (seed,)):
-        for ci, (L, E, R, G, N, P) in enumerate(sizes):
-            for si, skew in enumerate(skews):
-                w1, w2 = zipf_windows(sd + 100 * ci + si, L, E, skew)
-                hier = G % N == 0
-                g, n = (G, N) if hier else (1, 1)
-                t_g, _, (pg, _, _) = _time(lambda: rebalance_experts(w1, R, G, N, P, policy="greedy"), repeat)
-                t_t, _, _ = _time(lambda: rebalance_experts(w1, R, G, N, P, policy="greedy_torch_loops"), baseline_repeat)
-                t_l, _, _ = _time(lambda: rebalance_experts(w1, R, G, N, P, policy="greedy_pylist"), baseline_repeat)
-                t_d, t_dm, (pd, _, _) = _time(lambda: rebalance_experts(w1, R, G, N, P), repeat)
-                t_p, _, (pp, _, _) = _time(lambda: rebalance_experts(w1, R, G, N, P, drift_hedge=False), 1)
-                rows.append(dict(
-                    L=L, E=E, R=R, G=G, N=N, P=P, skew=skew, seed=sd,
-                    greedy=plan_balancedness(w1, pg, P), default=plan_balancedness(w1, pd, P),
-                    plain=plan_balancedness(w1, pp, P),
-                    greedy_next=plan_balancedness(w2, pg, P), default_next=plan_balancedness(w2, pd, P),
-                    plain_next=plan_balancedness(w2, pp, P),
-                    bound=lower_bound_balancedness(w1, R, g, n, P),
-                    t_greedy=t_g, t_torch=t_t, t_pylist=t_l, t_default=t_d, t_default_median=t_dm,
-                ))
+    trace = trace_windows()
+    cases = [(sd, size, si, skew, None) for sd in (seeds or (seed,)) for size in sizes for si, skew in enumerate(skews)]
+    if trace is not None:  # the learned trace is one fixed load: once, whatever the seeds
+        L, E = trace[0].shape
+        cases += [((seeds or (seed,))[0], (L, E) + size, 0, "trace", trace) for size in TRACE_SIZES]
+    for sd, size, si, skew, loads in cases:
+        ci = sizes.index(size) if loads is None else 0
+        L, E, R, G, N, P = size
+        w1, w2 = zipf_windows(sd + 100 * ci + si, L, E, skew) if loads is None else loads
+        hier = G % N == 0
+        g, n = (G, N) if hier else (1, 1)
+        t_g, _, (pg, _, _) = _time(lambda: rebalance_experts(w1, R, G, N, P, policy="greedy"), repeat)
+        t_t, _, _ = _time(lambda: rebalance_experts(w1, R, G, N, P, policy="greedy_torch_loops"), baseline_repeat)
+        t_l, _, _ = _time(lambda: rebalance_experts(w1, R, G, N, P, policy="greedy_pylist"), baseline_repeat)
+        t_d, t_dm, (pd, _, _) = _time(lambda: rebalance_experts(w1, R, G, N, P), repeat)
+        t_p, _, (pp, _, _) = _time(lambda: rebalance_experts(w1, R, G, N, P, drift_hedge=False), 1)
+        rows.append(dict(
+            L=L, E=E, R=R, G=G, N=N, P=P, skew=skew, seed=sd,
+            greedy=plan_balancedness(w1, pg, P), default=plan_balancedness(w1, pd, P),
+            plain=plan_balancedness(w1, pp, P),
+            greedy_next=plan_balancedness(w2, pg, P), default_next=plan_balancedness(w2, pd, P),
+            plain_next=plan_balancedness(w2, pp, P),
+            bound=lower_bound_balancedness(w1, R, g, n, P),
+            t_greedy=t_g, t_torch=t_t, t_pylist=t_l, t_default=t_d, t_default_median=t_dm,
+        ))
     return rows
 
 

@@ -89,17 +89,16 @@ def test_train_script_writes_a_loadable_checkpoint(tmp_path):
     assert model.moe_layers()[0].experts.w13.abs().sum() > 0
 
 
-# The shipped checkpoint at configs/quickstart.json's sampling settings, EP = 1, one prompt per
-# colour x background (14 prompts, 3 shapes in turn). Measured on these 14: colour 1.0, background
-# 1.0, shape 0.29 (docs/quickstart.md has the 64-prompt numbers). Floors just under them.
-FLOORS = {"color": 0.9, "background": 0.9, "shape": 0.2}
+# The shipped checkpoint at configs/quickstart.json's sampling settings, EP = 1, one prompt per colour
+# (shapes and backgrounds in turn), prompt i with seed i. Measured on these 7: colour 1.0, background
+# 1.0, shape 0.29 (2 of 7; docs/quickstart.md has the 64-prompt numbers). Floors just under them.
+FLOORS = {"color": 0.85, "background": 0.85, "shape": 0.25}
 
 
 def test_shipped_checkpoint_draws_the_prompt():
     cfg = config_mod.load(QUICKSTART)
-    combos = [(c, shapes.SHAPES[i % 3], b) for i, (c, b) in
-              enumerate((c, b) for c in shapes.COLORS for b in shapes.BACKGROUNDS)]
-    prompts = [shapes.prompt(*a) for a in combos]                                 # 14 prompts
+    prompts = [shapes.prompt(c, shapes.SHAPES[i % 3], list(shapes.BACKGROUNDS)[i % 2])
+               for i, c in enumerate(shapes.COLORS)]                              # 7 prompts
     images = adherence.sample_ep1(cfg, prompts, seed=cfg.sampling.seed, batch_size=len(prompts))
     res = adherence.score(images, prompts)
     for key, floor in FLOORS.items():

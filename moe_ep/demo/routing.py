@@ -42,6 +42,7 @@ def record_trace(cfg, prompts: list[str], seed: int, batch_size: int = 16) -> di
     routers = [TrainMoE(layer) for layer in layers]        # the routing rule only, over the same weights
     counts = np.zeros((s.num_inference_steps, 2, len(layers), moe.num_experts), np.int64)
     state = {"step": 0, "cond_rows": None}
+    timesteps: list[float] = [0.0] * s.num_inference_steps   # t in [0, 1] the forwards saw (the hook's t)
 
     def pre_hook(layer_idx):
         def hook(module, args):
@@ -57,6 +58,7 @@ def record_trace(cfg, prompts: list[str], seed: int, batch_size: int = 16) -> di
 
     def on_begin(step, t, info):
         state["step"], state["cond_rows"] = step, info.get("cond_rows")
+        timesteps[step] = float(t)
 
     pipe = MoEDiTPipeline(model, PromptEncoder(cfg.model, model.text_encoder, ctx.device, model.dtype),
                           FlowMatchEulerScheduler(s.shift))
@@ -69,7 +71,7 @@ def record_trace(cfg, prompts: list[str], seed: int, batch_size: int = 16) -> di
     finally:
         for h in handles:
             h.remove()
-    return {"counts": counts, "timesteps": [float(t) for t in pipe.scheduler.timesteps.tolist()]}
+    return {"counts": counts, "timesteps": timesteps}
 
 
 def to_stats(trace: dict, top_k: int) -> dict:
@@ -185,8 +187,8 @@ def plot(counts: np.ndarray, timesteps: list[float], path: str) -> None:
     mm = step.max(-1) / step.mean(-1)                                        # [S, L]
     for l in range(L):
         axes[0].plot(timesteps, mm[:, l], marker="o", label=f"layer {l}")
-    axes[0].invert_xaxis()
     axes[0].set_xlabel("timestep t (1 = noise)")
+    axes[0].set_xlim(1.02, 0.0)
     axes[0].set_ylabel("max / mean expert load")
     axes[0].legend(fontsize=7)
     axes[0].set_title("skew per step")
@@ -197,7 +199,8 @@ def plot(counts: np.ndarray, timesteps: list[float], path: str) -> None:
                                 extent=[0, S, E, 0])
         axes[1 + l].set_title(f"layer {l}: load / mean")
         axes[1 + l].set_xlabel("sampling step")
-        axes[1 + l].set_ylabel("expert (by total load)")
+        if l == 0:
+            axes[1].set_ylabel("expert (by total load)")
     fig.colorbar(im, ax=axes[1:].tolist(), shrink=0.8)
     fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
