@@ -153,7 +153,15 @@ def bench_layer(args) -> list[dict]:
     load_ratio = expert_load_ratio(ids, args.experts, ctx.ep_group)
 
     rows = []
-    systems = [("moe-ep (dropless)", lambda t: ours(t))]
+    def with_dedup(flag):   # EP > 1: one row per (token, destination rank), or one per routed copy
+        def fn(t):
+            ours.dedup_tokens = flag
+            return ours(t)
+        return fn
+
+    systems = [("moe-ep (dropless)", with_dedup(True))]
+    if ctx.ep_size > 1:
+        systems.append(("moe-ep, one row per copy (no dedup)", with_dedup(False)))
     if ctx.device.type == "cuda" and ctx.ep_size == 1:
         systems.append(("moe-ep (dropless), CUDA graph", layer_graph(ours, x)))
     if not args.skip_deepspeed:
@@ -165,12 +173,13 @@ def bench_layer(args) -> list[dict]:
     with torch.no_grad():
         for name, fn in systems:
             out = fn(x).float()
+            wire = ours.wire_rows if name.startswith("moe-ep") else None   # rows this rank sent to others
             if ref is None:
                 ref = out
             rel = float((out - ref).norm() / ref.norm().clamp_min(1e-30))
             times = time_forward(fn, x, args.iters, args.warmup, ctx.device)
             rows.append({"system": name, "median_ms": statistics.median(times), "min_ms": min(times),
-                         "rel_err_vs_moe_ep": rel})
+                         "rel_err_vs_moe_ep": rel, "rows_sent_to_peers": wire})
     floor_ms = None
     if ctx.device.type == "cuda":
         flops = 2 * 3 * args.tokens * args.top_k * args.hidden * args.expert_hidden
@@ -183,10 +192,11 @@ def bench_layer(args) -> list[dict]:
     if ctx.is_main:
         print(json.dumps(meta))
         base = rows[0]["median_ms"]
-        print(f"{'system':40s} {'median ms':>10s} {'min ms':>9s} {'vs moe-ep':>10s} {'rel err':>9s}")
+        print(f"{'system':40s} {'median ms':>10s} {'min ms':>9s} {'vs moe-ep':>10s} {'rel err':>9s} {'rows out':>9s}")
         for r in rows:
+            wire = "" if r["rows_sent_to_peers"] is None else str(r["rows_sent_to_peers"])
             print(f"{r['system']:40s} {r['median_ms']:10.2f} {r['min_ms']:9.2f} {r['median_ms'] / base:9.2f}x "
-                  f"{r['rel_err_vs_moe_ep']:9.1e}")
+                  f"{r['rel_err_vs_moe_ep']:9.1e} {wire:>9s}")
         if args.json:
             write_json_atomic(args.json, {"meta": meta, "rows": rows})
     return rows
