@@ -164,3 +164,29 @@ def _ranks_bf16(rank: int, world: int, ep_size: int) -> None:
 @pytest.mark.parametrize("world", [1, 2])
 def test_bf16_matches_float64_reference(world):
     run_ranks(world, _ranks_bf16, world)
+
+
+def _ranks_expert_choice(rank: int, world: int, ep_size: int) -> None:
+    """Expert choice (each expert takes its top-C tokens of every sample): the layer, on samples of
+    different counts per rank, against the float64 reference's own expert-choice routing."""
+    ctx = context_for_tests(rank, world, ep_size)
+    for cf, score_func, scale in ((1.0, "sigmoid", 1.0), (2.0, "softmax", 2.5), (0.3, "sigmoid", 1.0)):
+        cfg = MoEConfig(num_experts=8, top_k=1, expert_hidden_size=F, num_shared_experts=1, routing="expert_choice",
+                        capacity_factor=cf, score_func=score_func, route_scale=scale)
+        for redundant in (0, 2 * ep_size):
+            layer = make_layer(cfg, ctx, redundant)
+            if redundant:
+                layer.set_placement(random_placement(8, layer.num_slots, torch.Generator().manual_seed(3)),
+                                    lambda e: init_expert_weights(SEED, 0, e, H, F))
+            x = torch.randn(1 + rank, 12, H, generator=torch.Generator().manual_seed(10 + rank))   # [B, S, H]
+            w13, w2 = logical_weights(SEED, 0, 8, H, F)
+            ref = reference_moe(x, layer.router.gate.weight, cfg, w13, w2, shared_weights(layer))  # [B, S, H] f64
+            out = layer(x)
+            err = (out.double() - ref).abs().max().item()
+            assert out.shape == x.shape and err < TOL * max(1.0, ref.abs().max().item()), \
+                f"expert choice cf={cf} {score_func} R+{redundant}: max abs diff {err}"
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_expert_choice_matches_dense_reference(world):
+    run_ranks(world, _ranks_expert_choice, world)
