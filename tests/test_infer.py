@@ -20,8 +20,13 @@ QUICKSTART = os.path.join(ROOT, "configs", "quickstart.json")
 sys.path.insert(0, os.path.join(ROOT, "launch"))
 import infer  # noqa: E402  (launch/infer.py)
 
-# small and fast; the quickstart's eplb settings (window 2, interval 2) rebalance mid-run
-SMALL = ["sampling.num_inference_steps=4", "sampling.height=16", "sampling.width=16", "telemetry.wandb=false",
+# small and fast; the quickstart's eplb settings (window 2, interval 2) rebalance mid-run. The model is
+# pinned (seed-initialised, 3 MoE layers x 8 experts, top-2, no checkpoint), whatever the quickstart's
+# demo model is (tests/test_demo.py tests that one).
+TINY_MODEL = {"hidden_size": 64, "num_layers": 3, "num_heads": 4, "moe_every": 1, "dense_hidden_size": 128,
+              "in_channels": 4, "patch_size": 2, "text_dim": 64, "max_prompt_tokens": 32, "dtype": "float32",
+              "seed": 0, "moe": {"num_experts": 8, "top_k": 2, "expert_hidden_size": 64, "num_shared_experts": 1}}
+SMALL = [f"model={json.dumps(TINY_MODEL)}", "sampling.num_inference_steps=4", "sampling.height=16", "sampling.width=16", "telemetry.wandb=false",
          'sampling.prompts=["a red fox", "a blue lake", "a green hill"]', "sampling.batch_size=2"]
 
 
@@ -113,7 +118,7 @@ def test_launch_command_and_print(capsys):
 BAD = [
     (["model.hidden_sise=64"], "model.hidden_sise", "unknown key"),
     (["sampling.num_inference_steps=\"four\""], "sampling.num_inference_steps", "must be an integer"),
-    (["model.moe.top_k=9"], "model.moe.top_k", "must be <= model.moe.num_experts"),
+    (["model.moe.top_k=65"], "model.moe.top_k", "must be <= model.moe.num_experts"),
     (["sampling.height=33"], "sampling.height", "multiple of model.patch_size"),
     (["parallel.ep_size=3"], "parallel.ep_size", "must divide the world size"),
     (["eplb.num_redundant_experts=1", "parallel.ep_size=2"], "parallel.ep_size", "divide the world size"),
@@ -134,12 +139,12 @@ def test_bad_config_in_process(tmp_path, capsys, overrides, field, words):
 
 
 def test_bad_layout_for_world_size(tmp_path, capsys, monkeypatch):
-    """8 experts + 2 redundant slots cannot split over 3 EP ranks: caught before any process group."""
+    """64 experts + 1 redundant slot cannot split over 3 EP ranks: caught before any process group."""
     monkeypatch.setenv("WORLD_SIZE", "3")
     out = tmp_path / "out"
-    rc = infer.main(["--config", QUICKSTART, "--set", f"output_dir={out}", "eplb.num_redundant_experts=2"])
+    rc = infer.main(["--config", QUICKSTART, "--set", f"output_dir={out}", "eplb.num_redundant_experts=1"])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and err.startswith("error: config field 'eplb.num_redundant_experts' = 2:"), err
+    assert rc == 2 and err.startswith("error: config field 'eplb.num_redundant_experts' = 1:"), err
     assert "divisible by the EP size (3)" in err and not out.exists()
 
 
