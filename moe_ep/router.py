@@ -85,8 +85,12 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Token choice. x [T, Hr] -> (weights [T, k] float32, expert ids [T, k] int64)."""
+        return self.top_k(self.scores(x))
+
+    def top_k(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token choice on given scores [T, E] -> (weights [T, k] float32, ids [T, k] int64).
+        Differentiable in the weights (training uses it with its own scores for an aux loss)."""
         cfg = self.cfg
-        scores = self.scores(x)                                           # [T, E]
         choose_from = scores
         if cfg.n_group > 1:
             grouped = scores.view(-1, cfg.n_group, cfg.num_experts // cfg.n_group)  # [T, G, E/G]
