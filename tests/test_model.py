@@ -1,6 +1,7 @@
 """The MoE DiT, prompt encoders, sampler and decoder on one process."""
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -21,8 +22,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, "configs", "quickstart.json")
 
 
+# The model is pinned (seed-initialised, 3 MoE layers x 8 experts, top-2, no checkpoint), whatever the
+# quickstart's demo model is (tests/test_demo.py tests that one).
+TINY_MODEL = {"hidden_size": 64, "num_layers": 3, "num_heads": 4, "moe_every": 1, "dense_hidden_size": 128,
+              "in_channels": 4, "patch_size": 2, "text_dim": 64, "max_prompt_tokens": 32, "dtype": "float32",
+              "seed": 0, "moe": {"num_experts": 8, "top_k": 2, "expert_hidden_size": 64, "num_shared_experts": 1}}
+
+
 def make(overrides=()):
-    cfg = config_mod.load(QUICKSTART, ["sampling.height=16", "sampling.width=16", *overrides])
+    cfg = config_mod.load(QUICKSTART, [f"model={json.dumps(TINY_MODEL)}", "sampling.height=16", "sampling.width=16", *overrides])
     model = MoEDiT(cfg.model, ParallelContext(), cfg.eplb.num_redundant_experts)
     model.init_from_seed()
     pipe = MoEDiTPipeline(model, PromptEncoder(cfg.model, model.text_encoder, torch.device("cpu"), model.dtype),
