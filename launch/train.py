@@ -34,6 +34,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from moe_ep import config as config_mod  # noqa: E402
+from moe_ep.atomic import write_json_atomic  # noqa: E402
 from moe_ep.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from moe_ep.config import ConfigError  # noqa: E402
 from moe_ep.demo import shapes  # noqa: E402
@@ -193,8 +194,7 @@ def train(args) -> dict:
     save_checkpoint(model, path)
     log["checkpoint"] = path
     log["checkpoint_bytes"] = os.path.getsize(path)
-    with open(os.path.join(args.out, "train_log.json"), "w") as f:
-        json.dump(log, f)
+    write_json_atomic(os.path.join(args.out, "train_log.json"), log, indent=None)
     print(f"trained {step} steps in {log['train_s']:.0f} s on {log['device']}; wrote {path} "
           f"({log['checkpoint_bytes'] / 1e6:.1f} MB)", flush=True)
     return log

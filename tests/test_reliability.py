@@ -31,7 +31,12 @@ sys.path.insert(0, os.path.join(ROOT, "launch"))
 import infer  # noqa: E402  (launch/infer.py)
 
 # 4 prompts, one per batch: 2 rounds of 4 forwards on 2 ranks; eplb windows of 2 forwards
-SMALL = ["sampling.num_inference_steps=4", "sampling.height=16", "sampling.width=16", "telemetry.wandb=false",
+# The model is pinned (seed-initialised, 3 MoE layers x 8 experts, top-2, no checkpoint), whatever the
+# quickstart's demo model is (tests/test_demo.py tests that one).
+TINY_MODEL = {"hidden_size": 64, "num_layers": 3, "num_heads": 4, "moe_every": 1, "dense_hidden_size": 128,
+              "in_channels": 4, "patch_size": 2, "text_dim": 64, "max_prompt_tokens": 32, "dtype": "float32",
+              "seed": 0, "moe": {"num_experts": 8, "top_k": 2, "expert_hidden_size": 64, "num_shared_experts": 1}}
+SMALL = [f"model={json.dumps(TINY_MODEL)}", "sampling.num_inference_steps=4", "sampling.height=16", "sampling.width=16", "telemetry.wandb=false",
          "sampling.batch_size=1"]
 TOKENS_PER_FORWARD = 2 * (16 // 2) ** 2 * 2        # 2 ranks x 64 tokens x 2 guidance branches
 L, E, TOP_K = 3, 8, 2

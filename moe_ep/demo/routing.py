@@ -208,6 +208,7 @@ def plot(counts: np.ndarray, timesteps: list[float], path: str) -> None:
 
 def main(argv=None) -> int:
     from .. import config as config_mod
+    from ..atomic import write_json_atomic
     from .adherence import eval_prompts
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -223,15 +224,12 @@ def main(argv=None) -> int:
     plan = record_trace(cfg, prompts, seed=cfg.sampling.seed + 10_000)     # other noise: plans are not judged on their own data
     stats = to_stats(evald, cfg.model.moe.top_k)
     os.makedirs(os.path.dirname(args.fixture), exist_ok=True)
-    with open(args.fixture, "w") as f:
-        json.dump(stats, f, separators=(",", ":"))
-    with open(os.path.join(args.out, "plan_trace.json"), "w") as f:
-        json.dump(to_stats(plan, cfg.model.moe.top_k), f, separators=(",", ":"))
+    write_json_atomic(args.fixture, stats, indent=None)
+    write_json_atomic(os.path.join(args.out, "plan_trace.json"), to_stats(plan, cfg.model.moe.top_k), indent=None)
     plot(evald["counts"], evald["timesteps"], os.path.join(args.out, "routing_skew.png"))
     result = {"skew": skew_summary(evald["counts"]), "study": placement_study(plan["counts"], evald["counts"]),
               "timesteps": evald["timesteps"]}
-    with open(os.path.join(args.out, "routing_study.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    write_json_atomic(os.path.join(args.out, "routing_study.json"), result)
     print(json.dumps(result["skew"], indent=1))
     for r in result["study"]:
         print(f"P={r['P']:3d} N={r['N']} {r['policy']:26s} bal {r['balancedness']:.3f}  layer {r['ms']:.3f} ms  "
