@@ -49,7 +49,8 @@ def _small_model(**moe) -> MoEDiT:
     return model
 
 
-@pytest.mark.parametrize("moe", [{}, {"top_k": 3, "score_func": "sigmoid", "route_scale": 2.0, "num_shared_experts": 0}])
+@pytest.mark.parametrize("moe", [{}, {"top_k": 3, "score_func": "sigmoid", "route_scale": 2.0, "num_shared_experts": 0},
+                                 {"n_group": 2, "topk_group": 1}])
 def test_train_moe_matches_inference_layer(moe):
     """Same parameters, same routing rule: TrainMoE gives MoELayer's output (EP = 1) and gradients."""
     model = _small_model(**moe)

@@ -6,9 +6,9 @@
 so `model.state_dict()` keeps moe-ep's names and `swap_out(model)` puts the (now trained)
 MoELayers back: the checkpoint saved from it loads in the inference runtime unchanged.
 
-Routing is moe_ep/router.py's token-choice rule, recomputed here from `router.gate.weight`
-(scores in float32, softmax or sigmoid, top-k, renormalise, route scale) so that it does not
-depend on the router's return type; the test compares this layer with MoELayer at EP = 1.
+Routing is moe_ep/router.py's token-choice rule, through the router's own `scores(x)` and
+`top_k(scores)` (softmax or sigmoid, group limiting, top-k, renormalise, route scale); the test
+compares this layer with MoELayer at EP = 1.
 Experts run as one padded batched matmul: copies are sorted by expert into [E, C, H]
 (C = the largest expert load of the batch), which autograd and bf16 autocast handle.
 Requires EP = 1 with the contiguous placement (slot e holds expert e).
@@ -28,9 +28,8 @@ class TrainMoE(nn.Module):
     def __init__(self, layer: nn.Module):
         super().__init__()
         cfg = layer.cfg
-        if getattr(cfg, "routing", "token_choice") != "token_choice" or cfg.n_group != 1:
-            raise ValueError("model.moe: training supports token-choice routing without groups "
-                             f"(routing={getattr(cfg, 'routing', 'token_choice')!r}, n_group={cfg.n_group})")
+        if getattr(cfg, "routing", "token_choice") != "token_choice":
+            raise ValueError(f"model.moe.routing = {cfg.routing!r}: training supports 'token_choice' only")
         if layer.num_slots != cfg.num_experts or layer.ctx.ep_size != 1:
             raise ValueError("training needs EP = 1 and no redundant experts (slot e holds expert e)")
         self.cfg = cfg
@@ -39,18 +38,13 @@ class TrainMoE(nn.Module):
         self.counts = None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [T, H] -> (weights [T, k] float32, ids [T, k] int64, scores [T, E] float32)."""
-        cfg = self.cfg
-        with torch.autocast(x.device.type, enabled=False):   # float32 scores, as the runtime router
-            logits = F.linear(x.float(), self.router.gate.weight.float())                 # [T, E]
-        scores = logits.softmax(-1) if cfg.score_func == "softmax" else logits.sigmoid()
-        ids = scores.topk(cfg.top_k, dim=-1).indices                                         # [T, k]
-        weights = scores.gather(1, ids)                                                      # [T, k]
-        if cfg.renormalize and cfg.top_k > 1:
-            weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
-        if cfg.route_scale != 1.0:
-            weights = weights * cfg.route_scale
-        return weights, ids, scores
+        """x [T, H] -> (weights [T, k] float32, ids [T, k] int64, scores [T, E]): the runtime
+        router's own `scores` and `top_k` (moe_ep/router.py), outside autocast so the scores keep
+        the router's dtype rule; the weights are differentiable in the gate."""
+        with torch.autocast(x.device.type, enabled=False):
+            scores = self.router.scores(x)                                                   # [T, E]
+        weights, ids = self.router.top_k(scores)                                             # [T, k] each
+        return weights, ids, scores.float()
 
     def experts_forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [T, H], ids [T, k] -> expert outputs [T, k, H] (SwiGLU of expert ids[t, j] on x[t])."""
