@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from moe_ep.atomic import write_json_atomic  # noqa: E402
 from moe_ep.dispatch import inverse_permutation  # noqa: E402
 from moe_ep.experts import silu_gate  # noqa: E402
 from moe_ep.kernels.combine import gather_sum  # noqa: E402
@@ -236,8 +237,7 @@ def main():
         res.update(round3(x, xs, w13, w2, counts, order, scale, act, flops1, flops2, k))
         print(json.dumps(res, indent=1, default=str))
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(res, f, indent=1, default=str)
+            write_json_atomic(args.json, json.loads(json.dumps(res, default=str)))
         for n, v in res["round3"].items():
             rr = v.get("rel", "")
             print(f"{n[:120]:120s} {v['ms']:7.3f} ms rel {rr if isinstance(rr, str) else f'{rr:.1e}'}")
@@ -246,8 +246,7 @@ def main():
         res.update(round2(x, xs, w13, w2, counts, order, slots, scale, wts, ids, gate, act, flops1, flops2, k, S))
         print(json.dumps(res, indent=1, default=str))
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(res, f, indent=1, default=str)
+            write_json_atomic(args.json, json.loads(json.dumps(res, default=str)))
         for n, v in res["round2_gemm"].items():
             rr = v["rel"]
             print(f"{n[:120]:120s} {v['ms']:7.3f} ms {v['tflops'] or 0:5.0f} TF rel {rr if isinstance(rr, str) else f'{rr:.1e}'}")
@@ -359,8 +358,7 @@ def main():
 
     print(json.dumps(res, indent=1, default=str))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1, default=str)
+        write_json_atomic(args.json, json.loads(json.dumps(res, default=str)))
     print(f"\nceilings: dense bf16 {res['dense_bf16_tflops']:.0f} TFLOP/s, copy {res['copy_tb_s']:.2f} TB/s")
     for sec in ("gate_up", "down", "tma"):
         for n, v in res[sec].items():
