@@ -153,15 +153,16 @@ def bench_layer(args) -> list[dict]:
     load_ratio = expert_load_ratio(ids, args.experts, ctx.ep_group)
 
     rows = []
-    def with_dedup(flag):   # EP > 1: one row per (token, destination rank), or one per routed copy
+    def variant(dedup, overlap=False):   # EP > 1: one row per (token, destination rank) or per copy
         def fn(t):
-            ours.dedup_tokens = flag
+            ours.dedup_tokens, ours.overlap_own_rows = dedup, overlap
             return ours(t)
         return fn
 
-    systems = [("moe-ep (dropless)", with_dedup(True))]
+    systems = [("moe-ep (dropless)", variant(True))]
     if ctx.ep_size > 1:
-        systems.append(("moe-ep, one row per copy (no dedup)", with_dedup(False)))
+        systems.append(("moe-ep, one row per copy (no dedup)", variant(False)))
+        systems.append(("moe-ep, own rows during the exchange", variant(True, True)))
     if ctx.device.type == "cuda" and ctx.ep_size == 1:
         systems.append(("moe-ep (dropless), CUDA graph", layer_graph(ours, x)))
     if not args.skip_deepspeed:

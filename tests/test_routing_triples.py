@@ -136,12 +136,25 @@ def _ranks_dedup(rank, world, ep_size):
     x = torch.randn(0 if rank == 1 else 64, H, generator=torch.Generator().manual_seed(rank))
     ref = _dense_token_choice(x, layer)
     sent = {}
-    for dedup in (True, False):
-        layer.dedup_tokens = dedup
+    for dedup, overlap in ((True, False), (False, False), (True, True)):
+        layer.dedup_tokens, layer.overlap_own_rows = dedup, overlap
         out = layer(x)
         err = (out - ref).abs().max().item() if x.numel() else 0.0
-        assert err < TOL, f"dedup={dedup}: max abs diff {err}"
-        sent[dedup] = layer.wire_rows
+        assert err < TOL, f"dedup={dedup} overlap={overlap}: max abs diff {err}"
+        sent.setdefault(dedup, layer.wire_rows)
+        if overlap:
+            assert layer.wire_rows == sent[True]       # the same pairs leave this rank
+    # expert choice through the overlapped exchange, with this rank's own pairs and no-token ranks
+    ec = MoELayer(H, MoEConfig(num_experts=E, expert_hidden_size=F, routing="expert_choice", capacity_factor=2.0),
+                  ctx, num_redundant=2 * ep_size)
+    torch.nn.init.normal_(ec.router.gate.weight, std=0.7)
+    ec.load_expert_weights(lambda e: init_expert_weights(SEED, 0, e, H, F))
+    xe = torch.randn(0 if rank == 1 else 2, 7, H, generator=torch.Generator().manual_seed(50 + rank))
+    w13, w2 = logical_weights(SEED, 0, E, H, F)
+    ref_e = expert_choice_reference(xe, xe, ec.router.gate.weight, w13, w2, 2.0, 1.0, "softmax")
+    ec.overlap_own_rows = True
+    out_e = ec(xe)
+    assert (out_e - ref_e).abs().max().item() < TOL if xe.numel() else out_e.shape == xe.shape
     if x.numel():
         # top-8 of 16 over `ep_size` ranks: 8 * (ep - 1) / ep copies leave per token, but at most
         # ep - 1 pairs (1/4 of the copies at EP 2)
