@@ -82,5 +82,6 @@ def combine(y: torch.Tensor, copies: RoutedCopies, plan: DispatchPlan, group) ->
         # Weighted sum over k as one batched product: [T, 1, k] @ [T, k, H] -> [T, 1, H].
         return torch.bmm(copies.weight.to(y.dtype).view(T, 1, k), per_copy.view(T, k, H)).view(T, H)
     # Any number of copies per token: weight each copy, add it into its token's row.
-    weighted = per_copy * copies.weight.to(y.dtype).unsqueeze(1)               # [N, H]
-    return y.new_zeros(T, H).index_add_(0, copies.token, weighted)
+    # in float32: a token's copies add up in one buffer (bf16 atomics would round each addition)
+    weighted = per_copy.float() * copies.weight.unsqueeze(1)                   # [N, H]
+    return torch.zeros(T, H, dtype=torch.float32, device=y.device).index_add_(0, copies.token, weighted).to(y.dtype)

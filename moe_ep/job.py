@@ -231,12 +231,14 @@ class ForwardRecorder:
     that window, rebalanced when an attempt was made}; log it to telemetry (collective)."""
 
     def __init__(self, ctx: ParallelContext, stats: ExpertLoadStats, moe_layers: list,
-                 timesteps: Sequence[float], split: WorkSplit, rows_per_prompt: int,
+                 timesteps: Sequence[float] | Callable[[], Sequence[float]], split: WorkSplit, rows_per_prompt: int,
                  rebalancer: Optional[Rebalancer] = None, telemetry: Optional[Telemetry] = None,
                  stats_writer: Optional[StatsWriter] = None, state: Optional[RunState] = None,
                  on_step: Callable[[], None] = lambda: None, die_at: Optional[tuple[int, int, str]] = None):
         self.ctx, self.stats, self.moe_layers = ctx, stats, moe_layers
-        self.timesteps = list(timesteps)
+        # a list, or a callable read at every forward (a diffusers pipeline's schedule is known
+        # only once it ran)
+        self._timesteps = timesteps if callable(timesteps) else (lambda ts=list(timesteps): ts)
         self.split, self.rows_per_prompt = split, rows_per_prompt
         self.rebalancer, self.telemetry, self.stats_writer = rebalancer, telemetry, stats_writer
         self.state = state if state is not None else RunState()
@@ -291,8 +293,8 @@ class ForwardRecorder:
         event = None
         self.state.phase = f"the statistics window / rebalance after forward {self.forward}"
         if self.rebalancer is not None:  # it closes the statistics windows itself
-            ts = self.timesteps
-            next_t = ts[step + 1] if step + 1 < len(ts) else ts[0]
+            ts = self._timesteps()
+            next_t = ts[step + 1] if step + 1 < len(ts) else (ts[0] if ts else t)
             event = self.rebalancer.after_forward(self.forward, t, next_timestep=next_t)
         else:
             self.stats.end_forward(self.groups)
@@ -518,7 +520,7 @@ def _run(cfg: Config, ctx: ParallelContext, progress: bool, state: RunState) -> 
     bar = tqdm(total=split.rounds * model.num_inference_steps, desc="sampling", unit="step",
                disable=not (progress and ctx.is_main), dynamic_ncols=True)
     stats_writer = StatsWriter(stats, out_dir, ctx)
-    recorder = ForwardRecorder(ctx, stats, layers, model.timesteps, split, model.rows_per_prompt,
+    recorder = ForwardRecorder(ctx, stats, layers, lambda: model.timesteps, split, model.rows_per_prompt,
                                rebalancer, telemetry, stats_writer, state, on_step=lambda: bar.update(1),
                                die_at=_test_die_at())
     images = ImageWriter(out_dir, ctx.rank)

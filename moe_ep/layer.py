@@ -131,9 +131,9 @@ class MoELayer(nn.Module):
             return self._forward_local(x, slots, copies, shared_out).view(shape)
         pairs = self.dedup_tokens and self.ctx.ep_size > 1
         if pairs and self.overlap_own_rows:
-            with maybe_phase(self.timer, "experts"):   # dispatch, experts and combine interleave
-                out, self.wire_rows = overlapped_exchange(x, slots, copies, self.ctx.ep_rank, self.ctx.ep_size,
-                                                          self.slots_per_rank, self.ctx.ep_group, self.experts)
+            out, self.wire_rows = overlapped_exchange(x, slots, copies, self.ctx.ep_rank, self.ctx.ep_size,
+                                                      self.slots_per_rank, self.ctx.ep_group, self.experts,
+                                                      phase=lambda name: maybe_phase(self.timer, name))
             if self.shared is not None:
                 out = out + self._shared_result(x, shared_out)
             return out.view(shape)

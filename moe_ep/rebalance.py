@@ -148,6 +148,9 @@ class Rebalancer:
             g = dist.new_group(list(range(d * ctx.ep_size, (d + 1) * ctx.ep_size)), timeout=timeout)
             if ctx.rank // ctx.ep_size == d:
                 mine = g
+        # NCCL connects a group at its first call, and a first batch_isend_irecv needs every member:
+        # warm it up now, so a layer whose moves involve only some ranks cannot hang the others
+        dist.all_reduce(torch.zeros(1, device=ctx.device), group=mine)
         return mine
 
     # ------------------------------------------------------------ small helpers

@@ -54,6 +54,7 @@ class ExpertLoadStats:
         self._bucket = 0
         self._cond_rows: Optional[int] = None
         self._sample_branch: Optional[torch.Tensor] = None                  # [B] branch per sample
+        self._label_cache: dict[tuple, torch.Tensor] = {}                    # branch tuple -> [B] on the device
         self._forwards_in_window = 0
         self.forwards = 0                                                   # forward passes seen
         self.num_windows = 0                                                # windows closed over the run
@@ -82,8 +83,17 @@ class ExpertLoadStats:
         as conditional."""
         self._bucket = self.bucket_of(timestep)
         self._cond_rows = cond_rows
-        self._sample_branch = None if sample_branch is None else torch.as_tensor(
-            list(sample_branch), dtype=torch.int64).to(self.counts.device)          # [B]
+        self._sample_branch = None if sample_branch is None else self._labels(tuple(sample_branch))  # [B]
+
+    def _labels(self, branches: tuple) -> torch.Tensor:
+        """Branch labels [B] on the device, made once per distinct tuple (a host-to-device copy
+        per forward would wait for the GPU's queue)."""
+        cache = self._label_cache
+        if branches not in cache:
+            if len(cache) > 64:
+                cache.clear()
+            cache[branches] = torch.tensor(branches, dtype=torch.int64, device=self.counts.device)
+        return cache[branches]
 
     def record(self, layer: int, expert_ids: torch.Tensor) -> None:
         """expert_ids [T, k] chosen by MoE layer `layer` (token choice; row t is token t)."""

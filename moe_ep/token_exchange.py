@@ -16,6 +16,7 @@ Exact and dropless like the copy exchange; partial sums are accumulated in float
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -52,13 +53,13 @@ def dispatch_pairs(x: torch.Tensor, slots: torch.Tensor, copies: RoutedCopies, e
                    slots_per_rank: int, group) -> tuple[torch.Tensor, PairPlan]:
     """x [T, H], slots [N] -> (rows [N_r, H] grouped by local slot, plan). ep_size > 1."""
     T, H = x.shape
-    pair_token, meta, send_pairs, send_copies, recv_pairs, recv_copies = _pair_meta(
+    pair_token, meta, send_pairs, send_copies, recv_pairs, recv_copies, recv_counts = _pair_meta(
         x, slots, copies, ep_size, slots_per_rank, group)
     recv_x = x.new_empty(sum(recv_pairs), H)                                    # [U_r, H]
     recv_meta = meta.new_empty(sum(recv_copies), 2)                             # [N_r, 2]
     dist.all_to_all_single(recv_x, x[pair_token], recv_pairs, send_pairs, group=group)
     dist.all_to_all_single(recv_meta, meta, recv_copies, send_copies, group=group)
-    row, weight, slot_counts = _received_copies(recv_meta, recv_pairs, recv_copies, slots_per_rank)
+    row, weight, slot_counts = _received_copies(recv_meta, recv_counts, slots_per_rank)
     remote = sum(n for r, n in enumerate(send_pairs) if r != ep_rank)
     plan = PairPlan(pair_token, send_pairs, recv_pairs, row, weight, slot_counts, T, remote)
     return recv_x[row], plan
@@ -81,7 +82,7 @@ def combine_pairs(y: torch.Tensor, plan: PairPlan, group) -> torch.Tensor:
 def _pair_meta(x, slots, copies, ep_size, slots_per_rank, group):
     """Pairs, copy metadata and the counts exchange (the one host sync) for both variants.
     -> (pair_token [U], meta [N, 2] grouped by destination, send_pairs, send_copies,
-    recv_pairs, recv_copies)."""
+    recv_pairs, recv_copies, recv_counts [ep, 2] on the device: pairs and copies per source)."""
     T = x.shape[0]
     dest = slots // slots_per_rank                                              # [N]
     key = dest * max(T, 1) + copies.rows()                                      # [N]
@@ -96,68 +97,74 @@ def _pair_meta(x, slots, copies, ep_size, slots_per_rank, group):
     dist.all_to_all_single(recv_counts, counts, group=group)
     host = torch.cat([counts, recv_counts], dim=1).tolist()                     # the host sync
     return (pair_key % max(T, 1), meta, [h[0] for h in host], [h[1] for h in host],
-            [h[2] for h in host], [h[3] for h in host])
+            [h[2] for h in host], [h[3] for h in host], recv_counts)
 
 
-def _received_copies(meta: torch.Tensor, chunk_pairs: list[int], chunk_copies: list[int],
+def _received_copies(meta: torch.Tensor, chunk_counts: torch.Tensor,
                      slots_per_rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Expert rank: received copies' metadata [N_r, 2] (chunks by source rank, sizes chunk_pairs /
-    chunk_copies) -> in slot-grouped order: (received row [N_r], weight [N_r] float32, copies per
-    local slot [S])."""
-    dev, n = meta.device, meta.shape[0]
-    start = torch.tensor([0] + chunk_pairs[:-1], device=dev).cumsum(0)                      # [chunks]
-    src = torch.repeat_interleave(torch.arange(len(chunk_copies), device=dev),
-                                  torch.tensor(chunk_copies, device=dev), output_size=n)   # [N_r]
+    """Expert rank: received copies' metadata [N_r, 2], in chunks by source whose (pairs, copies)
+    are chunk_counts [C, 2] (on the device: no host round trip) -> in slot-grouped order:
+    (received row [N_r], weight [N_r] float32, copies per local slot [S])."""
+    n = meta.shape[0]
+    start = torch.cumsum(chunk_counts[:, 0], 0) - chunk_counts[:, 0]                     # [C] first row of each
+    src = torch.repeat_interleave(torch.arange(chunk_counts.shape[0], device=meta.device),
+                                  chunk_counts[:, 1], output_size=n)                      # [N_r] chunk of each copy
     row = meta[:, 0] // slots_per_rank + start[src]                                         # [N_r]
     slot = meta[:, 0] % slots_per_rank                                                      # [N_r]
     by_slot = torch.argsort(slot, stable=True)
     return row[by_slot], _bits_weight(meta[:, 1])[by_slot], count_per_bin(slot, slots_per_rank)
 
 
-def _weighted_sums(rows_x: torch.Tensor, meta: torch.Tensor, chunk_pairs: list[int], chunk_copies: list[int],
+def _weighted_sums(rows_x: torch.Tensor, meta: torch.Tensor, chunk_counts: torch.Tensor,
                    slots_per_rank: int, experts) -> torch.Tensor:
     """Expert rank: received rows [U_r, H] and their copies' metadata -> per received row the
     weighted sum of its copies' expert outputs, float32 [U_r, H]."""
-    row, weight, slot_counts = _received_copies(meta, chunk_pairs, chunk_copies, slots_per_rank)
+    row, weight, slot_counts = _received_copies(meta, chunk_counts, slots_per_rank)
     y = experts(rows_x[row], slot_counts)                                                   # [N_r, H]
     sums = torch.zeros(rows_x.shape[0], rows_x.shape[1], dtype=torch.float32, device=rows_x.device)
     return sums.index_add_(0, row, y.float() * weight.unsqueeze(1))
 
 
 def overlapped_exchange(x: torch.Tensor, slots: torch.Tensor, copies: RoutedCopies, ep_rank: int, ep_size: int,
-                        slots_per_rank: int, group, experts) -> tuple[torch.Tensor, int]:
+                        slots_per_rank: int, group, experts, phase=None) -> tuple[torch.Tensor, int]:
     """Dispatch, experts and combine with this rank's own pairs computed while the other ranks'
     rows are in flight. x [T, H] -> ([T, H], rows sent to other ranks). ep_size > 1.
 
     Same pairs and metadata as `dispatch_pairs`; the exchange leaves out this rank's own chunk
     (split 0), which runs through the experts first, overlapping the outbound all-to-alls. The
-    experts then run a second time on the received rows (two grouped GEMMs of half the rows)."""
+    experts then run a second time on the received rows (two grouped GEMMs over parts of the
+    rows). `phase(name)` -> a context manager timing "dispatch", "experts", "combine"."""
+    phase = phase or (lambda name: contextlib.nullcontext())
     T, H = x.shape
-    pair_token, meta, send_pairs, send_copies, recv_pairs, recv_copies = _pair_meta(
-        x, slots, copies, ep_size, slots_per_rank, group)
-    me = ep_rank
-    p0, p1 = sum(send_pairs[:me]), sum(send_pairs[:me + 1])       # this rank's own pairs
-    c0, c1 = sum(send_copies[:me]), sum(send_copies[:me + 1])     # and their copies
-    dev = x.device
-    remote_pairs = torch.cat([torch.arange(0, p0, device=dev), torch.arange(p1, pair_token.numel(), device=dev)])
-    remote_copies = torch.cat([torch.arange(0, c0, device=dev), torch.arange(c1, meta.shape[0], device=dev)])
-    zero_me = lambda sizes: [0 if r == me else n for r, n in enumerate(sizes)]   # noqa: E731
-    s_pairs, s_copies, r_pairs, r_copies = (zero_me(send_pairs), zero_me(send_copies), zero_me(recv_pairs),
-                                            zero_me(recv_copies))
-    recv_x = x.new_empty(sum(r_pairs), H)                                       # [U_r, H]
-    recv_meta = meta.new_empty(sum(r_copies), 2)                                # [N_r, 2]
-    works = [dist.all_to_all_single(recv_x, x[pair_token[remote_pairs]], r_pairs, s_pairs, group=group,
-                                    async_op=True),
-             dist.all_to_all_single(recv_meta, meta[remote_copies], r_copies, s_copies, group=group,
-                                    async_op=True)]
-    # this rank's own chunk while the rows travel
-    out = torch.zeros(T, H, dtype=torch.float32, device=dev)
-    own = _weighted_sums(x[pair_token[p0:p1]], meta[c0:c1], [p1 - p0], [c1 - c0], slots_per_rank, experts)
-    out.index_add_(0, pair_token[p0:p1], own)
-    for w in works:
-        w.wait()
-    sums = _weighted_sums(recv_x, recv_meta, r_pairs, r_copies, slots_per_rank, experts)    # [U_r, H]
-    back = x.new_empty(sum(s_pairs), H)                                                     # [U - own, H]
-    dist.all_to_all_single(back, sums.to(x.dtype), s_pairs, r_pairs, group=group)
-    out.index_add_(0, pair_token[remote_pairs], back.float())
+    me, dev = ep_rank, x.device
+    with phase("dispatch"):
+        pair_token, meta, send_pairs, send_copies, recv_pairs, recv_copies, recv_counts = _pair_meta(
+            x, slots, copies, ep_size, slots_per_rank, group)
+        p0, p1 = sum(send_pairs[:me]), sum(send_pairs[:me + 1])       # this rank's own pairs
+        c0, c1 = sum(send_copies[:me]), sum(send_copies[:me + 1])     # and their copies
+        remote_pairs = torch.cat([torch.arange(0, p0, device=dev), torch.arange(p1, pair_token.numel(), device=dev)])
+        remote_copies = torch.cat([torch.arange(0, c0, device=dev), torch.arange(c1, meta.shape[0], device=dev)])
+        zero_me = lambda sizes: [0 if r == me else n for r, n in enumerate(sizes)]   # noqa: E731
+        s_pairs, s_copies, r_pairs, r_copies = (zero_me(send_pairs), zero_me(send_copies), zero_me(recv_pairs),
+                                                zero_me(recv_copies))
+        remote_counts = recv_counts.clone()
+        remote_counts[me] = 0                                                   # [ep, 2] what arrives
+        recv_x = x.new_empty(sum(r_pairs), H)                                   # [U_r, H]
+        recv_meta = meta.new_empty(sum(r_copies), 2)                            # [N_r, 2]
+        works = [dist.all_to_all_single(recv_x, x[pair_token[remote_pairs]], r_pairs, s_pairs, group=group,
+                                        async_op=True),
+                 dist.all_to_all_single(recv_meta, meta[remote_copies], r_copies, s_copies, group=group,
+                                        async_op=True)]
+    with phase("experts"):
+        # this rank's own chunk while the rows travel (its counts: what it sends itself)
+        out = torch.zeros(T, H, dtype=torch.float32, device=dev)
+        own = _weighted_sums(x[pair_token[p0:p1]], meta[c0:c1], recv_counts[me:me + 1], slots_per_rank, experts)
+        out.index_add_(0, pair_token[p0:p1], own)
+        for w in works:
+            w.wait()
+        sums = _weighted_sums(recv_x, recv_meta, remote_counts, slots_per_rank, experts)    # [U_r, H]
+    with phase("combine"):
+        back = x.new_empty(sum(s_pairs), H)                                                 # [U - own, H]
+        dist.all_to_all_single(back, sums.to(x.dtype), s_pairs, r_pairs, group=group)
+        out.index_add_(0, pair_token[remote_pairs], back.float())
     return out.to(x.dtype), sum(s_pairs)

@@ -19,6 +19,7 @@ unconditional one, at the same t.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -59,38 +60,46 @@ class TransformerWatch:
                  pipeline: Any = None):
         self.convention, self.hooks, self.pipeline = convention, hooks, pipeline
         self.step, self._last_t, self._info, self._t = -1, None, None, 0.0
+        self._in_step = 0                     # forwards seen at the current step
         self._handles = [transformer.register_forward_pre_hook(self._before, with_kwargs=True),
                          transformer.register_forward_hook(self._after, with_kwargs=True)]
 
     def new_call(self) -> None:
         """A new pipeline call starts (steps count from 0 again)."""
-        self.step, self._last_t = -1, None
+        self.step, self._last_t, self._in_step = -1, None, 0
 
     def _guided(self) -> bool:
         p = self.pipeline
         return bool(p is not None and getattr(p, "do_classifier_free_guidance", getattr(p, "guidance_scale", 1.0) > 1))
 
-    def _branches(self, batch: int, same_t: bool) -> Optional[list[int]]:
+    def _separate_guided(self) -> bool:
+        return self.convention.guidance == "separate_cond_first" and self._guided()
+
+    def _branches(self, batch: int) -> Optional[list[int]]:
         if not self._guided():
             return None
         if self.convention.guidance == "batched_negative_first":
             half = batch // 2
             return [1] * half + [0] * (batch - half)
-        return [1 if same_t else 0] * batch                        # second call at a t: unconditional
+        return [self._in_step - 1] * batch                          # 1st forward of a step: cond, 2nd: uncond
 
     def _before(self, module, args, kwargs):
         c = self.convention
         t_arg = kwargs.get(c.timestep_arg, args[1] if len(args) > 1 else None)
         x = kwargs.get("hidden_states", args[0] if args else None)
         t = 0.0 if t_arg is None else float(torch.as_tensor(t_arg).flatten()[0]) / c.timestep_scale
+        # A new step: every forward, or with separate guidance forwards every second one. Equal t
+        # alone cannot tell: the pipeline rounds t to bf16, where neighbouring steps can coincide.
+        per_step = 2 if self._separate_guided() else 1
         same_t = self._last_t is not None and math.isclose(t, self._last_t, rel_tol=0, abs_tol=1e-9)
-        if not same_t:
-            self.step += 1
+        if self._in_step >= per_step or not same_t or self.step < 0:
+            self.step, self._in_step = self.step + 1, 0
+        self._in_step += 1
         self._last_t = t
         batch = 0 if x is None else int(x.shape[0])
         self._t = min(1.0, max(0.0, t))
         self._info = ForwardInfo(batch=batch, rows=batch, cond_rows=None,
-                                 sample_branch=self._branches(batch, same_t))
+                                 sample_branch=self._branches(batch))
         self.hooks.on_forward_begin(self.step, self._t, self._info)
 
     def _after(self, module, args, kwargs, output):
@@ -155,6 +164,20 @@ class ExpertParallel(ForwardHooks):
                                for e in (self.rebalancer.events if self.rebalancer else [])],
                 "placement": [m.placement.phy2log.tolist() for m in self.moe_layers()],
                 "local_experts": [m.local_experts for m in self.moe_layers()]}
+
+    @contextlib.contextmanager
+    def idle(self):
+        """For a rank with no prompt of its own in a call the other ranks make: run the pipeline
+        with any stand-in prompt inside `with pipe.moe_ep.idle():` -- every MoE layer then joins
+        the all-to-alls with no rows (nothing counted) and the image is meaningless."""
+        layers = self.moe_layers()
+        for layer in layers:
+            layer.idle = True
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.idle = False
 
     def remove_hooks(self) -> None:
         self.watch.remove()

@@ -11,6 +11,7 @@ from ...config import ConfigError
 from ...parallel import ParallelContext, derive_ep_size
 from ..base import MoEShape, ServedModel
 from .loader import DTYPES, LoadedTransformer, check_folder, load_transformer
+from .pipeline import CONVENTIONS
 from .sampling import PipelineSampler, load_pipeline
 
 
@@ -35,7 +36,9 @@ class DiffusersServedModel(ServedModel):
         vae = int(getattr(getattr(sampler, "pipeline", None), "vae_scale_factor", 8) or 8) if sampler else 8
         # image tokens per prompt (an estimate: a family's pipeline may resize the request)
         self.tokens_per_image = max(1, (s.height // vae // p) * (s.width // vae // p))
-        self.rows_per_prompt = self.tokens_per_image * (2 if s.guidance_scale > 1.0 else 1)
+        # both guidance branches in one forward (HiDream), or one forward per branch (NucleusMoE)
+        batched = CONVENTIONS[loaded.info.spec.name].guidance == "batched_negative_first"
+        self.rows_per_prompt = self.tokens_per_image * (2 if s.guidance_scale > 1.0 and batched else 1)
         self.num_inference_steps = s.num_inference_steps
 
     @classmethod
