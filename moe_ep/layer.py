@@ -129,32 +129,40 @@ class MoELayer(nn.Module):
                                  self.ctx.ep_rank, self._has_replicas)         # [N]
         if self.ctx.ep_size == 1 and self.fused_local:
             return self._forward_local(x, slots, copies, shared_out).view(shape)
+        if self.ctx.ep_size > 1 and self.dedup_tokens and self.overlap_own_rows:
+            out = self._forward_overlapped(x, slots, copies)                   # [T, H]
+        else:
+            out = self._forward_exchanged(x, slots, copies)                    # [T, H]
+        if self.shared is not None:
+            out = out + self._shared_result(x, shared_out)
+        return out.view(shape)
+
+    def _forward_overlapped(self, x: torch.Tensor, slots: torch.Tensor, copies: RoutedCopies) -> torch.Tensor:
+        """EP > 1, one row per (token, destination rank), this rank's own rows computed while the
+        others travel (token_exchange.overlapped_exchange): x [T, H] -> routed sum [T, H]."""
+        out, self.wire_rows = overlapped_exchange(x, slots, copies, self.ctx.ep_rank, self.ctx.ep_size,
+                                                  self.slots_per_rank, self.ctx.ep_group, self.experts,
+                                                  phase=lambda name: maybe_phase(self.timer, name))
+        return out
+
+    def _forward_exchanged(self, x: torch.Tensor, slots: torch.Tensor, copies: RoutedCopies) -> torch.Tensor:
+        """Exchange, then experts, then the way back: one row per (token, destination rank) with
+        `dedup_tokens` at EP > 1, else one row per routed copy. x [T, H] -> routed sum [T, H]."""
         pairs = self.dedup_tokens and self.ctx.ep_size > 1
-        if pairs and self.overlap_own_rows:
-            out, self.wire_rows = overlapped_exchange(x, slots, copies, self.ctx.ep_rank, self.ctx.ep_size,
-                                                      self.slots_per_rank, self.ctx.ep_group, self.experts,
-                                                      phase=lambda name: maybe_phase(self.timer, name))
-            if self.shared is not None:
-                out = out + self._shared_result(x, shared_out)
-            return out.view(shape)
+        group = self.ctx.ep_group
         with maybe_phase(self.timer, "dispatch"):
             if pairs:
                 rows, plan = dispatch_pairs(x, slots, copies, self.ctx.ep_rank, self.ctx.ep_size,
-                                            self.slots_per_rank, self.ctx.ep_group)   # [M, H]
+                                            self.slots_per_rank, group)       # [M, H]
                 self.wire_rows = plan.wire_rows
             else:
-                rows, plan = dispatch(x, slots, copies, self.ctx.ep_size, self.slots_per_rank,
-                                      self.ctx.ep_group)                       # [M, H]
+                rows, plan = dispatch(x, slots, copies, self.ctx.ep_size, self.slots_per_rank, group)  # [M, H]
                 self.wire_rows = sum(plan.send_splits) - (plan.send_splits[self.ctx.ep_rank]
                                                           if plan.send_splits else 0)
         with maybe_phase(self.timer, "experts"):
             y = self.experts(rows, plan.local_counts)                          # [M, H]
         with maybe_phase(self.timer, "combine"):
-            out = (combine_pairs(y, plan, self.ctx.ep_group) if pairs
-                   else combine(y, copies, plan, self.ctx.ep_group))           # [T, H]
-            if self.shared is not None:
-                out = out + self._shared_result(x, shared_out)
-        return out.view(shape)
+            return combine_pairs(y, plan, group) if pairs else combine(y, copies, plan, group)
 
     def _forward_local(self, x: torch.Tensor, slots: torch.Tensor, copies: RoutedCopies,
                        shared_out: Optional[torch.Tensor]) -> torch.Tensor:

@@ -12,9 +12,10 @@ the job's writers turn that into `OutputWriteError` (moe_ep/job.py) and keep wha
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 from .config import Config, ConfigError
 
@@ -114,6 +115,19 @@ def check_text_encoder_module(field: str, spec: str) -> None:
     origin: Optional[str] = found.origin if found.has_location else None
     if origin and os.path.isfile(origin) and not os.access(origin, os.R_OK):
         raise ConfigError(field, spec, f"cannot import module '{module_name}': no read permission on {origin}")
+
+
+def import_function(field: str, spec: str) -> Callable:
+    """'package.module:function' -> the function; raises ConfigError naming `field`."""
+    module_name, _, func_name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # ImportError, or anything the module raises while importing
+        raise ConfigError(field, spec, f"cannot import module '{module_name}' ({err})") from None
+    fn = getattr(module, func_name, None)
+    if not callable(fn):
+        raise ConfigError(field, spec, f"module '{module_name}' has no function '{func_name}'")
+    return fn
 
 
 def check_paths(cfg: Config) -> None:

@@ -315,6 +315,24 @@ class Rebalancer:
                              reason=reason, status_if_noop="failed" if status == FAILED else "skipped", t0=t0,
                              allow_async=trigger == "interval")
 
+    # ------------------------------------------------------------ agreement
+    def _agree(self, failed: bool, proposal: torch.Tensor) -> tuple[bool, bool]:
+        """One all-reduce MAX over the world (EP then DP) of [failed, p, -p]: -> (some rank failed,
+        every rank proposes exactly this placement: max(p) == min(p) == -max(-p) entry by entry)."""
+        p = proposal.flatten().to(torch.int64)
+        vote = self._all_reduce(self._ctl(torch.cat([torch.tensor([int(failed)]), p, -p]))).cpu()
+        n = p.numel()
+        return int(vote[0]) == 1, torch.equal(vote[1:1 + n], -vote[1 + n:])
+
+    @staticmethod
+    def _no_swap_reason(any_failed: bool, same: bool, failed_here: bool, reason: str, elsewhere: str) -> str:
+        """Why nothing was swapped, for the event."""
+        if not any_failed and not same:
+            return "replicas of the data-parallel group proposed different placements"
+        if any_failed and not failed_here:
+            return reason or elsewhere
+        return reason
+
     # ------------------------------------------------------------ asynchronous migration
     def _vote_max(self, flags: list[int]) -> list[int]:
         return [int(v) for v in self._all_reduce(self._ctl(flags)).cpu().tolist()]
@@ -325,10 +343,7 @@ class Rebalancer:
         layer per forward boundary (moe_ep.migration). Collective."""
         self._attempts += 1
         moving = not failed and not torch.equal(new, old)
-        p = (new if moving else old).flatten().to(torch.int64)
-        vote = self._all_reduce(self._ctl(torch.cat([torch.tensor([int(failed)]), p, -p]))).cpu()
-        n = p.numel()
-        any_failed, same = int(vote[0]) == 1, torch.equal(vote[1:1 + n], -vote[1 + n:])
+        any_failed, same = self._agree(failed, new if moving else old)
         if moving and not any_failed and same:
             moves = plan_transfers(old, new, self.ctx.ep_size)
             self.migration = LayerByLayerMigration(
@@ -341,12 +356,8 @@ class Rebalancer:
             self.events.append(ev)
             self._step_migration()          # prepare and post the first layer now
             return ev
-        if not any_failed and not same:
-            reason = "replicas of the data-parallel group proposed different placements"
-        elif any_failed and not failed:
-            reason = reason or "failed on another data-parallel replica"
+        ev["reason"] = self._no_swap_reason(any_failed, same, failed, reason, "failed on another data-parallel replica")
         ev["status"] = "failed" if (any_failed or not same) else status_if_noop
-        ev["reason"] = reason
         ev["time_ms"] = (time.perf_counter() - t0) * 1e3
         self.events.append(ev)
         return ev
@@ -419,13 +430,7 @@ class Rebalancer:
                 ok = 0
                 reason = reason or "prepare failed on another EP rank"
             failed = not ok
-        # agreement: one all-reduce MAX over the world (EP then DP) of [failed, p, -p]: every rank
-        # proposes exactly the same placement iff max(p) == min(p) == -max(-p) entry by entry
-        p = (new if moving else old).flatten().to(torch.int64)
-        vote = self._all_reduce(self._ctl(torch.cat([torch.tensor([int(failed)]), p, -p]))).cpu()
-        n = p.numel()
-        any_failed = int(vote[0]) == 1
-        same = torch.equal(vote[1:1 + n], -vote[1 + n:])
+        any_failed, same = self._agree(failed, new if moving else old)
         if moving and not any_failed and same:
             transfer.commit(new)
             ev["status"], ev["ok"] = "ok", True
@@ -436,11 +441,8 @@ class Rebalancer:
         else:
             if transfer is not None:
                 transfer.clear()
-            if not any_failed and not same:
-                reason = "replicas of the data-parallel group proposed different placements"
-            elif any_failed and not failed:
-                reason = reason or ("failed on another rank" if moving else
-                                    "failed on another data-parallel replica")
+            reason = self._no_swap_reason(any_failed, same, failed, reason, "failed on another rank" if moving else
+                                          "failed on another data-parallel replica")
             ev["status"] = "failed" if (any_failed or not same) else status_if_noop
         ev["reason"] = reason
         if st is not None and ev["ok"]:
@@ -529,11 +531,10 @@ class Rebalancer:
         # of _maybe_switch_phase, so every rank of the world must install exactly the same plans or
         # none: one all-reduce MAX of [failed, plans, -plans] over EP and DP.
         plans = msg[1:]
-        vote = self._all_reduce(self._ctl(torch.cat([torch.tensor([int(not ok_here)]), plans, -plans]))).cpu()
-        n = plans.numel()
-        if int(vote[0]) or not torch.equal(vote[1:1 + n], -vote[1 + n:]):
+        any_failed, same = self._agree(not ok_here, plans)
+        if any_failed or not same:
             if not reason:
-                reason = "phase planning failed on another data-parallel replica" if int(vote[0]) else \
+                reason = "phase planning failed on another data-parallel replica" if any_failed else \
                     "replicas of the data-parallel group planned different phase placements"
             ev = self._new_event(forward_idx, "phase_plan")
             ev.update(status="failed", reason=reason)

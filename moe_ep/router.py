@@ -8,7 +8,7 @@ Whatever the rule, the rest of the layer sees `RoutedCopies`: a token may reach 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -32,16 +32,20 @@ class RoutedCopies:
     num_tokens: int                  # T, rows of the layer input
     token: Optional[torch.Tensor] = None   # [N] int64 input row of each copy; None: copy i is row i // top_k
     top_k: Optional[int] = None      # k of the regular layout (token is None)
+    _rows: Optional[torch.Tensor] = field(default=None, repr=False)   # rows() of the regular layout, made once
 
     @property
     def num_copies(self) -> int:
         return self.expert.numel()
 
     def rows(self) -> torch.Tensor:
-        """[N] int64 input row of every copy (materialised for the regular layout)."""
+        """[N] int64 input row of every copy (the regular layout materialised once: the stats and
+        the exchange both ask)."""
         if self.token is not None:
             return self.token
-        return torch.arange(self.num_copies, device=self.expert.device) // self.top_k
+        if self._rows is None:
+            self._rows = torch.arange(self.num_copies, device=self.expert.device) // self.top_k
+        return self._rows
 
 
 def fp32_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,6 @@ stored in checkpoints). Any encoder returns `(tokens [B, T, text_dim], mask [B, 
 """
 from __future__ import annotations
 
-import importlib
 from typing import Callable
 
 import torch
@@ -15,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ConfigError, ModelConfig
+from ..paths import import_function
 
 BOS, PAD = 256, 257
 VOCAB = 258  # 256 byte values + BOS + PAD
@@ -79,15 +79,7 @@ class BuiltinTextEncoder(nn.Module):
 
 def load_user_encoder(spec: str) -> Callable:
     """'package.module:function' -> the function; raises ConfigError naming model.text_encoder."""
-    module_name, _, func_name = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as err:  # ImportError, or anything the module raises while importing
-        raise ConfigError("model.text_encoder", spec, f"cannot import module '{module_name}' ({err})") from None
-    fn = getattr(module, func_name, None)
-    if not callable(fn):
-        raise ConfigError("model.text_encoder", spec, f"module '{module_name}' has no function '{func_name}'")
-    return fn
+    return import_function("model.text_encoder", spec)
 
 
 class PromptEncoder:

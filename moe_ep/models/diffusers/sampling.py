@@ -16,7 +16,6 @@ idle (no rows in the exchange, nothing counted) and drops the image, so its all-
 """
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Any, Sequence
 
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from ...config import ConfigError
+from ...paths import import_function
 from ..base import ForwardHooks
 from .pipeline import CONVENTIONS, TransformerWatch
 
@@ -32,12 +32,7 @@ def load_pipeline(cfg, transformer: torch.nn.Module, dtype: torch.dtype) -> Any:
     """The pipeline that samples with `transformer` (see the module doc). Raises ConfigError."""
     spec = cfg.model.text_encoder
     if spec != "builtin":
-        module, _, name = spec.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError) as err:
-            raise ConfigError("model.text_encoder", spec, f"cannot be imported: {err}") from None
-        return factory(transformer)
+        return import_function("model.text_encoder", spec)(transformer)
     folder = cfg.model.path
     if not os.path.isfile(os.path.join(folder, "model_index.json")):
         raise ConfigError("model.path", folder, "has no model_index.json: sampling needs a pipeline folder "
