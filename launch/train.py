@@ -47,6 +47,8 @@ from moe_ep.parallel import ParallelContext  # noqa: E402
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default="configs/quickstart.json", help="its `model` section is the architecture")
+    p.add_argument("--set", action="extend", nargs="+", default=[], metavar="model.KEY=VALUE",
+                   help="override the config's model fields (e.g. model.qk_norm=true)")
     p.add_argument("--out", required=True, help="output folder (checkpoint, train_log.json)")
     p.add_argument("--steps", type=int, default=8000)
     p.add_argument("--batch", type=int, default=256)
@@ -72,9 +74,9 @@ def parse_args(argv):
     return args
 
 
-def model_config(path: str):
+def model_config(path: str, overrides=()):
     """The `model` section of a moe-ep config, checkpoint dropped; checked for what training needs."""
-    cfg = config_mod.load(path).model
+    cfg = config_mod.load(path, list(overrides)).model
     cfg.checkpoint = None
     if cfg.type != "moe_dit" or cfg.text_encoder != "builtin":
         raise ConfigError("model.type", cfg.type, "training needs the built-in moe_dit with the builtin text encoder")
@@ -107,7 +109,7 @@ def lr_factor(progress: float, step: int, warmup: int) -> float:
 
 
 def train(args) -> dict:
-    cfg = model_config(args.config)
+    cfg = model_config(args.config, args.set)
     dev = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     torch.manual_seed(args.seed)
     model = MoEDiT(cfg, ParallelContext(device=dev))

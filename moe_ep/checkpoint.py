@@ -218,6 +218,8 @@ def inspect_checkpoint(path: str, cfg: ModelConfig) -> None:
     except json.JSONDecodeError:
         raise CheckpointError(path, "metadata 'model_config' is not valid JSON") from None
     want = json.loads(json.dumps(architecture(cfg)))
+    # a field added after the file was saved reads as its default (how the file's model was built)
+    saved = _with_defaults(saved, json.loads(json.dumps(architecture(ModelConfig()))))
     diffs = _diff(saved, want, "model")
     if diffs:
         raise CheckpointError(path, "was saved for a different model: " + "; ".join(diffs[:5]))
@@ -241,6 +243,14 @@ def _describe(key: str) -> str:
     if parts[0] == "experts":
         return f" (expert {parts[2]} of MoE layer {parts[1]})"
     return ""
+
+
+def _with_defaults(saved, defaults):
+    """`saved` with every key of `defaults` it lacks filled in, recursively (dicts only)."""
+    if not (isinstance(saved, dict) and isinstance(defaults, dict)):
+        return saved
+    return {**{k: v for k, v in defaults.items() if k not in saved},
+            **{k: _with_defaults(v, defaults.get(k)) for k, v in saved.items()}}
 
 
 def _diff(saved, want, prefix: str) -> list[str]:

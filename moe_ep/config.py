@@ -51,6 +51,7 @@ class ModelConfig:
     hidden_size: int = 64
     num_layers: int = 2                  # transformer blocks
     num_heads: int = 4
+    qk_norm: bool = False                # RMSNorm on each head's queries and keys (stable training)
     moe_every: int = 1                   # an MoE feed-forward in every n-th block, dense otherwise
     dense_hidden_size: int = 128         # feed-forward size of non-MoE blocks
     in_channels: int = 4                 # latent channels

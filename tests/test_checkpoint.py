@@ -143,6 +143,37 @@ def test_wrong_model_config(ckpt):
     inspect_checkpoint(ckpt, small_cfg(["model.seed=5"]).model)
 
 
+def test_field_added_after_saving_reads_as_its_default(ckpt, tmp_path):
+    """A checkpoint saved before `model.qk_norm` existed (no such key in its metadata) loads as
+    qk_norm = false, and is refused for qk_norm = true, naming the field."""
+    def drop_field(t, m):
+        saved = json.loads(m["model_config"])
+        saved.pop("qk_norm")
+        m["model_config"] = json.dumps(saved)
+    p = _rewrite(ckpt, str(tmp_path / "old.safetensors"), drop_field)
+    inspect_checkpoint(p, small_cfg().model)
+    expect_error(small_cfg(["model.qk_norm=true"]), p, "model.qk_norm = False in the checkpoint, True in the config")
+
+
+def test_qk_norm_round_trip(tmp_path):
+    """A qk_norm model stores its q/k norm scales and loads them back."""
+    from moe_ep.model.dit import MoEDiT
+    from moe_ep.parallel import ParallelContext
+
+    cfg = small_cfg(["model.qk_norm=true"]).model
+    model = MoEDiT(cfg, ParallelContext())
+    model.init_from_seed()
+    with torch.no_grad():
+        model.blocks[0].attn.q_norm.weight.fill_(0.5)
+    path = str(tmp_path / "qk.safetensors")
+    save_checkpoint(model, path)
+    assert "model.blocks.0.attn.q_norm.weight" in expected_tensors(cfg)
+    again = MoEDiT(cfg, ParallelContext())
+    load_checkpoint(again, path)
+    assert torch.equal(again.blocks[0].attn.q_norm.weight, torch.full((16,), 0.5))
+    assert torch.equal(again.blocks[1].cross_attn.k_norm.weight, torch.ones(16))
+
+
 def test_not_a_checkpoint(tmp_path):
     bad = tmp_path / "junk.safetensors"
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......")

@@ -27,7 +27,7 @@ def eval_prompts(n: int) -> list[str]:
     return [table[i % len(table)] for i in range(n)]
 
 
-def sample_ep1(cfg, prompts: list[str], seed: int = 0, batch_size: int = 16) -> np.ndarray:
+def sample_ep1(cfg, prompts: list[str], seed: int = 0, batch_size: int = 16, device: str = "cpu") -> np.ndarray:
     """Sample with cfg (a moe_ep Config, model.checkpoint set) at EP = 1 in this process:
     prompt i with seed `seed + i` -> images [n, H, W, 3] uint8 (what launch/infer.py writes)."""
     from ..checkpoint import load_checkpoint
@@ -37,7 +37,7 @@ def sample_ep1(cfg, prompts: list[str], seed: int = 0, batch_size: int = 16) -> 
     from ..model.text import PromptEncoder
     from ..parallel import ParallelContext
 
-    ctx = ParallelContext()
+    ctx = ParallelContext(device=torch.device(device))
     model = MoEDiT(cfg.model, ctx)
     load_checkpoint(model, cfg.model.checkpoint)
     s = cfg.sampling
@@ -83,6 +83,7 @@ def main(argv=None) -> int:
     p.add_argument("--run-dir", help="score this launch/infer.py output folder instead of sampling")
     p.add_argument("--data", type=int, default=0, help="score the classifier on this many training images")
     p.add_argument("--grid", help="also write the sampled images as a PNG grid here")
+    p.add_argument("--device", default="cpu", help="where to sample (the runtime's CPU result is the reference)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.data:
         res = data_accuracy(args.data)
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
 
         cfg = config_mod.load(args.config, args.set)
         prompts = eval_prompts(args.prompts)
-        images = sample_ep1(cfg, prompts, cfg.sampling.seed)
+        images = sample_ep1(cfg, prompts, cfg.sampling.seed, device=args.device)
         res = score(images, prompts)
         if args.grid:
             save_grid(images, args.grid)

@@ -72,14 +72,19 @@ class TimestepEmbedder(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention with SDPA; self-attention when `context` is None."""
+    """Multi-head attention with SDPA; self-attention when `context` is None.
+    `qk_norm`: RMSNorm of each head's queries and keys (SD3 / Flux), which keeps the attention
+    logits bounded; without it training at a useful learning rate diverges (docs/demo.md)."""
 
-    def __init__(self, hidden: int, heads: int):
+    def __init__(self, hidden: int, heads: int, qk_norm: bool = False):
         super().__init__()
         self.heads = heads
         self.q = nn.Linear(hidden, hidden)
         self.kv = nn.Linear(hidden, 2 * hidden)
         self.proj = nn.Linear(hidden, hidden)
+        d = hidden // heads
+        self.q_norm = nn.RMSNorm(d, eps=1e-6) if qk_norm else None
+        self.k_norm = nn.RMSNorm(d, eps=1e-6) if qk_norm else None
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
                 key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -88,6 +93,8 @@ class Attention(nn.Module):
         d = H // self.heads
         q = self.q(x).view(B, N, self.heads, d).transpose(1, 2)                 # [B, h, N, d]
         k, v = self.kv(ctx).view(B, ctx.shape[1], 2, self.heads, d).permute(2, 0, 3, 1, 4)  # [B, h, M, d]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         mask = None if key_mask is None else key_mask[:, None, None, :]        # [B, 1, 1, M]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)          # [B, h, N, d]
         return self.proj(out.transpose(1, 2).reshape(B, N, H))
@@ -99,9 +106,9 @@ class DiTBlock(nn.Module):
         super().__init__()
         H = cfg.hidden_size
         self.norm1 = nn.LayerNorm(H, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(H, cfg.num_heads)
+        self.attn = Attention(H, cfg.num_heads, cfg.qk_norm)
         self.norm2 = nn.LayerNorm(H, eps=1e-6)
-        self.cross_attn = Attention(H, cfg.num_heads)
+        self.cross_attn = Attention(H, cfg.num_heads, cfg.qk_norm)
         self.norm3 = nn.LayerNorm(H, elementwise_affine=False, eps=1e-6)
         if moe_layer_idx is None:
             self.ffn = DenseMLP(H, cfg.dense_hidden_size)
@@ -222,7 +229,7 @@ def _init_value(module: nn.Module, name: str, param: torch.Tensor, g: torch.Gene
     shape = tuple(param.shape)
     if name == "bias" or (isinstance(module, nn.LayerNorm) and name == "bias"):
         return torch.zeros(shape)
-    if isinstance(module, nn.LayerNorm):
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
         return torch.ones(shape)
     if isinstance(module, nn.Embedding):
         return torch.randn(shape, generator=g)
