@@ -259,8 +259,9 @@ def bench_step(args) -> dict:
 
 
 def eager_vs_cuda_graph(pipe, model, run, begin, end, times: list) -> dict:
-    """Step time eager (no phase timers) and with the transformer forward replayed from a CUDA
-    graph, in one process, same prompts and seeds; and how far the two final latents differ."""
+    """Step time eager (no phase timers; the shared expert on its side stream, then inline) and with
+    the transformer forward replayed from a CUDA graph, in one process, same prompts and seeds; and
+    how far the final latents differ."""
     from moe_ep.model.graphs import CudaGraphForward
 
     for layer in model.moe_layers():
@@ -273,13 +274,22 @@ def eager_vs_cuda_graph(pipe, model, run, begin, end, times: list) -> dict:
         return latents, statistics.median(times)
 
     eager_latents, eager_ms = timed()
+    for layer in model.moe_layers():             # the shared expert inline, after the routed path
+        layer.shared_side_stream = False
+    try:
+        inline_latents, inline_ms = timed()
+    finally:
+        for layer in model.moe_layers():
+            layer.shared_side_stream = True
     pipe.transformer = CudaGraphForward(model)
     try:
         run(2)                                   # captures (once per input shape)
         graph_latents, graph_ms = timed()
     finally:
         pipe.transformer = model
-    return {"eager_step_ms_median": eager_ms, "cuda_graph_step_ms_median": graph_ms,
+    return {"eager_step_ms_median": eager_ms, "eager_shared_inline_step_ms_median": inline_ms,
+            "shared_inline_vs_side_stream_max_abs_diff": float((inline_latents - eager_latents).abs().max()),
+            "cuda_graph_step_ms_median": graph_ms,
             "graph_vs_eager_max_abs_diff": float((graph_latents - eager_latents).abs().max())}
 
 

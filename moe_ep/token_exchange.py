@@ -83,11 +83,16 @@ def _pair_meta(x, slots, copies, ep_size, slots_per_rank, group):
     """Pairs, copy metadata and the counts exchange (the one host sync) for both variants.
     -> (pair_token [U], meta [N, 2] grouped by destination, send_pairs, send_copies,
     recv_pairs, recv_copies, recv_counts [ep, 2] on the device: pairs and copies per source)."""
-    T = x.shape[0]
+    T = max(x.shape[0], 1)
     dest = slots // slots_per_rank                                              # [N]
-    key = dest * max(T, 1) + copies.rows()                                      # [N]
-    pair_key, pair_of_copy = torch.unique(key, sorted=True, return_inverse=True)  # [U], [N]
-    pair_counts = count_per_bin(pair_key // max(T, 1), ep_size)                 # [ep]
+    key = dest * T + copies.rows()                                              # [N] (dest, token) as one index
+    # Pairs as a presence mask over (dest, token) instead of torch.unique: no sort, and no host
+    # sync for the output size before the counts exchange below (the one sync of this function).
+    present = torch.zeros(ep_size * T, dtype=torch.bool, device=x.device)      # [ep * T]
+    present[key] = True
+    pair_index = torch.cumsum(present, 0) - 1                                   # [ep * T] pair id of each key
+    pair_of_copy = pair_index[key]                                              # [N]
+    pair_counts = present.view(ep_size, T).sum(1)                               # [ep]
     copy_counts = count_per_bin(dest, ep_size)                                  # [ep]
     pair_start = torch.cumsum(pair_counts, 0) - pair_counts                     # [ep]
     meta = torch.stack([(pair_of_copy - pair_start[dest]) * slots_per_rank + slots % slots_per_rank,
@@ -96,7 +101,8 @@ def _pair_meta(x, slots, copies, ep_size, slots_per_rank, group):
     recv_counts = torch.empty_like(counts)
     dist.all_to_all_single(recv_counts, counts, group=group)
     host = torch.cat([counts, recv_counts], dim=1).tolist()                     # the host sync
-    return (pair_key % max(T, 1), meta, [h[0] for h in host], [h[1] for h in host],
+    pair_key = torch.nonzero_static(present, size=sum(h[0] for h in host)).squeeze(1)   # [U] ascending
+    return (pair_key % T, meta, [h[0] for h in host], [h[1] for h in host],
             [h[2] for h in host], [h[3] for h in host], recv_counts)
 
 
