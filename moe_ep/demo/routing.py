@@ -117,7 +117,7 @@ def phases(num_steps: int, num_phases: int) -> list[list[int]]:
 
 
 def placement_study(plan_counts: np.ndarray, eval_counts: np.ndarray, gpus=(8, 16, 32, 64),
-                    num_phases=(4, 12), redundant_per_gpu: int = 1) -> list[dict]:
+                    num_phases=(4, None), redundant_per_gpu: int = 1) -> list[dict]:
     """Plans made from `plan_counts`, judged on `eval_counts` (both [S, 2, L, E], other seeds).
 
     Per GPU count P (8 per node, R = E + redundant x P for the planned placements): balancedness
@@ -125,7 +125,8 @@ def placement_study(plan_counts: np.ndarray, eval_counts: np.ndarray, gpus=(8, 1
     eplb/simulate.py defaults: hidden 4096, expert hidden 3072, 8192 tokens per GPU, top-k of the
     trace's proportions) of: none (contiguous, R = E); one placement (planned on the whole trace);
     timestep-aware with n phases (one plan per phase, chained for minimal movement; every image
-    batch switches n times, wrapping back to phase 0, and the moves are charged per step)."""
+    batch switches n times, wrapping back to phase 0, and the moves are charged per step); n = None:
+    one phase per step."""
     from eplb.metrics import balancedness
     from eplb.rebalance import rebalance_experts
     from eplb.simulate import Model, contiguous, layer_times, rebalance_cost, step_load
@@ -157,7 +158,7 @@ def placement_study(plan_counts: np.ndarray, eval_counts: np.ndarray, gpus=(8, 1
         first = rebalance_cost(base, one, P, N, model)["seconds"]
         rows.append(dict(P=P, N=N, policy="one placement", balancedness=b, ms=ms, move_ms=0.0, net_ms=ms,
                          initial_move_s=first))
-        for n in num_phases:
+        for n in (S if n is None else n for n in num_phases):
             groups = phases(S, n)
             plans, prev = [], one
             for g in groups:
