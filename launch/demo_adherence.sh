@@ -21,15 +21,11 @@ run ep2_rebalance 2
 run ep2_timestep_aware 2 eplb.timestep_buckets=12
 $py - "$out" <<'PY'
 import os, sys
-import numpy as np
-from PIL import Image
+from moe_ep.demo.adherence import run_images
 out = sys.argv[1]
-def images(name):
-    d = os.path.join(out, name, "images")
-    return np.stack([np.asarray(Image.open(os.path.join(d, f)).convert("RGB")).astype(int) for f in sorted(os.listdir(d))])
-ref = images("ep1_none")
+ref = run_images(os.path.join(out, "ep1_none"))[0].astype(int)
 for name in ("ep1_rebalance", "ep2_none", "ep2_rebalance", "ep2_timestep_aware"):
-    diff = np.abs(images(name) - ref)
+    diff = abs(run_images(os.path.join(out, name))[0].astype(int) - ref)
     print(f"{name} vs ep1_none: {int((diff.reshape(len(ref), -1).max(1) > 0).sum())} of {len(ref)} images differ, "
           f"{int((diff > 1).sum())} of {diff.size} channel values by > 1 level, max {int(diff.max())}")
 PY

@@ -6,7 +6,7 @@
 #   stage 3: from stage 2, lr 3e-4, batch 512 (fine-tuning at a lower rate and less gradient noise).
 # Usage: OUT=runs/demo bash launch/train_demo.sh [STAGE2_BUDGET_S] [STAGE3_BUDGET_S]
 # The shipped weights: `bash launch/train_demo.sh 340 420` (stage 3 shared the GPU with two other
-# variants, launch/gpu_demo_stage3.sh; alone it runs faster).
+# variants, launch/gpu_demo_sweep.sh; alone it runs faster).
 set -eu
 out=${OUT:-runs/demo}
 budget2=${1:-400}

@@ -58,15 +58,20 @@ def score(images, prompts: list[str]) -> dict[str, float]:
     return classify.accuracy(images, [shapes.parse_prompt(p) for p in prompts])
 
 
-def score_run(run_dir: str) -> dict[str, float]:
-    """Score the images of a launch/infer.py run (its summary.json lists image paths and prompts)."""
+def run_images(run_dir: str) -> tuple[np.ndarray, list[str]]:
+    """A launch/infer.py run's images, in prompt order, and their prompts (from its summary.json)
+    -> ([n, H, W, 3] uint8, n prompts)."""
     from PIL import Image
 
     with open(os.path.join(run_dir, "summary.json")) as f:
-        summary = json.load(f)
-    items = summary["images"]
-    images = [np.asarray(Image.open(os.path.join(run_dir, x["path"])).convert("RGB")) for x in items]
-    return score(images, [x["prompt"] for x in items])
+        items = json.load(f)["images"]
+    images = np.stack([np.asarray(Image.open(os.path.join(run_dir, x["path"])).convert("RGB")) for x in items])
+    return images, [x["prompt"] for x in items]
+
+
+def score_run(run_dir: str) -> dict[str, float]:
+    """Score the images of a launch/infer.py run against the prompts they were sampled for."""
+    return score(*run_images(run_dir))
 
 
 def data_accuracy(n: int, seed: int = 0) -> dict[str, float]:
