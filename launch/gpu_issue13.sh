@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU runs behind docs/benchmarks.md section 1d (one H200): kernel variants, bf16-vs-fp64
 # checks and phases, the layer vs DeepSpeed-MoE (random and Zipf 1.2 gates), and the
-# hunyuan_like step eager vs CUDA graph. Logs go to ${OUT:-.}/.
-# Usage: bash launch/gpu_issue13.sh [round2|quick|skip]   (skip: no kernel variants)
+# hunyuan_like step eager vs CUDA graph, with model.compile off and on; the kernel profile and
+# the burst vs sustained clocks (launch/gpu_profile.py). Logs go to ${OUT:-.}/.
+# Usage: bash launch/gpu_issue13.sh [round2|round3|round4|quick|skip]   (skip: no kernel variants)
 set -u
 out=${OUT:-.}
 export PYTHONUNBUFFERED=1
@@ -17,6 +18,11 @@ for skew in 0 1.2; do
   timeout 200 python3 launch/bench.py layer $L --skew $skew --json "$out/layer_skew$skew.json" > "$out/layer_skew$skew.log" 2>&1
   echo "layer skew=$skew rc=$?"; tail -6 "$out/layer_skew$skew.log" | cut -c1-200
 done
-timeout 240 python3 launch/bench.py step --config configs/hunyuan_like.json --set sampling.batch_size=4 \
-  --set telemetry.wandb=false --steps 5 --cuda-graph --json "$out/step.json" > "$out/step.log" 2>&1
-echo "step rc=$?"; tail -3 "$out/step.log" | cut -c1-900
+for c in false true; do
+  timeout 240 python3 launch/bench.py step --config configs/hunyuan_like.json --set sampling.batch_size=4 \
+    --set telemetry.wandb=false --set model.compile=$c --steps 5 --cuda-graph --json "$out/step_compile_$c.json" \
+    > "$out/step_compile_$c.log" 2>&1
+  echo "step compile=$c rc=$?"; grep step_ms_median "$out/step_compile_$c.log" | cut -c1-900
+done
+(cd launch && timeout 240 python3 gpu_profile.py --compile --json "$out/profile.json" > "$out/profile.log" 2>&1)
+echo "profile rc=$?"; grep -v "^  " "$out/profile.log" | tail -12 | cut -c1-400

@@ -101,6 +101,73 @@ def round3(x, xs, w13, w2, counts, order, scale, act, flops1, flops2, k) -> dict
     return {"round3": out}
 
 
+def round4(x, xs, w13, w2, counts, order, scale, act, flops1, flops2, k) -> dict:
+    """BM = 64 tiles (half the padding of a slot's last tile) against the defaults, alone and in
+    the layer; and the shared expert (one dense SwiGLU over all tokens) as torch matmuls + an
+    elementwise SwiGLU vs the grouped kernels with one slot (SwiGLU fused in the epilogue)."""
+    import dataclasses
+
+    from moe_ep.config import MoEConfig
+    from moe_ep.experts import init_expert_weights, swiglu
+    from moe_ep.kernels import grouped_gemm as gg
+    from moe_ep.layer import MoELayer
+    from moe_ep.parallel import ParallelContext
+    offs = counts.cumsum(0).to(torch.int32)
+    ri = order // k
+    ref_h = act(torch._grouped_mm(xs, w13, offs=offs))
+    hin = ref_h.contiguous()
+    ref_y = torch._grouped_mm(hin, w2, offs=offs) * scale[:, None]
+    up0, down0 = gg.GATE_UP_CONFIG, gg.DOWN_CONFIG
+    ups = {"gate_up default (128,128,64,8,8,4)": up0}
+    for st in (4, 5):
+        ups[f"gate_up BM64 (64,128,64,8,4,{st})"] = dataclasses.replace(up0, BM=64, num_warps=4, num_stages=st)
+    downs = {"down default (128,256,64,8,8,3)": down0}
+    for st in (3, 4):
+        downs[f"down BM64 (64,256,64,8,4,{st})"] = dataclasses.replace(down0, BM=64, num_warps=4, num_stages=st)
+        downs[f"down BM64 8 warps (64,256,64,8,8,{st})"] = dataclasses.replace(down0, BM=64, num_stages=st)
+    out: dict = {}
+    tiles = {}
+    for bm in (64, 128):
+        tiles[bm] = int(((counts + bm - 1) // bm).sum()) * bm
+    out["padded rows (BM 64 / BM 128 / real)"] = {"ms": 0.0, "rel": f"{tiles[64]} / {tiles[128]} / {int(counts.sum())}"}
+    for name, cfg in ups.items():
+        fn = lambda cfg=cfg: grouped_gemm(x, w13, counts, swiglu=True, row_index=ri, config=cfg)  # noqa: E731
+        try:
+            out[name] = {"ms": bench(fn), "rel": rel(fn(), ref_h)}
+        except Exception as e:  # noqa: BLE001
+            out[name] = {"ms": float("nan"), "rel": f"failed: {e!r}"[:300]}
+    for name, cfg in downs.items():
+        fn = lambda cfg=cfg: grouped_gemm(hin, w2, counts, row_scale=scale, config=cfg)  # noqa: E731
+        try:
+            out[name] = {"ms": bench(fn), "rel": rel(fn(), ref_y)}
+        except Exception as e:  # noqa: BLE001
+            out[name] = {"ms": float("nan"), "rel": f"failed: {e!r}"[:300]}
+    # the shared expert of hunyuan_like: [T, H] through one SwiGLU of width F
+    T, H = x.shape
+    Fh, S = w2.shape[1], w2.shape[0]
+    sw13, sw2 = w13[0].contiguous(), w2[0].contiguous()
+    one = torch.full((1,), T, dtype=torch.int64, device=x.device)
+    ref_s = swiglu(x.double(), sw13.double(), sw2.double())
+    fused = lambda: grouped_gemm(grouped_gemm(x, sw13[None], one, swiglu=True, config=up0),  # noqa: E731
+                                 sw2[None], one, config=down0)
+    for name, fn in [("shared expert: torch matmuls + elementwise SwiGLU", lambda: swiglu(x, sw13, sw2)),
+                     ("shared expert: grouped kernels, one slot, SwiGLU fused", fused)]:
+        out[name] = {"ms": bench(fn), "rel": rel(fn(), ref_s)}
+    layer = MoELayer(H, MoEConfig(num_experts=S, top_k=k, expert_hidden_size=Fh), ParallelContext(device=x.device),
+                     dtype=torch.bfloat16)
+    layer.router.gate.weight.data.normal_(std=0.02)
+    layer.load_expert_weights(lambda e: init_expert_weights(0, 0, e, H, Fh, torch.bfloat16, x.device))
+    best_up = min((n for n in ups if isinstance(out[n]["rel"], float)), key=lambda n: out[n]["ms"])
+    best_down = min((n for n in downs if isinstance(out[n]["rel"], float)), key=lambda n: out[n]["ms"])
+    combos = {"layer default": (up0, down0), f"layer {best_up} + {best_down}": (ups[best_up], downs[best_down])}
+    for rep in ("", " again"):
+        for name, (u, d) in combos.items():
+            gg.GATE_UP_CONFIG, gg.DOWN_CONFIG = u, d
+            out[name + rep] = {"ms": bench(lambda: layer(x), reps=20)}
+    gg.GATE_UP_CONFIG, gg.DOWN_CONFIG = up0, down0
+    return {"round4": out}
+
+
 def round2(x, xs, w13, w2, counts, order, slots, scale, wts, ids, gate, act, flops1, flops2, k, S) -> dict:
     """Second round (after the first sweep): TMA weights with A gathered on load vs copied first,
     more TMA tile shapes, the down GEMM with the row scale, the Triton counting sort, router steps."""
@@ -165,6 +232,8 @@ def main():
     p.add_argument("--json")
     p.add_argument("--quick", action="store_true", help="fewer GEMM configs")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (TRITON_INTERPRET=1)")
+    p.add_argument("--round4", action="store_true",
+                   help="only the fourth round: BM 64 tiles, the shared expert through the grouped kernels")
     p.add_argument("--round3", action="store_true",
                    help="only the third round: warp-specialised TMA GEMMs, alone and in the layer")
     p.add_argument("--round2", action="store_true",
@@ -233,6 +302,14 @@ def main():
     res["index_ms"] = {"argsort+inverse": bench(argsort_path, 20), "counting sort": bench(counting_path, 20),
                        "same positions": bool(torch.equal(pa, pc))}
 
+    if args.round4:
+        res.update(round4(x, xs, w13, w2, counts, order, scale, act, flops1, flops2, k))
+        if args.json:
+            write_json_atomic(args.json, json.loads(json.dumps(res, default=str)))
+        for n, v in res["round4"].items():
+            rr = v.get("rel", "")
+            print(f"{n[:100]:100s} {v['ms']:7.3f} ms rel {rr if isinstance(rr, str) else f'{rr:.1e}'}")
+        return
     if args.round3:
         res.update(round3(x, xs, w13, w2, counts, order, scale, act, flops1, flops2, k))
         print(json.dumps(res, indent=1, default=str))

@@ -66,6 +66,9 @@ class ModelConfig:
     # "moe_dit": the built-in model; "diffusers": a diffusers MoE transformer read from `path`
     type: Literal["moe_dit", "diffusers"] = "moe_dit"
     path: Optional[str] = None           # diffusers folder (save_pretrained layout), type "diffusers"
+    # torch.compile the transformer forward (type "moe_dit"): inductor fuses the norms, adaLN
+    # modulation, gates and residuals around the attention; the MoE layers stay eager (docs/config.md)
+    compile: bool = False
     moe: MoEConfig = field(default_factory=MoEConfig)
 
 
@@ -374,6 +377,9 @@ def validate(cfg: Config) -> Config:
     check_fields(cfg)
     if m.type == "diffusers" and not m.path:
         raise ConfigError("model.path", m.path, "must name a diffusers model folder when model.type is 'diffusers'")
+    if m.compile and m.type != "moe_dit":
+        raise ConfigError("model.compile", m.compile, "is only for model.type 'moe_dit' (compile a diffusers "
+                                                      "transformer yourself: pipe.transformer.compile())")
     if m.type == "moe_dit" and m.path:
         raise ConfigError("model.path", m.path, "is only for model.type 'diffusers' (the built-in model "
                                                 "loads model.checkpoint)")

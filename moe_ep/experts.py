@@ -135,12 +135,24 @@ class GroupedExperts(nn.Module):
 
 
 class DenseMLP(nn.Module):
-    """The shared experts: one SwiGLU of width num_shared x F that every token goes through."""
+    """The shared experts (and the dense feed-forward of non-MoE blocks): one SwiGLU of width
+    num_shared x F that every token goes through. w13 [H, 2F] (gate | up), w2 [F, H]."""
 
     def __init__(self, hidden: int, inner: int, dtype=torch.float32, device=None):
         super().__init__()
         self.w13 = nn.Parameter(torch.zeros(hidden, 2 * inner, dtype=dtype, device=device), requires_grad=False)
         self.w2 = nn.Parameter(torch.zeros(inner, hidden, dtype=dtype, device=device), requires_grad=False)
+        # CUDA: the routed experts' grouped kernels with one slot, SwiGLU fused into the first
+        # GEMM's epilogue (no [T, 2F] intermediate, no elementwise pass; docs/benchmarks.md 1d);
+        # False or elsewhere: two matmuls and an elementwise SwiGLU.
+        self.fused = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., H] -> [..., H]."""
+        if self.fused and triton_supported(x.device, x.dtype) and x.dtype == self.w13.dtype:
+            from .kernels.grouped_gemm import DOWN_CONFIG, GATE_UP_CONFIG, grouped_gemm
+            rows = x.reshape(-1, x.shape[-1])                                      # [T, H]
+            one_slot = torch.full((1,), rows.shape[0], dtype=torch.int64, device=x.device)   # no host sync
+            h = grouped_gemm(rows, self.w13[None], one_slot, swiglu=True, config=GATE_UP_CONFIG)  # [T, F]
+            return grouped_gemm(h, self.w2[None], one_slot, config=DOWN_CONFIG).view(x.shape)
         return swiglu(x, self.w13, self.w2)

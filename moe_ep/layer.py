@@ -103,6 +103,9 @@ class MoELayer(nn.Module):
             self.experts.w2[slot].copy_(w2)
 
     # ------------------------------------------------------------ forward
+    # Inside a torch.compile'd model this layer runs eagerly: its kernels are fused by hand, and at
+    # EP > 1 it reads split sizes back to the host and runs collectives.
+    @torch.compiler.disable
     @torch.no_grad()
     def forward(self, x: torch.Tensor, router_input: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [B, S, H] (or [T, H] for token choice) -> the same shape.

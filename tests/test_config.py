@@ -22,6 +22,8 @@ from moe_ep.config import ConfigError
     ({"sampling": {"height": 31}}, "sampling.height"),
     ({"sampling": {"prompts": []}}, "sampling.prompts"),
     ({"bogus": 1}, "bogus"),
+    ({"model": {"compile": "yes"}}, "model.compile"),
+    ({"model": {"compile": True, "type": "diffusers", "path": "somewhere"}}, "model.compile"),
 ])
 def test_bad_fields_are_named(patch, field):
     with pytest.raises(ConfigError) as err:

@@ -64,6 +64,8 @@ class MoEDiTModel(ServedModel):
         from ..model.dit import MoEDiT
 
         model = MoEDiT(cfg.model, ctx, num_redundant=cfg.eplb.num_redundant_experts)
+        if cfg.model.compile:
+            model.compile()      # nn.Module.compile: traced at the first forward; MoE layers stay eager
         if cfg.model.checkpoint:
             reader = load_checkpoint(model, cfg.model.checkpoint)
             return cls(cfg, model, reader.layer_source, reader)
@@ -92,7 +94,8 @@ class MoEDiTModel(ServedModel):
         return list(decode_latents(latents, self.cfg.model.vae_scale_factor))       # B x [H, W, 3] uint8
 
     def attention_blocks(self) -> list:
-        return list(self.transformer.blocks)
+        # compiled, the attention is fused with its neighbours: no phase boundary to time it by
+        return [] if self.cfg.model.compile else list(self.transformer.blocks)
 
     def describe(self) -> dict:
         m = self.cfg.model
