@@ -52,21 +52,47 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
 
 
-def round3(x, xs, w13, w2, counts, order, scale, act, flops1, flops2, k) -> dict:
-    """Warp-specialised K loops (tl.range(warp_specialize=True)) vs the defaults, alone and in
-    the whole layer (the module's configs swapped in place, alternating, twice)."""
-    import dataclasses
+def gemm_references(xs, w13, w2, counts, scale, act):
+    """torch._grouped_mm results to check the Triton variants against: (h [N, F], the same
+    contiguous, y [N, H] = (h @ w2) * scale)."""
+    offs = counts.cumsum(0).to(torch.int32)
+    ref_h = act(torch._grouped_mm(xs, w13, offs=offs))
+    hin = ref_h.contiguous()
+    return ref_h, hin, torch._grouped_mm(hin, w2, offs=offs) * scale[:, None]
 
+
+def bench_layer_configs(x, w2, k, combos: dict, out: dict) -> None:
+    """The whole bf16 layer (random gate, same shapes) with each (gate/up, down) config pair of
+    `combos` swapped into moe_ep.kernels, alternating, twice: out[name] = {"ms": median of 20}."""
     from moe_ep.config import MoEConfig
     from moe_ep.experts import init_expert_weights
     from moe_ep.kernels import grouped_gemm as gg
     from moe_ep.layer import MoELayer
     from moe_ep.parallel import ParallelContext
-    offs = counts.cumsum(0).to(torch.int32)
+    T, H = x.shape
+    Fh, S = w2.shape[1], w2.shape[0]
+    layer = MoELayer(H, MoEConfig(num_experts=S, top_k=k, expert_hidden_size=Fh), ParallelContext(device=x.device),
+                     dtype=torch.bfloat16)
+    layer.router.gate.weight.data.normal_(std=0.02)
+    layer.load_expert_weights(lambda e: init_expert_weights(0, 0, e, H, Fh, torch.bfloat16, x.device))
+    up0, down0 = gg.GATE_UP_CONFIG, gg.DOWN_CONFIG
+    try:
+        for rep in ("", " again"):
+            for name, (u, d) in combos.items():
+                gg.GATE_UP_CONFIG, gg.DOWN_CONFIG = u, d
+                out[name + rep] = {"ms": bench(lambda: layer(x), reps=20)}
+    finally:
+        gg.GATE_UP_CONFIG, gg.DOWN_CONFIG = up0, down0
+
+
+def round3(x, xs, w13, w2, counts, order, scale, act, flops1, flops2, k) -> dict:
+    """Warp-specialised K loops (tl.range(warp_specialize=True)) vs the defaults, alone and in
+    the whole layer (the module's configs swapped in place, alternating, twice)."""
+    import dataclasses
+
+    from moe_ep.kernels import grouped_gemm as gg
     ri = order // k
-    ref_h = act(torch._grouped_mm(xs, w13, offs=offs))
-    hin = ref_h.contiguous()
-    ref_y = torch._grouped_mm(hin, w2, offs=offs) * scale[:, None]
+    ref_h, hin, ref_y = gemm_references(xs, w13, w2, counts, scale, act)
     up0, down0 = gg.GATE_UP_CONFIG, gg.DOWN_CONFIG
     up1, down1 = dataclasses.replace(up0, warp_specialize=True), dataclasses.replace(down0, warp_specialize=True)
     out: dict = {}
@@ -81,23 +107,12 @@ def round3(x, xs, w13, w2, counts, order, scale, act, flops1, flops2, k) -> dict
             out[name] = {"ms": bench(fn), "rel": rel(o, ref)}
         except Exception as e:  # noqa: BLE001
             out[name] = {"ms": float("nan"), "rel": f"failed: {e!r}"[:300]}
-    dev = x.device
-    T, H = x.shape
-    Fh, S = w2.shape[1], w2.shape[0]
-    layer = MoELayer(H, MoEConfig(num_experts=S, top_k=k, expert_hidden_size=Fh), ParallelContext(device=dev),
-                     dtype=torch.bfloat16)
-    layer.router.gate.weight.data.normal_(std=0.02)
-    layer.load_expert_weights(lambda e: init_expert_weights(0, 0, e, H, Fh, torch.bfloat16, dev))
     combos = {"layer default": (up0, down0)}
     if isinstance(out["gate_up warp-specialised"]["rel"], float):
         combos["layer ws gate_up"] = (up1, down0)
     if isinstance(out["down warp-specialised"]["rel"], float):
         combos["layer ws both"] = (up1, down1) if "layer ws gate_up" in combos else (up0, down1)
-    for rep in ("", " again"):
-        for name, (u, d) in combos.items():
-            gg.GATE_UP_CONFIG, gg.DOWN_CONFIG = u, d
-            out[name + rep] = {"ms": bench(lambda: layer(x), reps=20)}
-    gg.GATE_UP_CONFIG, gg.DOWN_CONFIG = up0, down0
+    bench_layer_configs(x, w2, k, combos, out)
     return {"round3": out}
 
 
@@ -107,16 +122,10 @@ def round4(x, xs, w13, w2, counts, order, scale, act, flops1, flops2, k) -> dict
     elementwise SwiGLU vs the grouped kernels with one slot (SwiGLU fused in the epilogue)."""
     import dataclasses
 
-    from moe_ep.config import MoEConfig
-    from moe_ep.experts import init_expert_weights, swiglu
+    from moe_ep.experts import swiglu
     from moe_ep.kernels import grouped_gemm as gg
-    from moe_ep.layer import MoELayer
-    from moe_ep.parallel import ParallelContext
-    offs = counts.cumsum(0).to(torch.int32)
     ri = order // k
-    ref_h = act(torch._grouped_mm(xs, w13, offs=offs))
-    hin = ref_h.contiguous()
-    ref_y = torch._grouped_mm(hin, w2, offs=offs) * scale[:, None]
+    ref_h, hin, ref_y = gemm_references(xs, w13, w2, counts, scale, act)
     up0, down0 = gg.GATE_UP_CONFIG, gg.DOWN_CONFIG
     ups = {"gate_up default (128,128,64,8,8,4)": up0}
     for st in (4, 5):
@@ -143,8 +152,7 @@ def round4(x, xs, w13, w2, counts, order, scale, act, flops1, flops2, k) -> dict
         except Exception as e:  # noqa: BLE001
             out[name] = {"ms": float("nan"), "rel": f"failed: {e!r}"[:300]}
     # the shared expert of hunyuan_like: [T, H] through one SwiGLU of width F
-    T, H = x.shape
-    Fh, S = w2.shape[1], w2.shape[0]
+    T = x.shape[0]
     sw13, sw2 = w13[0].contiguous(), w2[0].contiguous()
     one = torch.full((1,), T, dtype=torch.int64, device=x.device)
     ref_s = swiglu(x.double(), sw13.double(), sw2.double())
@@ -152,19 +160,18 @@ def round4(x, xs, w13, w2, counts, order, scale, act, flops1, flops2, k) -> dict
                                  sw2[None], one, config=down0)
     for name, fn in [("shared expert: torch matmuls + elementwise SwiGLU", lambda: swiglu(x, sw13, sw2)),
                      ("shared expert: grouped kernels, one slot, SwiGLU fused", fused)]:
-        out[name] = {"ms": bench(fn), "rel": rel(fn(), ref_s)}
-    layer = MoELayer(H, MoEConfig(num_experts=S, top_k=k, expert_hidden_size=Fh), ParallelContext(device=x.device),
-                     dtype=torch.bfloat16)
-    layer.router.gate.weight.data.normal_(std=0.02)
-    layer.load_expert_weights(lambda e: init_expert_weights(0, 0, e, H, Fh, torch.bfloat16, x.device))
-    best_up = min((n for n in ups if isinstance(out[n]["rel"], float)), key=lambda n: out[n]["ms"])
-    best_down = min((n for n in downs if isinstance(out[n]["rel"], float)), key=lambda n: out[n]["ms"])
-    combos = {"layer default": (up0, down0), f"layer {best_up} + {best_down}": (ups[best_up], downs[best_down])}
-    for rep in ("", " again"):
-        for name, (u, d) in combos.items():
-            gg.GATE_UP_CONFIG, gg.DOWN_CONFIG = u, d
-            out[name + rep] = {"ms": bench(lambda: layer(x), reps=20)}
-    gg.GATE_UP_CONFIG, gg.DOWN_CONFIG = up0, down0
+        try:
+            out[name] = {"ms": bench(fn), "rel": rel(fn(), ref_s)}
+        except Exception as e:  # noqa: BLE001
+            out[name] = {"ms": float("nan"), "rel": f"failed: {e!r}"[:300]}
+    combos = {"layer default": (up0, down0)}
+    ran_up = [n for n in ups if isinstance(out[n]["rel"], float)]
+    ran_down = [n for n in downs if isinstance(out[n]["rel"], float)]
+    if ran_up and ran_down:
+        best_up = min(ran_up, key=lambda n: out[n]["ms"])
+        best_down = min(ran_down, key=lambda n: out[n]["ms"])
+        combos[f"layer {best_up} + {best_down}"] = (ups[best_up], downs[best_down])
+    bench_layer_configs(x, w2, k, combos, out)
     return {"round4": out}
 
 
@@ -302,23 +309,16 @@ def main():
     res["index_ms"] = {"argsort+inverse": bench(argsort_path, 20), "counting sort": bench(counting_path, 20),
                        "same positions": bool(torch.equal(pa, pc))}
 
-    if args.round4:
-        res.update(round4(x, xs, w13, w2, counts, order, scale, act, flops1, flops2, k))
-        if args.json:
-            write_json_atomic(args.json, json.loads(json.dumps(res, default=str)))
-        for n, v in res["round4"].items():
-            rr = v.get("rel", "")
-            print(f"{n[:100]:100s} {v['ms']:7.3f} ms rel {rr if isinstance(rr, str) else f'{rr:.1e}'}")
-        return
-    if args.round3:
-        res.update(round3(x, xs, w13, w2, counts, order, scale, act, flops1, flops2, k))
-        print(json.dumps(res, indent=1, default=str))
-        if args.json:
-            write_json_atomic(args.json, json.loads(json.dumps(res, default=str)))
-        for n, v in res["round3"].items():
-            rr = v.get("rel", "")
-            print(f"{n[:120]:120s} {v['ms']:7.3f} ms rel {rr if isinstance(rr, str) else f'{rr:.1e}'}")
-        return
+    for name, run_round in (("round4", round4), ("round3", round3)):
+        if getattr(args, name):
+            res.update(run_round(x, xs, w13, w2, counts, order, scale, act, flops1, flops2, k))
+            print(json.dumps(res, indent=1, default=str))
+            if args.json:
+                write_json_atomic(args.json, json.loads(json.dumps(res, default=str)))
+            for n, v in res[name].items():
+                rr = v.get("rel", "")
+                print(f"{n[:120]:120s} {v['ms']:7.3f} ms rel {rr if isinstance(rr, str) else f'{rr:.1e}'}")
+            return
     if args.round2:
         res.update(round2(x, xs, w13, w2, counts, order, slots, scale, wts, ids, gate, act, flops1, flops2, k, S))
         print(json.dumps(res, indent=1, default=str))
