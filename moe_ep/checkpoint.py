@@ -33,7 +33,7 @@ from .parallel import ParallelContext
 
 FORMAT, VERSION = "moe-ep.checkpoint", "1"
 ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-NOT_ARCHITECTURE = ("seed", "checkpoint", "dtype")
+NOT_ARCHITECTURE = ("seed", "checkpoint", "dtype", "compile")   # a file loads into any of these
 
 
 class CheckpointError(ConfigError):

@@ -139,8 +139,9 @@ def test_wrong_model_config(ckpt):
     expect_error(small_cfg(["model.moe.expert_hidden_size=32", "model.num_heads=8"]), ckpt,
                  "different model", "model.moe.expert_hidden_size = 64 in the checkpoint, 32 in the config",
                  "model.num_heads = 4 in the checkpoint, 8 in the config")
-    # seed and dtype are not part of the architecture: a checkpoint loads into any of them
+    # seed, dtype and compile are not part of the architecture: a checkpoint loads into any of them
     inspect_checkpoint(ckpt, small_cfg(["model.seed=5"]).model)
+    inspect_checkpoint(ckpt, small_cfg(["model.compile=true"]).model)
 
 
 def test_field_added_after_saving_reads_as_its_default(ckpt, tmp_path):

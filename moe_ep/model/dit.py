@@ -118,18 +118,12 @@ class DiTBlock(nn.Module):
         self.timer: Optional[PhaseTimer] = None   # set by telemetry: times the "attention" phase
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        x, h, gate2 = self.mix(x, c, text, text_mask)
-        return x + gate2.unsqueeze(1) * self.ffn(h)                            # MoE sees [B, N, H]
-
-    def mix(self, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor):
-        """Everything before the feed-forward (its own method so that it can be compiled apart
-        from the MoE layer): x [B, N, H], c [B, H] -> (x after both attentions [B, N, H],
-        the feed-forward's input [B, N, H], its gate [B, H])."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)  # [B, H] each
         with maybe_phase(self.timer, "attention"):                             # self- and cross-attention
             x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
             x = x + self.cross_attn(self.norm2(x), text, text_mask)
-        return x, modulate(self.norm3(x), shift2, scale2), gate2
+        h = modulate(self.norm3(x), shift2, scale2)                            # [B, N, H]
+        return x + gate2.unsqueeze(1) * self.ffn(h)                            # MoE sees [B, N, H]
 
 
 class FinalLayer(nn.Module):
