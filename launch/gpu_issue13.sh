@@ -5,7 +5,7 @@
 # the burst vs sustained clocks (launch/gpu_profile.py). Logs go to ${OUT:-.}/.
 # Usage: bash launch/gpu_issue13.sh [round2|round3|round4|quick|skip]   (skip: no kernel variants)
 set -u
-out=${OUT:-.}
+out=$(realpath "${OUT:-.}")
 export PYTHONUNBUFFERED=1
 L="--device cuda --dtype bfloat16 --tokens 8192 --hidden 4096 --expert-hidden 3072 --experts 64 --top-k 8 --iters 20"
 if [ "${1:-}" != skip ]; then

@@ -149,10 +149,18 @@ class DenseMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., H] -> [..., H]."""
-        if self.fused and triton_supported(x.device, x.dtype) and x.dtype == self.w13.dtype:
-            from .kernels.grouped_gemm import DOWN_CONFIG, GATE_UP_CONFIG, grouped_gemm
-            rows = x.reshape(-1, x.shape[-1])                                      # [T, H]
-            one_slot = torch.full((1,), rows.shape[0], dtype=torch.int64, device=x.device)   # no host sync
-            h = grouped_gemm(rows, self.w13[None], one_slot, swiglu=True, config=GATE_UP_CONFIG)  # [T, F]
-            return grouped_gemm(h, self.w2[None], one_slot, config=DOWN_CONFIG).view(x.shape)
+        H, F = self.w2.shape[1], self.w2.shape[0]
+        # TMA descriptors need 16-byte aligned rows: H and F multiples of 8 in bf16/fp16
+        if (self.fused and x.dtype == self.w13.dtype and H % 8 == 0 and F % 8 == 0
+                and triton_supported(x.device, x.dtype)):
+            return self._fused_forward(x)
         return swiglu(x, self.w13, self.w2)
+
+    # Inside a compiled model (a dense block with model.compile) the Triton launches run eagerly.
+    @torch.compiler.disable
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .kernels.grouped_gemm import DOWN_CONFIG, GATE_UP_CONFIG, grouped_gemm
+        rows = x.reshape(-1, x.shape[-1])                                          # [T, H]
+        one_slot = torch.full((1,), rows.shape[0], dtype=torch.int64, device=x.device)   # no host sync
+        h = grouped_gemm(rows, self.w13[None], one_slot, swiglu=True, config=GATE_UP_CONFIG)  # [T, F]
+        return grouped_gemm(h, self.w2[None], one_slot, config=DOWN_CONFIG).view(x.shape)

@@ -191,3 +191,28 @@ def test_compiled_forward_equals_eager():
     assert moe_calls[:3] == [0, 1, 2] and len(moe_calls) == 2 * 3      # every MoE layer ran, each forward
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     assert not torch.equal(eager, torch.zeros_like(eager))
+
+
+def test_compile_config_builds_a_compiled_model_and_keeps_compiling_out_of_the_speed_figures():
+    """model.compile = true: the served model's transformer is compiled (nn.Module.compile, traced
+    at its first call), no attention phase timer is attached, and summary.json leaves the first
+    forward (the compile) out of latency_ms and tokens_per_s."""
+    from types import SimpleNamespace
+
+    from moe_ep.job import build_summary
+    from moe_ep.models.moedit import MoEDiTModel
+
+    cfg = config_mod.load(QUICKSTART, [f"model={json.dumps(TINY_MODEL)}", "sampling.height=16",
+                                       "sampling.width=16", "model.compile=true"])
+    served = MoEDiTModel.build(cfg, ParallelContext())
+    assert served.transformer._compiled_call_impl is not None
+    assert served.attention_blocks() == []
+    steps = [{"latency_ms": 9000.0, "tokens": 64}, {"latency_ms": 10.0, "tokens": 64}, {"latency_ms": 30.0, "tokens": 64}]
+    recorder = SimpleNamespace(steps=steps, window_balance=[])
+    summary = build_summary(cfg, ParallelContext(), served, recorder, None, "", 9.04)
+    assert summary["first_forward_ms"] == 9000.0
+    assert summary["latency_ms"]["max"] == 30.0 and summary["latency_ms"]["mean"] == 20.0
+    assert summary["tokens_per_s"] == pytest.approx(128 / 0.040)
+    eager = config_mod.load(QUICKSTART, [f"model={json.dumps(TINY_MODEL)}", "sampling.height=16", "sampling.width=16"])
+    assert build_summary(eager, ParallelContext(), MoEDiTModel.build(eager, ParallelContext()), recorder, None, "",
+                         9.04)["latency_ms"]["max"] == 9000.0
