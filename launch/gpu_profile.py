@@ -73,14 +73,24 @@ def profile_fn(fn, iters: int, top: int = 25) -> dict:
             "top": [{"ms_per_iter": round(ms, 4), "calls_per_iter": c, "kernel": short(n)} for ms, c, n in rows[:top]]}
 
 
-def timed_median(fn, iters: int = 10) -> float:
-    for _ in range(3):
-        fn()
+def events_each(fn, iters: int, idle_s: float = 0.0) -> list[float]:
+    """Milliseconds of each of `iters` calls (CUDA events around it, a sync after it), with
+    `idle_s` seconds of idle GPU before each."""
+    import time
     ts = []
     for _ in range(iters):
+        if idle_s:
+            time.sleep(idle_s)
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record(); fn(); b.record(); torch.cuda.synchronize(); ts.append(a.elapsed_time(b))  # noqa: E702
-    return statistics.median(ts)
+    return ts
+
+
+def median_ms(fn, iters: int = 10) -> float:
+    """Median of `iters` calls timed by events_each, after 3 warm-ups."""
+    for _ in range(3):
+        fn()
+    return statistics.median(events_each(fn, iters))
 
 
 def timing_modes(fn, iters: int = 20) -> dict:
@@ -91,10 +101,7 @@ def timing_modes(fn, iters: int = 20) -> dict:
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
-    ev, wall, idle = [], [], []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); fn(); b.record(); torch.cuda.synchronize(); ev.append(a.elapsed_time(b))  # noqa: E702
+    ev, wall = events_each(fn, iters), []
     for _ in range(iters):
         t0 = time.perf_counter(); fn(); torch.cuda.synchronize()  # noqa: E702
         wall.append((time.perf_counter() - t0) * 1e3)
@@ -105,26 +112,9 @@ def timing_modes(fn, iters: int = 20) -> dict:
     b.record()
     torch.cuda.synchronize()
     queued = a.elapsed_time(b) / iters
-    for _ in range(iters):
-        time.sleep(0.005)
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); fn(); b.record(); torch.cuda.synchronize(); idle.append(a.elapsed_time(b))  # noqa: E702
+    idle = events_each(fn, iters, idle_s=0.005)
     return {"events_sync_each": statistics.median(ev), "wall_sync_each": statistics.median(wall),
             "back_to_back": queued, "events_after_5ms_idle": statistics.median(idle)}
-
-
-def cuda_graph_of(fn):
-    """fn captured in a CUDA graph (after warm-ups on a side stream): a function that replays it."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def sm_clock_mhz():
@@ -142,15 +132,10 @@ def sustained_vs_burst(fn, flops: float, burst_iters: int = 10, sustained_ms: fl
     """fn timed in short bursts after idle (CUDA events, median, 50 ms of idle before each, as
     the hardware ceilings in ANCHORS.md were taken) and sustained (back to back for about
     `sustained_ms`, the mean of the last half), with the SM clock read at the end of each."""
-    import time
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
-    burst = []
-    for _ in range(burst_iters):
-        time.sleep(0.05)
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); fn(); b.record(); torch.cuda.synchronize(); burst.append(a.elapsed_time(b))  # noqa: E702
+    burst = events_each(fn, burst_iters, idle_s=0.05)
     burst_clock = sm_clock_mhz()
     ms = statistics.median(burst)
     n = max(4, int(sustained_ms / ms))
@@ -169,9 +154,13 @@ def sustained_vs_burst(fn, flops: float, burst_iters: int = 10, sustained_ms: fl
 
 
 def layer_case():
+    """The layer of launch/gpu_check.py (8192 tokens, 64 experts, top-8, H 4096, F 3072, bf16):
+    (its forward, its forward replayed from a CUDA graph)."""
+    from bench import layer_graph
     from gpu_check import make_layer
     layer, x = make_layer(torch.device("cuda"))
-    return lambda: layer(x)
+    replay = layer_graph(layer, x)
+    return (lambda: layer(x)), (lambda: replay(x))
 
 
 def hunyuan_case(batch: int = 4):
@@ -204,10 +193,9 @@ def main():
     p.add_argument("--compile", action="store_true", help="also with model.compile() (inductor; MoE layers eager)")
     args = p.parse_args()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    layer_fwd = layer_case()
+    layer_fwd, layer_graph = layer_case()
     result["layer"] = profile_fn(layer_fwd, args.iters)
     result["layer_timing_modes_eager"] = timing_modes(layer_fwd)
-    layer_graph = cuda_graph_of(layer_fwd)
     result["layer_timing_modes_graph"] = timing_modes(layer_graph)
     D = 8192
     a = torch.randn(D, D, device="cuda", dtype=torch.bfloat16)
@@ -218,16 +206,16 @@ def main():
     result["hunyuan_forward"] = profile_fn(fwd, args.iters, top=40)
     for layer in model.moe_layers():
         layer.shared_side_stream = False
-    result["hunyuan_forward_shared_inline"] = {"median_ms": timed_median(fwd)}
+    result["hunyuan_forward_shared_inline"] = {"median_ms": median_ms(fwd)}
     for layer in model.moe_layers():
         layer.shared_side_stream = True
-    result["hunyuan_forward_side_stream"] = {"median_ms": timed_median(fwd)}
+    result["hunyuan_forward_side_stream"] = {"median_ms": median_ms(fwd)}
     if args.compile:
         eager_out = fwd().float()
         model.compile()     # what model.compile = true does (moe_ep/models/moedit.py)
         diff = float((fwd().float() - eager_out).abs().max() / eager_out.abs().max())
         result["compiled_vs_eager_max_abs_diff_over_max"] = diff
-        result["hunyuan_forward_compiled"] = {"median_ms": timed_median(fwd)}
+        result["hunyuan_forward_compiled"] = {"median_ms": median_ms(fwd)}
         result["hunyuan_forward_compiled_profile"] = profile_fn(fwd, args.iters, top=40)
     for name, r in result.items():
         if isinstance(r, dict) and "top" in r:

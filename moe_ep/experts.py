@@ -41,6 +41,16 @@ def silu_gate(h: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def triton_swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor,
+                  row_scale: Optional[torch.Tensor] = None, row_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """SwiGLU experts through moe_ep.kernels' two grouped GEMMs: SwiGLU in the first one's
+    epilogue, the row scale in the second's. x [Ma, H] (row i is x[row_index[i]] with a row
+    index), w13 [S, H, 2F], w2 [S, F, H], counts [S] rows per slot -> [M, H]."""
+    from .kernels.grouped_gemm import DOWN_CONFIG, GATE_UP_CONFIG, grouped_gemm
+    h = grouped_gemm(x, w13, counts, swiglu=True, row_index=row_index, config=GATE_UP_CONFIG)   # [M, F]
+    return grouped_gemm(h, w2, counts, row_scale=row_scale, config=DOWN_CONFIG)                # [M, H]
+
+
 def triton_supported(device: torch.device, dtype: torch.dtype) -> bool:
     """moe_ep.kernels' grouped GEMMs: Triton installed, a CUDA GPU of sm80+, bf16 or fp16."""
     from . import kernels
@@ -116,9 +126,7 @@ class GroupedExperts(nn.Module):
         if M == 0:
             return x.new_empty(0, self.hidden)
         if self.backend == "triton":
-            from .kernels.grouped_gemm import DOWN_CONFIG, GATE_UP_CONFIG, grouped_gemm
-            h = grouped_gemm(x, self.w13, counts, swiglu=True, row_index=row_index, config=GATE_UP_CONFIG)  # [M, F]
-            return grouped_gemm(h, self.w2, counts, row_scale=row_scale, config=DOWN_CONFIG)              # [M, H]
+            return triton_swiglu(x, self.w13, self.w2, counts, row_scale=row_scale, row_index=row_index)
         if row_index is not None:
             x = x[row_index]                                                       # [M, H]
         if self.backend == "grouped_mm":
@@ -149,18 +157,13 @@ class DenseMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., H] -> [..., H]."""
-        H, F = self.w2.shape[1], self.w2.shape[0]
-        # TMA descriptors need 16-byte aligned rows: H and F multiples of 8 in bf16/fp16
-        if (self.fused and x.dtype == self.w13.dtype and H % 8 == 0 and F % 8 == 0
-                and triton_supported(x.device, x.dtype)):
+        if self.fused and x.dtype == self.w13.dtype and triton_supported(x.device, x.dtype):
             return self._fused_forward(x)
         return swiglu(x, self.w13, self.w2)
 
     # Inside a compiled model (a dense block with model.compile) the Triton launches run eagerly.
     @torch.compiler.disable
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .kernels.grouped_gemm import DOWN_CONFIG, GATE_UP_CONFIG, grouped_gemm
         rows = x.reshape(-1, x.shape[-1])                                          # [T, H]
         one_slot = torch.full((1,), rows.shape[0], dtype=torch.int64, device=x.device)   # no host sync
-        h = grouped_gemm(rows, self.w13[None], one_slot, swiglu=True, config=GATE_UP_CONFIG)  # [T, F]
-        return grouped_gemm(h, self.w2[None], one_slot, config=DOWN_CONFIG).view(x.shape)
+        return triton_swiglu(rows, self.w13[None], self.w2[None], one_slot).view(x.shape)

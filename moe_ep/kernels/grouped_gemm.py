@@ -235,7 +235,9 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor, *, swig
     if row_index is not None and not cfg.gather_on_load:
         a, row_index = a[row_index], None                                     # [M, K] permuted copy
     tma_ok = not a.is_cuda or _capability(a.device)[0] >= 9                # CPU: the interpreter
-    if cfg.desc and tma_ok and K % cfg.BK == 0 and TensorDescriptor is not None:
+    # TMA needs 16-byte aligned row strides and column offsets (the up half starts at column N)
+    aligned = K % cfg.BK == 0 and (Nb * b.element_size()) % 16 == 0 and (N * b.element_size()) % 16 == 0
+    if cfg.desc and tma_ok and aligned and TensorDescriptor is not None:
         gather = row_index is not None
         a_desc = a if gather else TensorDescriptor.from_tensor(a, [cfg.BM, cfg.BK])
         b_desc = TensorDescriptor.from_tensor(b.view(S * K, Nb), [cfg.BK, cfg.BN])
