@@ -167,15 +167,13 @@ def bench_layer(args) -> list[dict]:
     load_ratio = expert_load_ratio(ids, args.experts, ctx.ep_group)
 
     rows = []
-    def variant(dedup, overlap=False, slot_align=None):   # EP > 1: one row per (token, destination rank) or per copy
+    def variant(dedup, overlap=False):   # EP > 1: one row per (token, destination rank) or per copy
         def fn(t):
-            ours.dedup_tokens, ours.overlap_own_rows, ours.slot_align = dedup, overlap, slot_align
+            ours.dedup_tokens, ours.overlap_own_rows = dedup, overlap
             return ours(t)
         return fn
 
     systems = [("moe-ep (dropless)", variant(True))]
-    if ctx.device.type == "cuda" and ctx.ep_size == 1:   # EP = 1 expert rows: the default layout vs
-        systems.append(("moe-ep, slots back to back", variant(True, slot_align=1)))   # no padding
     if ctx.ep_size > 1:
         systems.append(("moe-ep, one row per copy (no dedup)", variant(False)))
         systems.append(("moe-ep, own rows during the exchange", variant(True, True)))
@@ -302,13 +300,6 @@ def eager_vs_cuda_graph(pipe, model, run, begin, end, times: list) -> dict:
     finally:
         for layer in model.moe_layers():
             layer.shared_side_stream = True
-    for layer in model.moe_layers():             # expert rows of all slots back to back (no alignment)
-        layer.slot_align = 1
-    try:
-        packed_latents, packed_ms = timed()
-    finally:
-        for layer in model.moe_layers():
-            layer.slot_align = None
     pipe.transformer = CudaGraphForward(model)
     try:
         run(2)                                   # captures (once per input shape)
@@ -317,8 +308,6 @@ def eager_vs_cuda_graph(pipe, model, run, begin, end, times: list) -> dict:
         pipe.transformer = model
     return {"eager_step_ms_median": eager_ms, "eager_shared_inline_step_ms_median": inline_ms,
             "shared_inline_vs_side_stream_max_abs_diff": float((inline_latents - eager_latents).abs().max()),
-            "eager_slots_back_to_back_step_ms_median": packed_ms,
-            "slots_back_to_back_vs_aligned_max_abs_diff": float((packed_latents - eager_latents).abs().max()),
             "cuda_graph_step_ms_median": graph_ms,
             "graph_vs_eager_max_abs_diff": float((graph_latents - eager_latents).abs().max())}
 

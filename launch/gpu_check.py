@@ -40,16 +40,15 @@ def reference_fp64(layer: MoELayer, x: torch.Tensor, weights, shared=None) -> to
     return out
 
 
-PATHS = {  # name -> (experts backend, fused EP = 1 path, slot alignment: None = the default)
-    "triton + fused local": ("triton", True, None),
-    "triton + fused local, slots back to back": ("triton", True, 1),
-    "grouped_mm + fused local": ("grouped_mm", True, None),
-    "grouped_mm + generic dispatch (before)": ("grouped_mm", False, None),
+PATHS = {  # name -> (experts backend, fused EP = 1 path)
+    "triton + fused local": ("triton", True),
+    "grouped_mm + fused local": ("grouped_mm", True),
+    "grouped_mm + generic dispatch (before)": ("grouped_mm", False),
 }
 
 
 def set_path(layer: MoELayer, name: str) -> None:
-    layer.experts.backend, layer.fused_local, layer.slot_align = PATHS[name]
+    layer.experts.backend, layer.fused_local = PATHS[name]
 
 
 def check_correctness(device) -> list[dict]:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import math
 from typing import Optional
 
 import torch
@@ -42,35 +41,14 @@ def silu_gate(h: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def slot_spans(counts: torch.Tensor, slot_align: int) -> torch.Tensor:
-    """counts [S] -> the rows each slot occupies in a slot-grouped buffer whose slots start at
-    multiples of `slot_align` [S] (counts rounded up)."""
-    return counts if slot_align == 1 else (counts + slot_align - 1) // slot_align * slot_align
-
-
-def padded_rows(rows: int, num_slots: int, slot_align: int) -> int:
-    """Rows of a slot-grouped buffer that holds `rows` rows when every slot starts at a multiple
-    of `slot_align`: a bound that needs no host sync (a slot pads fewer than slot_align rows)."""
-    return rows if slot_align == 1 else rows + num_slots * (slot_align - 1)
-
-
 def triton_swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor,
-                  row_scale: Optional[torch.Tensor] = None, row_index: Optional[torch.Tensor] = None,
-                  slot_align: int = 1) -> torch.Tensor:
+                  row_scale: Optional[torch.Tensor] = None, row_index: Optional[torch.Tensor] = None) -> torch.Tensor:
     """SwiGLU experts through moe_ep.kernels' two grouped GEMMs: SwiGLU in the first one's
     epilogue, the row scale in the second's. x [Ma, H] (row i is x[row_index[i]] with a row
-    index), w13 [S, H, 2F], w2 [S, F, H], counts [S] rows per slot -> [M, H]; slot s starts at a
-    multiple of `slot_align` rows (the padding rows' outputs are left unwritten)."""
+    index), w13 [S, H, 2F], w2 [S, F, H], counts [S] rows per slot -> [M, H]."""
     from .kernels.grouped_gemm import DOWN_CONFIG, GATE_UP_CONFIG, grouped_gemm
-    h = grouped_gemm(x, w13, counts, swiglu=True, row_index=row_index, config=GATE_UP_CONFIG,
-                     slot_align=slot_align)                                                     # [M, F]
-    return grouped_gemm(h, w2, counts, row_scale=row_scale, config=DOWN_CONFIG, slot_align=slot_align)  # [M, H]
-
-
-def triton_slot_align() -> int:
-    """Rows per tile of both grouped GEMMs: slots aligned to it never share a tile."""
-    from .kernels.grouped_gemm import DOWN_CONFIG, GATE_UP_CONFIG
-    return math.lcm(GATE_UP_CONFIG.BM, DOWN_CONFIG.BM)
+    h = grouped_gemm(x, w13, counts, swiglu=True, row_index=row_index, config=GATE_UP_CONFIG)   # [M, F]
+    return grouped_gemm(h, w2, counts, row_scale=row_scale, config=DOWN_CONFIG)                # [M, H]
 
 
 def triton_supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -134,19 +112,11 @@ class GroupedExperts(nn.Module):
     def use_grouped_mm(self, value: bool) -> None:
         self.backend = "grouped_mm" if value else "loop"
 
-    @property
-    def slot_align(self) -> int:
-        """The slot alignment that pays for this backend (GroupedExperts.forward): the Triton GEMMs'
-        tile rows, so that no tile reads the next slot's rows; 1 (back to back) elsewhere."""
-        return triton_slot_align() if self.backend == "triton" else 1
-
     def forward(self, x: torch.Tensor, counts: torch.Tensor, row_scale: Optional[torch.Tensor] = None,
-                row_index: Optional[torch.Tensor] = None, slot_align: int = 1) -> torch.Tensor:
+                row_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Run every row through its slot's expert.
 
         x [M, H] grouped by slot (counts[s] rows for slot s; counts [S] on x's device) -> [M, H].
-        Slot s's rows start at the sum of the earlier counts, each rounded up to `slot_align`
-        (slot_spans); what the rows between slots give is undefined.
         row_index [M] (optional): row i of the grouped input is x[row_index[i]] (x is then
         [T, H], e.g. the tokens themselves: the Triton path gathers on load and never writes
         the permuted copy). row_scale [M] fp32 (optional): output row i is multiplied by it
@@ -156,20 +126,17 @@ class GroupedExperts(nn.Module):
         if M == 0:
             return x.new_empty(0, self.hidden)
         if self.backend == "triton":
-            return triton_swiglu(x, self.w13, self.w2, counts, row_scale=row_scale, row_index=row_index,
-                                 slot_align=slot_align)
+            return triton_swiglu(x, self.w13, self.w2, counts, row_scale=row_scale, row_index=row_index)
         if row_index is not None:
             x = x[row_index]                                                       # [M, H]
-        spans = slot_spans(counts, slot_align)                                     # [S]
         if self.backend == "grouped_mm":
-            offsets = spans.cumsum(0).to(torch.int32)                                # [S]
+            offsets = counts.cumsum(0).to(torch.int32)                               # [S]
             h = self.activation(torch._grouped_mm(x, self.w13, offs=offsets))       # [M, F]
             y = torch._grouped_mm(h, self.w2, offs=offsets)                        # [M, H]
         else:
             # A correct loop over slots where the grouped GEMM is not supported (one host sync).
-            sizes = spans.tolist()
-            rows = x.split(sizes + [M - sum(sizes)])                               # the last: tail padding
-            y = torch.cat([swiglu(xs, self.w13[s], self.w2[s]) for s, xs in enumerate(rows[:-1])] + [rows[-1]])
+            rows = x.split(counts.tolist())
+            y = torch.cat([swiglu(xs, self.w13[s], self.w2[s]) for s, xs in enumerate(rows)])
         if row_scale is not None:
             y = (y * row_scale.unsqueeze(1)).to(y.dtype)                           # fp32 product, then round
         return y

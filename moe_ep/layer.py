@@ -62,10 +62,6 @@ class MoELayer(nn.Module):
         self.timer: Optional[PhaseTimer] = None
         # EP = 1: the fused local path (local_path.py); False: the generic dispatch/combine
         self.fused_local = True
-        # EP = 1: every slot's rows start at a multiple of this many rows. None: what pays for the
-        # experts' backend (the Triton GEMMs' tile rows, so no tile computes the next slot's rows;
-        # else 1); 1: back to back (docs/benchmarks.md 1d)
-        self.slot_align: Optional[int] = None
         # CUDA: run the shared expert on a side stream, overlapping the routed experts
         self.shared_side_stream = True
         self._side_stream: Optional[torch.cuda.Stream] = None
@@ -175,12 +171,10 @@ class MoELayer(nn.Module):
                        shared_out: Optional[torch.Tensor]) -> torch.Tensor:
         """EP = 1: x [T, H], slots [N] -> [T, H]. Counting sort, experts gathering x on load
         with the routed weight in their epilogue, one gather-sum combine; no host sync."""
-        align = self.experts.slot_align if self.slot_align is None else self.slot_align
         with maybe_phase(self.timer, "dispatch"):
-            plan = local_dispatch(slots, copies, self.slots_per_rank, slot_align=align)
+            plan = local_dispatch(slots, copies, self.slots_per_rank)
         with maybe_phase(self.timer, "experts"):
-            y = self.experts(x, plan.counts, row_scale=plan.row_scale, row_index=plan.row_index,
-                             slot_align=align)                                 # [M, H] (padded_rows)
+            y = self.experts(x, plan.counts, row_scale=plan.row_scale, row_index=plan.row_index)  # [N, H]
         with maybe_phase(self.timer, "combine"):
             shared = self._shared_result(x, shared_out) if self.shared is not None else None
             return local_combine(y, copies, plan, shared)                     # [T, H]

@@ -14,7 +14,6 @@ from typing import Optional
 
 import torch
 
-from .experts import padded_rows, slot_spans
 from .placement import count_per_bin
 from .router import RoutedCopies
 
@@ -57,35 +56,32 @@ def counting_sort(keys: torch.Tensor, num_bins: int) -> tuple[torch.Tensor, torc
 
 @dataclass
 class LocalPlan:
-    """Where each copy's row goes at EP = 1. Slot s's rows start at the sum of the earlier slots'
-    spans (counts rounded up to `slot_align`); rows between slots are padding."""
+    """Where each copy's row goes at EP = 1."""
 
     pos: torch.Tensor         # [N] row of the slot-grouped expert input/output holding copy i
-    row_index: torch.Tensor   # [M] input row (token) of each slot-grouped row (padding: row 0)
-    row_scale: torch.Tensor   # [M] float32 routed weight of each slot-grouped row (padding: 0)
+    row_index: torch.Tensor   # [N] input row (token) of each slot-grouped row
+    row_scale: torch.Tensor   # [N] float32 routed weight of each slot-grouped row
     counts: torch.Tensor      # [S] rows per slot
-    slot_align: int = 1       # M = padded_rows(N, S, slot_align)
 
 
-def local_dispatch(slots: torch.Tensor, copies: RoutedCopies, num_slots: int, slot_align: int = 1) -> LocalPlan:
+def local_dispatch(slots: torch.Tensor, copies: RoutedCopies, num_slots: int) -> LocalPlan:
     """slots [N] (slot of copy i) -> the plan: copies grouped by slot, in copy order within a slot
-    (the same order a stable argsort gives), each slot starting at a multiple of `slot_align`."""
-    M = padded_rows(slots.numel(), num_slots, slot_align)
+    (the same order a stable argsort gives)."""
     if _triton_sort(slots, num_slots):  # one pass also writes row_index and row_scale
         from .kernels.sort import counting_sort_cuda
-        rows = dict(top_k=copies.top_k) if copies.token is None else dict(rows=copies.token)
-        pos, counts, row_index, row_scale = counting_sort_cuda(slots, num_slots, weights=copies.weight,
-                                                               align=slot_align, grouped_rows=M, **rows)
-        return LocalPlan(pos, row_index, row_scale, counts, slot_align)
-    pos, counts = counting_sort(slots, num_slots)                              # [N], [S] back to back
-    if slot_align > 1:
-        span = slot_spans(counts, slot_align)
-        pos = pos + ((span.cumsum(0) - span) - (counts.cumsum(0) - counts))[slots]   # [N] shifted per slot
-    row_index = torch.zeros(M, dtype=pos.dtype, device=pos.device)
-    row_index[pos] = copies.rows()                                             # [M]
-    row_scale = torch.zeros(M, dtype=torch.float32, device=pos.device)
-    row_scale[pos] = copies.weight.float()                                     # [M]
-    return LocalPlan(pos, row_index, row_scale, counts, slot_align)
+        if copies.token is None:
+            pos, counts, row_index, row_scale = counting_sort_cuda(slots, num_slots, top_k=copies.top_k,
+                                                                   weights=copies.weight)
+        else:
+            pos, counts, row_index, row_scale = counting_sort_cuda(slots, num_slots, rows=copies.token,
+                                                                   weights=copies.weight)
+        return LocalPlan(pos, row_index, row_scale, counts)
+    pos, counts = counting_sort(slots, num_slots)                              # [N], [S]
+    row_index = torch.empty_like(pos)
+    row_index[pos] = copies.rows()                                             # [N]
+    row_scale = torch.empty(pos.numel(), dtype=torch.float32, device=pos.device)
+    row_scale[pos] = copies.weight.float()                                     # [N]
+    return LocalPlan(pos, row_index, row_scale, counts)
 
 
 def _triton_combine(y: torch.Tensor) -> bool:
@@ -116,5 +112,5 @@ def local_combine(y: torch.Tensor, copies: RoutedCopies, plan: LocalPlan,
             offsets = torch.zeros(T + 1, dtype=torch.int64, device=y.device)
             offsets[1:] = per_token.cumsum(0)                                  # [T+1] CSR
             return gather_sum(y, src, T, offsets=offsets, init=shared)
-        out = y.new_zeros(T, H).index_add_(0, copies.token, y[plan.pos])      # [T, H] (skips padding rows)
+        out = y.new_zeros(T, H).index_add_(0, plan.row_index, y)              # [T, H]
     return out if shared is None else out + shared

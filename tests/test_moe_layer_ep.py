@@ -86,10 +86,6 @@ def _ranks_equivalence(rank: int, world: int, ep_size: int) -> None:
             layer = make_layer(cfg, ctx, redundant)
             x = torch.randn(tokens[rank % len(tokens)], H, generator=torch.Generator().manual_seed(rank))
             check(layer, x, f"{name} contiguous R+{redundant}")
-            if ep_size == 1:   # the EP = 1 path with every slot starting at a multiple of 5 rows
-                layer.slot_align = 5
-                check(layer, x, f"{name} slots aligned to 5 rows R+{redundant}")
-                layer.slot_align = None
             for trial in range(2):  # random placements, including replicas, installed at run time
                 phy2log = random_placement(cfg.num_experts, layer.num_slots, gen)
                 layer.set_placement(phy2log, lambda e: init_expert_weights(SEED, 0, e, H, F))
@@ -106,9 +102,6 @@ def _ranks_edge_cases(rank: int, world: int, ep_size: int) -> None:
         layer.router.gate.weight[0] = 10.0
     x = torch.rand(23 + rank, H, generator=torch.Generator().manual_seed(rank)) + 0.1
     check(layer, x, "all tokens to one expert")
-    layer.slot_align = 4
-    check(layer, x, "all tokens to one expert, slots aligned to 4 rows")
-    layer.slot_align = None
     counter = ExpertLoadStats(1, cfg.num_experts, torch.device("cpu"))
     layer.stats = counter
     layer(x)

@@ -1,12 +1,10 @@
 """Triton grouped GEMMs for the routed experts (one launch per GEMM, no host sync).
 
 Rows of the grouped input are grouped by slot: slot s owns rows [start_s, start_s + counts[s]).
-Slots lie back to back, or (`slot_align`) each starts on a multiple of slot_align rows, so that
-no tile reads the next slot's rows (docs/benchmarks.md 1d).
 Each program computes one [BM, BN] output tile of one slot. Tiles are numbered slot by slot;
-the grid is sized from a static bound (back to back: cdiv(M, BM) + S, every slot wastes at
-most one partial tile), and each program finds its slot from `counts` itself (a cumulative sum
-over S <= 1024 values in registers), so there is no host sync and no extra index kernel: the
+the grid is sized from the static bound  cdiv(M, BM) + S  (every slot wastes at most one
+partial tile), and each program finds its slot from `counts` itself (a cumulative sum over
+S <= 1024 values in registers), so there is no host sync and no extra index kernel: the
 layer stays capturable in a CUDA graph.
 
 Two GEMMs, each with its epilogue fused:
@@ -62,9 +60,8 @@ DOWN_CONFIG = GemmConfig(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stag
 
 
 @triton.jit
-def _slot_of_tile(counts_ptr, S, pid_m, BM: tl.constexpr, S_P2: tl.constexpr, ALIGN: tl.constexpr):
+def _slot_of_tile(counts_ptr, S, pid_m, BM: tl.constexpr, S_P2: tl.constexpr):
     """(slot, its first row, its row count, tile index inside the slot) of M-tile `pid_m`.
-    Slot s's rows start at the sum of the earlier slots' counts, each rounded up to ALIGN.
 
     slot == S means the tile is past the last slot's rows (the program has nothing to do).
     """
@@ -75,8 +72,7 @@ def _slot_of_tile(counts_ptr, S, pid_m, BM: tl.constexpr, S_P2: tl.constexpr, AL
     slot = tl.sum((tile_end <= pid_m).to(tl.int32), 0)
     pick = offs == slot
     count = tl.sum(tl.where(pick, c, 0), 0)
-    span = (c + ALIGN - 1) // ALIGN * ALIGN                                  # [S_P2] rows a slot occupies
-    row_start = tl.sum(tl.where(pick, tl.cumsum(span, 0) - span, 0), 0)
+    row_start = tl.sum(tl.where(pick, tl.cumsum(c, 0) - c, 0), 0)
     local_m = pid_m - tl.sum(tl.where(pick, tile_end - tiles, 0), 0)
     return slot, row_start, count, local_m
 
@@ -100,7 +96,7 @@ def _grouped_kernel(a_ptr, row_index_ptr, b_ptr, c_ptr, scale_ptr, counts_ptr,
                     stride_am, stride_bs, stride_bk, stride_cm,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                     S_P2: tl.constexpr, SWIGLU: tl.constexpr, GATHER: tl.constexpr, SCALE: tl.constexpr,
-                    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, ALIGN: tl.constexpr):
+                    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
     """Pointer-load grouped GEMM. C [M, N] (rows grouped by slot) = epilogue(A_s @ B_s).
 
     SWIGLU: B_s is [K, 2N'] with the up columns at B_COL_UP; C = silu(A@Bg) * (A@Bu).
@@ -108,7 +104,7 @@ def _grouped_kernel(a_ptr, row_index_ptr, b_ptr, c_ptr, scale_ptr, counts_ptr,
     """
     NT = tl.cdiv(N, BN)
     pid_m, pid_n = _swizzle(TM, NT, GROUP_M)
-    slot, row_start, count, local_m = _slot_of_tile(counts_ptr, S, pid_m, BM, S_P2, ALIGN)
+    slot, row_start, count, local_m = _slot_of_tile(counts_ptr, S, pid_m, BM, S_P2)
     if slot >= S:
         return
     offs_m = local_m * BM + tl.arange(0, BM)                                 # [BM] row inside the slot
@@ -159,7 +155,7 @@ def _grouped_tma_kernel(a_desc, a_ptr, row_index_ptr, b_desc, c_ptr, scale_ptr, 
                         M, N, K, S, TM, B_COL_UP, stride_am, stride_cm,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                         S_P2: tl.constexpr, SWIGLU: tl.constexpr, SCALE: tl.constexpr, GATHER: tl.constexpr,
-                        NUM_STAGES: tl.constexpr, WS: tl.constexpr, ALIGN: tl.constexpr):
+                        NUM_STAGES: tl.constexpr, WS: tl.constexpr):
     """TMA-descriptor grouped GEMM (Hopper): B as a [S*K, Ncols] 2-D descriptor; A [M, K] as a
     descriptor too, or (GATHER) by pointer loads of rows a[row_index[i]] (TMA cannot gather rows).
 
@@ -168,7 +164,7 @@ def _grouped_tma_kernel(a_desc, a_ptr, row_index_ptr, b_desc, c_ptr, scale_ptr, 
     """
     NT = tl.cdiv(N, BN)
     pid_m, pid_n = _swizzle(TM, NT, GROUP_M)
-    slot, row_start, count, local_m = _slot_of_tile(counts_ptr, S, pid_m, BM, S_P2, ALIGN)
+    slot, row_start, count, local_m = _slot_of_tile(counts_ptr, S, pid_m, BM, S_P2)
     if slot >= S:
         return
     m0 = row_start + local_m * BM
@@ -213,17 +209,12 @@ def _next_pow2(n: int) -> int:
 
 def grouped_gemm(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor, *, swiglu: bool = False,
                  row_index: Optional[torch.Tensor] = None, row_scale: Optional[torch.Tensor] = None,
-                 config: GemmConfig = GemmConfig(), out: Optional[torch.Tensor] = None,
-                 slot_align: int = 1) -> torch.Tensor:
+                 config: GemmConfig = GemmConfig(), out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One grouped GEMM with a fused epilogue.
 
     a [Ma, K] (rows grouped by slot; with row_index [M], row i of the group input is a[row_index[i]]),
-    b [S, K, Nb] (slot weights), counts [S] (rows per slot, on a's device),
+    b [S, K, Nb] (slot weights), counts [S] (rows per slot, on a's device, sum = M),
     row_scale [M] fp32 or None. Returns [M, N] in a's dtype, N = Nb // 2 with swiglu else Nb.
-
-    Slot s's rows start at the sum of the earlier counts, each rounded up to `slot_align`
-    (1: back to back, M = sum(counts); else M must hold the padding: experts.padded_rows).
-    Output rows between slots (padding) are left unwritten.
     """
     S, K, Nb = b.shape
     M = row_index.numel() if row_index is not None else a.shape[0]
@@ -238,9 +229,7 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor, *, swig
     a = a.contiguous()
     b = b.contiguous()
     cfg = config
-    # static bound on M-tiles (no host sync): every slot wastes at most one partial tile, unless
-    # slots start on tile boundaries already
-    TM = triton.cdiv(M, cfg.BM) + (0 if slot_align % cfg.BM == 0 else S)
+    TM = triton.cdiv(M, cfg.BM) + S                    # static bound on M-tiles: no host sync
     grid = (TM * triton.cdiv(N, cfg.BN),)
     scale = row_scale if row_scale is not None else c  # dummy pointer when unused
     if row_index is not None and not cfg.gather_on_load:
@@ -256,14 +245,14 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor, *, swig
                                   M, N, K, S, TM, N if swiglu else 0, a.stride(0), c.stride(0),
                                   BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, S_P2=_next_pow2(S),
                                   SWIGLU=swiglu, SCALE=row_scale is not None, GATHER=gather,
-                                  NUM_STAGES=cfg.num_stages, WS=cfg.warp_specialize, ALIGN=slot_align,
-                                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                                  NUM_STAGES=cfg.num_stages, WS=cfg.warp_specialize, num_warps=cfg.num_warps,
+                                  num_stages=cfg.num_stages)
         return c
     idx = row_index if row_index is not None else counts  # dummy pointer when unused
     _grouped_kernel[grid](a, idx, b, c, scale, counts, M, N, K, S, TM, N if swiglu else 0,
                           a.stride(0), b.stride(0), b.stride(1), c.stride(0),
                           BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, S_P2=_next_pow2(S),
                           SWIGLU=swiglu, GATHER=row_index is not None, SCALE=row_scale is not None,
-                          EVEN_K=K % cfg.BK == 0, EVEN_N=N % cfg.BN == 0, ALIGN=slot_align,
+                          EVEN_K=K % cfg.BK == 0, EVEN_N=N % cfg.BN == 0,
                           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return c

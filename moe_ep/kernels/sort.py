@@ -55,14 +55,11 @@ def _block_place_kernel(keys_ptr, base_ptr, pos_ptr, rows_ptr, w_ptr, row_index_
 
 
 def counting_sort_cuda(keys: torch.Tensor, num_bins: int, *, top_k: int = 0, rows: Optional[torch.Tensor] = None,
-                       weights: Optional[torch.Tensor] = None, block: int = 256, align: int = 1,
-                       grouped_rows: Optional[int] = None):
-    """keys [N] in [0, num_bins) -> (pos [N] int64, counts [num_bins] int64[, row_index [M], row_scale [M]]).
+                       weights: Optional[torch.Tensor] = None, block: int = 256):
+    """keys [N] in [0, num_bins) -> (pos [N] int64, counts [num_bins] int64[, row_index [N], row_scale [N]]).
 
     With `weights` [N] (and `rows` [N] or `top_k`: copy i is row i // top_k) also returns the
-    slot-grouped row index (int64) and weight (float32), M = `grouped_rows` (default N) long.
-    `align` > 1: every bin starts at a multiple of `align` rows (then M must hold the padding:
-    experts.padded_rows); padding rows index row 0 with weight 0.
+    slot-grouped row index (int64) and weight (float32).
     """
     N = keys.numel()
     dev = keys.device
@@ -77,15 +74,12 @@ def counting_sort_cuda(keys: torch.Tensor, num_bins: int, *, top_k: int = 0, row
     _block_hist_kernel[(nb,)](keys, hist, N, num_bins, BLOCK=block, S_P2=S_P2)
     before = hist.cumsum(0, dtype=torch.int32) - hist                           # [blocks, S] exclusive
     counts = hist.sum(0, dtype=torch.int64)                                     # [S]
-    span = (counts + align - 1) // align * align                                # [S] rows a bin occupies
-    starts = (span.cumsum(0) - span).to(torch.int32)                            # [S]
+    starts = (counts.cumsum(0) - counts).to(torch.int32)                        # [S]
     base = (before + starts).contiguous()                                       # [blocks, S]
     scatter = weights is not None
     if scatter:
-        M = N if grouped_rows is None else grouped_rows
-        make = torch.empty if align == 1 else torch.zeros                       # padding: a valid row
-        row_index = make(M, dtype=torch.int64, device=dev)
-        row_scale = make(M, dtype=torch.float32, device=dev)
+        row_index = torch.empty(N, dtype=torch.int64, device=dev)
+        row_scale = torch.empty(N, dtype=torch.float32, device=dev)
     else:
         row_index = row_scale = pos                                             # unused
     _block_place_kernel[(nb,)](keys, base, pos, rows if rows is not None else keys,
