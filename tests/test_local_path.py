@@ -106,8 +106,10 @@ _INTERPRETED = textwrap.dedent("""
     ref_h = torch.cat([F.silu(a) * b for a, b in
                        (torch.chunk(xs @ w13[s], 2, -1) for s, xs in enumerate(x[perm].split(counts.tolist())))])
     ref_y = torch.cat([hs @ w2[s] for s, hs in enumerate(ref_h.split(counts.tolist()))]) * scale[:, None]
-    for desc, on_load in ((False, True), (True, True), (True, False)):
-        cfg = GemmConfig(BM=16, BN=16, BK=16, GROUP_M=2, num_warps=4, num_stages=1, desc=desc, gather_on_load=on_load)
+    for desc, on_load, persistent in ((False, True, False), (True, True, False), (True, False, False),
+                                      (True, False, True)):
+        cfg = GemmConfig(BM=16, BN=16, BK=16, GROUP_M=2, num_warps=4, num_stages=1, desc=desc, gather_on_load=on_load,
+                         persistent=persistent)
         h = grouped_gemm(x, w13, counts, swiglu=True, row_index=perm, config=cfg)
         y = grouped_gemm(h, w2, counts, row_scale=scale, config=cfg)
         assert torch.allclose(h, ref_h, atol=1e-3, rtol=1e-4), (desc, (h - ref_h).abs().max())

@@ -18,6 +18,9 @@ Two ways to load tiles: plain pointer loads (cp.async pipelined by Triton; neede
 gathered A) and Hopper TMA descriptors (`desc=True`, sm90+: the weights, and A unless it is
 gathered on load). With a row index and `gather_on_load=False` the rows are copied first
 (x[row_index]) and then loaded by TMA: on the H200 that was the faster of the two.
+A persistent TMA kernel (`persistent=True`: one program per SM walks the tiles) is kept for
+measurement and off: it made gate/up 30% slower and the layer no faster (docs/benchmarks.md 1d,
+round 5).
 """
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ class GemmConfig:
     desc: bool = False     # TMA descriptors for the tiles (Hopper), else pointer loads
     gather_on_load: bool = True   # with a row index: gather A rows while loading (else copy x[idx] first)
     warp_specialize: bool = False  # TMA kernel: Triton's warp-specialised K loop (producer/consumer warps)
+    persistent: bool = False   # TMA kernel, A not gathered: one program per SM looping over tiles
 
 
 # Chosen on one H200 (launch/gpu_kernel_variants.py, docs/benchmarks.md section 1d): TMA for the
@@ -78,10 +82,9 @@ def _slot_of_tile(counts_ptr, S, pid_m, BM: tl.constexpr, S_P2: tl.constexpr):
 
 
 @triton.jit
-def _swizzle(TM, NT, GROUP_M: tl.constexpr):
-    """Program id -> (M-tile, N-tile): GROUP_M consecutive M-tiles (about one slot's rows)
+def _swizzle(pid, TM, NT, GROUP_M: tl.constexpr):
+    """Tile number -> (M-tile, N-tile): GROUP_M consecutive M-tiles (about one slot's rows)
     sweep all N-tiles together, so a slot's weight columns are read from HBM about once."""
-    pid = tl.program_id(0)
     in_group = GROUP_M * NT
     first_m = (pid // in_group) * GROUP_M
     size_m = tl.minimum(TM - first_m, GROUP_M)
@@ -103,7 +106,7 @@ def _grouped_kernel(a_ptr, row_index_ptr, b_ptr, c_ptr, scale_ptr, counts_ptr,
     GATHER: A row i is a_ptr row row_index[i]. SCALE: C rows times scale[i] (fp32).
     """
     NT = tl.cdiv(N, BN)
-    pid_m, pid_n = _swizzle(TM, NT, GROUP_M)
+    pid_m, pid_n = _swizzle(tl.program_id(0), TM, NT, GROUP_M)
     slot, row_start, count, local_m = _slot_of_tile(counts_ptr, S, pid_m, BM, S_P2)
     if slot >= S:
         return
@@ -163,7 +166,7 @@ def _grouped_tma_kernel(a_desc, a_ptr, row_index_ptr, b_desc, c_ptr, scale_ptr, 
     those rows are computed and not stored. K must be a multiple of BK (checked by the caller).
     """
     NT = tl.cdiv(N, BN)
-    pid_m, pid_n = _swizzle(TM, NT, GROUP_M)
+    pid_m, pid_n = _swizzle(tl.program_id(0), TM, NT, GROUP_M)
     slot, row_start, count, local_m = _slot_of_tile(counts_ptr, S, pid_m, BM, S_P2)
     if slot >= S:
         return
@@ -196,6 +199,50 @@ def _grouped_tma_kernel(a_desc, a_ptr, row_index_ptr, b_desc, c_ptr, scale_ptr, 
         acc = acc * tl.load(scale_ptr + out_rows, mask=row_ok, other=0.0)[:, None]
     c_ptrs = c_ptr + out_rows[:, None] * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n < N)[None, :])
+
+
+@triton.jit
+def _grouped_tma_persistent_kernel(a_desc, b_desc, c_ptr, scale_ptr, counts_ptr, N, K, S, B_COL_UP, stride_cm,
+                                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                                   S_P2: tl.constexpr, SWIGLU: tl.constexpr, SCALE: tl.constexpr,
+                                   NUM_SMS: tl.constexpr):
+    """The TMA kernel made persistent: NUM_SMS programs walk the tiles (as the other kernels
+    number them), and Triton flattens the tile and K loops into one software pipeline, so a
+    tile's loads start while the previous tile's epilogue runs. Only real tiles are visited
+    (their number comes from `counts`)."""
+    offs = tl.arange(0, S_P2)
+    c = tl.load(counts_ptr + offs, mask=offs < S, other=0).to(tl.int32)      # [S_P2]
+    TM = tl.sum((c + BM - 1) // BM, 0)                                        # real M-tiles
+    NT = tl.cdiv(N, BN)
+    for tile in tl.range(tl.program_id(0), TM * NT, NUM_SMS, flatten=True):
+        pid_m, pid_n = _swizzle(tile, TM, NT, GROUP_M)
+        slot, row_start, count, local_m = _slot_of_tile(counts_ptr, S, pid_m, BM, S_P2)
+        m0 = row_start + local_m * BM
+        n0 = pid_n * BN
+        kb = slot * K
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        if SWIGLU:
+            acc_up = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in range(0, K, BK):
+            a = a_desc.load([m0, k])
+            acc = tl.dot(a, b_desc.load([kb + k, n0]), acc)
+            if SWIGLU:
+                acc_up = tl.dot(a, b_desc.load([kb + k, B_COL_UP + n0]), acc_up)
+        if SWIGLU:
+            acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+        offs_m = local_m * BM + tl.arange(0, BM)
+        row_ok = offs_m < count
+        out_rows = (row_start + offs_m).to(tl.int64)
+        offs_n = n0 + tl.arange(0, BN)
+        if SCALE:
+            acc = acc * tl.load(scale_ptr + out_rows, mask=row_ok, other=0.0)[:, None]
+        c_ptrs = c_ptr + out_rows[:, None] * stride_cm + offs_n[None, :]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n < N)[None, :])
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @functools.lru_cache(maxsize=None)
@@ -241,6 +288,14 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor, *, swig
         gather = row_index is not None
         a_desc = a if gather else TensorDescriptor.from_tensor(a, [cfg.BM, cfg.BK])
         b_desc = TensorDescriptor.from_tensor(b.view(S * K, Nb), [cfg.BK, cfg.BN])
+        if cfg.persistent and not gather:
+            sms = _num_sms(a.device) if a.is_cuda else 4
+            # NUM_SMS is the loop's stride; with fewer tiles than SMs each program has one or none
+            _grouped_tma_persistent_kernel[(min(sms, grid[0]),)](
+                a_desc, b_desc, c, scale, counts, N, K, S, N if swiglu else 0, c.stride(0),
+                BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, S_P2=_next_pow2(S), SWIGLU=swiglu,
+                SCALE=row_scale is not None, NUM_SMS=sms, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            return c
         _grouped_tma_kernel[grid](a_desc, a, row_index if gather else counts, b_desc, c, scale, counts,
                                   M, N, K, S, TM, N if swiglu else 0, a.stride(0), c.stride(0),
                                   BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, S_P2=_next_pow2(S),
