@@ -5,6 +5,7 @@ sustained (back to back for 2 s, power-limited clock), and its speed is given in
 
     python launch/gpu_power_probe.py [--json out.json]        # one Hopper GPU
     python launch/gpu_power_probe.py --persistent [--json out.json]   # persistent GEMMs vs the defaults
+    python launch/gpu_power_probe.py --projections [--json out.json]  # attention projections, q + kv vs fused qkv
 
 Variants of the gate/up GEMM (x [65536, 4096] -> SwiGLU [65536, 3072], 64 slots) and the down
 GEMM (-> [65536, 4096], routed weight in the epilogue):
@@ -141,11 +142,41 @@ def persistent_ab() -> dict:
     return res
 
 
+def projections_ab() -> dict:
+    """The self-attention projections of hunyuan_like (8192 rows, hidden 4096, bf16, with bias) as
+    two GEMMs (q, then k|v: what Attention runs) against one fused q|k|v GEMM, taking turns; and
+    the output projection. Milliseconds per call and TFLOP/s."""
+    import torch.nn.functional as F
+    dev = torch.device("cuda")
+    T, H = 8192, 4096
+    x = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
+    wq, wkv = (torch.randn(n, H, device=dev, dtype=torch.bfloat16) * H ** -0.5 for n in (H, 2 * H))
+    bq, bkv = torch.zeros(H, device=dev, dtype=torch.bfloat16), torch.zeros(2 * H, device=dev, dtype=torch.bfloat16)
+    wqkv, bqkv = torch.cat([wq, wkv]), torch.cat([bq, bkv])
+    fns = {"q then kv (two GEMMs)": lambda: (F.linear(x, wq, bq), F.linear(x, wkv, bkv)),
+           "fused qkv (one GEMM)": lambda: F.linear(x, wqkv, bqkv),
+           "out projection": lambda: F.linear(x, wq, bq)}
+    res = interleaved(fns, rounds=10, iters=20)
+    flops = {"q then kv (two GEMMs)": 2 * T * H * 3 * H, "fused qkv (one GEMM)": 2 * T * H * 3 * H,
+             "out projection": 2 * T * H * H}
+    for name, r in res.items():
+        r["tflops"] = flops[name] / r["median_ms"] / 1e9
+    return res
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json")
     p.add_argument("--persistent", action="store_true", help="only the persistent GEMMs against the defaults")
+    p.add_argument("--projections", action="store_true", help="only the attention projections, q + kv vs fused qkv")
     args = p.parse_args()
+    if args.projections:
+        res = projections_ab()
+        for name, r in res.items():
+            print(f"{name:28s} {r['median_ms']:7.3f} ms {r['tflops']:5.0f} TFLOP/s  turns {r['turns_ms']}")
+        if args.json:
+            write_json_atomic(args.json, res)
+        return
     if args.persistent:
         res = persistent_ab()
         for name, r in res["alone"].items():
