@@ -231,9 +231,7 @@ def bench_step(args) -> dict:
     cfg = config_mod.load(args.config, args.set)
     ctx = init_distributed(cfg.parallel)
     model = MoEDiT(cfg.model, ctx, num_redundant=cfg.eplb.num_redundant_experts)
-    model.init_from_seed(expert_device=init_device(ctx))
-    if cfg.model.compile:
-        model.compile()
+    model.init_from_seed(expert_device=init_device(ctx))       # (compiled when model.compile is set)
     pipe = MoEDiTPipeline(model, PromptEncoder(cfg.model, model.text_encoder, ctx.device, model.dtype),
                           FlowMatchEulerScheduler(cfg.sampling.shift))
     s = cfg.sampling
