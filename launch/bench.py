@@ -231,7 +231,9 @@ def bench_step(args) -> dict:
     cfg = config_mod.load(args.config, args.set)
     ctx = init_distributed(cfg.parallel)
     model = MoEDiT(cfg.model, ctx, num_redundant=cfg.eplb.num_redundant_experts)
-    model.init_from_seed(expert_device=init_device(ctx))       # (compiled when model.compile is set)
+    model.init_from_seed(expert_device=init_device(ctx))
+    if cfg.model.compile:
+        model.compile()
     pipe = MoEDiTPipeline(model, PromptEncoder(cfg.model, model.text_encoder, ctx.device, model.dtype),
                           FlowMatchEulerScheduler(cfg.sampling.shift))
     s = cfg.sampling

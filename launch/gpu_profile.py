@@ -170,8 +170,7 @@ def hunyuan_case(batch: int = 4):
     from moe_ep.parallel import ParallelContext
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cfg = config_mod.load(os.path.join(root, "configs/hunyuan_like.json"),
-                          ["telemetry.wandb=false", "model.compile=false"])   # eager; callers compile it
+    cfg = config_mod.load(os.path.join(root, "configs/hunyuan_like.json"), ["telemetry.wandb=false"])
     dev = torch.device("cuda")
     model = MoEDiT(cfg.model, ParallelContext(device=dev))
     model.init_from_seed(expert_device=dev)
@@ -213,7 +212,7 @@ def main():
     result["hunyuan_forward_side_stream"] = {"median_ms": median_ms(fwd)}
     if args.compile:
         eager_out = fwd().float()
-        model.compile()     # what model.compile = true does (moe_ep/model/dit.py)
+        model.compile()     # what model.compile = true does (moe_ep/models/moedit.py)
         diff = float((fwd().float() - eager_out).abs().max() / eager_out.abs().max())
         result["compiled_vs_eager_max_abs_diff_over_max"] = diff
         result["hunyuan_forward_compiled"] = {"median_ms": median_ms(fwd)}

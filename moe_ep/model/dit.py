@@ -139,8 +139,8 @@ class FinalLayer(nn.Module):
 
 
 class MoEDiT(nn.Module):
-    """The MoE diffusion transformer. Build with `MoEDiT(cfg, ctx, num_redundant)` (compiled when
-    `cfg.compile`), then `init_from_seed()` or `checkpoint.load_checkpoint(model, path)`."""
+    """The MoE diffusion transformer. Build with `MoEDiT(cfg, ctx, num_redundant)`, then
+    `init_from_seed()` or `checkpoint.load_checkpoint(model, path)`."""
 
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, num_redundant: int = 0):
         super().__init__()
@@ -163,8 +163,6 @@ class MoEDiT(nn.Module):
         # MoELayer puts its own parameters on ctx.device in the model dtype; the rest follows.
         self.to(device=ctx.device, dtype=self.dtype)
         self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
-        if cfg.compile:   # nn.Module.compile: traced at the first forward; the MoE layers stay eager
-            self.compile()
 
     # ------------------------------------------------------------ structure
     def moe_layers(self) -> list[MoELayer]:

@@ -63,7 +63,9 @@ class MoEDiTModel(ServedModel):
         """Seed-initialised, or loaded from `model.checkpoint` (header already checked by preflight)."""
         from ..model.dit import MoEDiT
 
-        model = MoEDiT(cfg.model, ctx, num_redundant=cfg.eplb.num_redundant_experts)   # compiled if configured
+        model = MoEDiT(cfg.model, ctx, num_redundant=cfg.eplb.num_redundant_experts)
+        if cfg.model.compile:
+            model.compile()      # nn.Module.compile: traced at the first forward; MoE layers stay eager
         if cfg.model.checkpoint:
             reader = load_checkpoint(model, cfg.model.checkpoint)
             return cls(cfg, model, reader.layer_source, reader)
