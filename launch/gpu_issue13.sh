@@ -4,16 +4,16 @@
 # hunyuan_like step eager vs CUDA graph, with model.compile off and on; the kernel profile and
 # the burst vs sustained clocks (launch/gpu_profile.py). Logs go to ${OUT:-.}/.
 # Usage: bash launch/gpu_issue13.sh [round2|round3|round4|round5|quick|skip]   (skip: no kernel variants;
-# round5: the GEMMs in a burst vs sustained, and the persistent GEMMs, launch/gpu_power_probe.py)
+# round5: launch/gpu_power_probe.py, the GEMMs in a burst vs sustained, the persistent GEMMs, the projections)
 set -u
 out=$(realpath "${OUT:-.}")
 export PYTHONUNBUFFERED=1
 L="--device cuda --dtype bfloat16 --tokens 8192 --hidden 4096 --expert-hidden 3072 --experts 64 --top-k 8 --iters 20"
 if [ "${1:-}" = round5 ]; then
-  for mode in "" --persistent; do
-    (cd launch && timeout 300 python3 gpu_power_probe.py $mode --json "$out/power${mode:-_layouts}.json" \
-      > "$out/power${mode:-_layouts}.log" 2>&1)
-    echo "power probe ${mode:-layouts} rc=$?"; grep -v -i warn "$out/power${mode:-_layouts}.log" | tail -14 | cut -c1-220
+  for mode in layouts persistent projections; do
+    flag=$([ $mode = layouts ] || echo --$mode)
+    (cd launch && timeout 300 python3 gpu_power_probe.py $flag --json "$out/power_$mode.json" > "$out/power_$mode.log" 2>&1)
+    echo "power probe $mode rc=$?"; grep -v -i warn "$out/power_$mode.log" | tail -14 | cut -c1-220
   done
 elif [ "${1:-}" != skip ]; then
   timeout 200 python3 launch/gpu_kernel_variants.py ${1:+--$1} --json "$out/variants.json" > "$out/variants.log" 2>&1

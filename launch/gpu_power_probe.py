@@ -43,6 +43,27 @@ def padded_layout(counts: torch.Tensor, bm: int) -> tuple[torch.Tensor, torch.Te
     return pad, dest
 
 
+def routed_rows(dev: torch.device) -> dict:
+    """The layer's GEMM inputs with random routing (seed 0): x [8192, 4096], ri [65536] (token of each
+    slot-grouped row), counts [64], xs = x[ri], w13 [64, 4096, 6144], w2 [64, 3072, 4096], scale [65536]."""
+    torch.manual_seed(0)
+    T, H, Fh, S, k = 8192, 4096, 3072, 64, 8
+    x = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
+    slots = torch.randint(0, S, (T * k,), device=dev)
+    ri = torch.argsort(slots, stable=True) // k
+    return {"x": x, "ri": ri, "counts": torch.bincount(slots, minlength=S), "xs": x[ri],
+            "w13": torch.randn(S, H, 2 * Fh, device=dev, dtype=torch.bfloat16) * H ** -0.5,
+            "w2": torch.randn(S, Fh, H, device=dev, dtype=torch.bfloat16) * Fh ** -0.5,
+            "scale": torch.rand(T * k, device=dev)}
+
+
+def gemm_flops(r: dict) -> tuple[int, int]:
+    """(gate/up, down) FLOPs of the real rows of routed_rows(...)."""
+    M, H = r["xs"].shape
+    Fh = r["w2"].shape[1]
+    return 2 * M * H * 2 * Fh, 2 * M * Fh * H
+
+
 def interleaved(fns: dict, rounds: int, iters: int) -> dict:
     """The fns take turns, `rounds` times; each turn runs one fn `iters` times back to back
     (CUDA events around the turn). name -> {"median_ms": median over turns of ms per call,
@@ -78,15 +99,10 @@ def persistent_ab() -> dict:
         ups[f"gate/up persistent, stages {st}"] = dataclasses.replace(up0, persistent=True, num_stages=st)
         downs[f"down persistent, stages {st}"] = dataclasses.replace(down0, persistent=True, num_stages=st)
     dev = torch.device("cuda")
-    torch.manual_seed(0)
-    T, H, Fh, S, k = 8192, 4096, 3072, 64, 8
-    slots = torch.randint(0, S, (T * k,), device=dev)
-    counts = torch.bincount(slots, minlength=S)
-    M = T * k
-    xs = torch.randn(M, H, device=dev, dtype=torch.bfloat16)
-    w13 = torch.randn(S, H, 2 * Fh, device=dev, dtype=torch.bfloat16) * H ** -0.5
-    w2 = torch.randn(S, Fh, H, device=dev, dtype=torch.bfloat16) * Fh ** -0.5
-    scale = torch.rand(M, device=dev)
+    rows = routed_rows(dev)
+    xs, counts, w13, w2, scale = (rows[n] for n in ("xs", "counts", "w13", "w2", "scale"))
+    f1, f2 = gemm_flops(rows)
+    del rows
     res: dict = {"alone": {}}
     h0 = gg.grouped_gemm(xs, w13, counts, swiglu=True, config=up0)
     y0 = gg.grouped_gemm(h0, w2, counts, row_scale=scale, config=down0)
@@ -98,11 +114,15 @@ def persistent_ab() -> dict:
             r = {"error": repr(e)[:300]}
         res["alone"][name] = r
     for name, cfg in ups.items():
-        alone(name, lambda cfg=cfg: gg.grouped_gemm(xs, w13, counts, swiglu=True, config=cfg), 2 * M * H * 2 * Fh, h0)
+        alone(name, lambda cfg=cfg: gg.grouped_gemm(xs, w13, counts, swiglu=True, config=cfg), f1, h0)
     for name, cfg in downs.items():
-        alone(name, lambda cfg=cfg: gg.grouped_gemm(h0, w2, counts, row_scale=scale, config=cfg), 2 * M * Fh * H, y0)
-    del xs, h0, y0
-    ran = [n for n, r in res["alone"].items() if "error" not in r and "persistent" in n]
+        alone(name, lambda cfg=cfg: gg.grouped_gemm(h0, w2, counts, row_scale=scale, config=cfg), f2, y0)
+    del xs, h0, y0, w13, w2, scale                                  # 5 GB, before the layer and the model
+    torch.cuda.empty_cache()
+    ran = [n for n, r in res["alone"].items() if "error" not in r]
+    if not {"gate/up default", "down default"} <= set(ran):
+        return res                                                  # no default to compare with
+    ran = [n for n in ran if "persistent" in n]
     if not any(n.startswith("gate/up") for n in ran) or not any(n.startswith("down") for n in ran):
         return res
     best_up = min((n for n in ran if n.startswith("gate/up")), key=lambda n: res["alone"][n]["sustained_ms"])
@@ -164,51 +184,16 @@ def projections_ab() -> dict:
     return res
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json")
-    p.add_argument("--persistent", action="store_true", help="only the persistent GEMMs against the defaults")
-    p.add_argument("--projections", action="store_true", help="only the attention projections, q + kv vs fused qkv")
-    args = p.parse_args()
-    if args.projections:
-        res = projections_ab()
-        for name, r in res.items():
-            print(f"{name:28s} {r['median_ms']:7.3f} ms {r['tflops']:5.0f} TFLOP/s  turns {r['turns_ms']}")
-        if args.json:
-            write_json_atomic(args.json, res)
-        return
-    if args.persistent:
-        res = persistent_ab()
-        for name, r in res["alone"].items():
-            if "error" in r:
-                print(f"{name:34s} {r['error']}")
-                continue
-            print(f"{name:34s} burst {r['burst_ms']:7.3f} ms {r['burst_tflops']:5.0f} TF @{r['burst_sm_mhz']} | "
-                  f"sustained {r['sustained_ms']:7.3f} ms {r['sustained_tflops']:5.0f} TF @{r['sustained_sm_mhz']} "
-                  f"| diff {r['max_abs_diff_vs_default']:.1e}")
-        print("picked:", res.get("picked"))
-        for name in ("layer", "hunyuan forward compiled"):
-            if name in res:
-                r = res[name]
-                print(name, {k: (v["median_ms"] if isinstance(v, dict) else v) for k, v in r.items()})
-                print("   turns:", {k: v["turns_ms"] for k, v in r.items() if isinstance(v, dict)})
-        if args.json:
-            write_json_atomic(args.json, res)
-        return
+def layouts() -> dict:
+    """Each GEMM variant of the module docstring in a burst and sustained."""
+    import dataclasses
     dev = torch.device("cuda")
-    torch.manual_seed(0)
-    T, H, Fh, S, k = 8192, 4096, 3072, 64, 8
-    x = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
-    slots = torch.randint(0, S, (T * k,), device=dev)
-    order = torch.argsort(slots, stable=True)
-    counts = torch.bincount(slots, minlength=S)
-    ri = order // k                                                         # [M] token of each packed row
-    M = ri.numel()
-    xs = x[ri]                                                              # [M, H] packed copy
-    w13 = torch.randn(S, H, 2 * Fh, device=dev, dtype=torch.bfloat16) * H ** -0.5
-    w2 = torch.randn(S, Fh, H, device=dev, dtype=torch.bfloat16) * Fh ** -0.5
-    scale = torch.rand(M, device=dev)
-    up, down = gg.GATE_UP_CONFIG, gg.DOWN_CONFIG
+    rows = routed_rows(dev)
+    x, ri, counts, xs, w13, w2, scale = (rows[n] for n in ("x", "ri", "counts", "xs", "w13", "w2", "scale"))
+    f1, f2 = gemm_flops(rows)
+    M, H = xs.shape
+    Fh = w2.shape[1]
+    up = gg.GATE_UP_CONFIG
     pad, dest = padded_layout(counts, up.BM)
     Mp = int(pad.sum())
     x_zero = torch.zeros(Mp, H, device=dev, dtype=torch.bfloat16)
@@ -222,9 +207,7 @@ def main():
     h_rand[dest] = h
     scale_p = torch.zeros(Mp, device=dev)
     scale_p[dest] = scale
-    import dataclasses
     gather_cfg = dataclasses.replace(up, gather_on_load=True)
-    f1, f2 = 2 * M * H * 2 * Fh, 2 * M * Fh * H
     offs = counts.cumsum(0).to(torch.int32)
     offs_p = pad.cumsum(0).to(torch.int32)
     D = 8192
@@ -254,10 +237,53 @@ def main():
     print(check)
     for name, (fn, flops) in cases.items():
         r = sustained_vs_burst(fn, max(flops, 1))
+        if not flops:                                               # a copy: no TFLOP/s
+            r["burst_tflops"] = r["sustained_tflops"] = None
         res["cases"][name] = r
-        print(f"{name:58s} burst {r['burst_ms']:7.3f} ms {r['burst_tflops'] if flops else 0:5.0f} TF "
+        print(f"{name:58s} burst {r['burst_ms']:7.3f} ms {r['burst_tflops'] or 0:5.0f} TF "
               f"@{r['burst_sm_mhz']} | sustained {r['sustained_ms']:7.3f} ms "
-              f"{r['sustained_tflops'] if flops else 0:5.0f} TF @{r['sustained_sm_mhz']}", flush=True)
+              f"{r['sustained_tflops'] or 0:5.0f} TF @{r['sustained_sm_mhz']}", flush=True)
+    return res
+
+
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--persistent", action="store_true",
+                      help="the persistent GEMMs against the defaults: alone, then in the layer and the compiled "
+                           "hunyuan_like forward, taking turns")
+    mode.add_argument("--projections", action="store_true",
+                      help="the attention projections: q and k|v as two GEMMs vs one fused q|k|v GEMM")
+    args = p.parse_args()
+    if args.projections:
+        res = projections_ab()
+        for name, r in res.items():
+            print(f"{name:28s} {r['median_ms']:7.3f} ms {r['tflops']:5.0f} TFLOP/s  turns {r['turns_ms']}")
+        if args.json:
+            write_json_atomic(args.json, res)
+        return
+    if args.persistent:
+        res = persistent_ab()
+        for name, r in res["alone"].items():
+            if "error" in r:
+                print(f"{name:34s} {r['error']}")
+                continue
+            print(f"{name:34s} burst {r['burst_ms']:7.3f} ms {r['burst_tflops']:5.0f} TF @{r['burst_sm_mhz']} | "
+                  f"sustained {r['sustained_ms']:7.3f} ms {r['sustained_tflops']:5.0f} TF @{r['sustained_sm_mhz']} "
+                  f"| diff {r['max_abs_diff_vs_default']:.1e}")
+        print("picked:", res.get("picked"))
+        for name in ("layer", "hunyuan forward compiled"):
+            if name in res:
+                r = res[name]
+                print(name, {k: (v["median_ms"] if isinstance(v, dict) else v) for k, v in r.items()})
+                print("   turns:", {k: v["turns_ms"] for k, v in r.items() if isinstance(v, dict)})
+        if args.json:
+            write_json_atomic(args.json, res)
+        return
+    res = layouts()
     if args.json:
         write_json_atomic(args.json, res)
 

@@ -91,7 +91,10 @@ _INTERPRETED = textwrap.dedent("""
     _patch = interp._patch_lang_tensor
     def _patch_index(tensor, scope):
         _patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+        scope.set_attr(tensor, "__index__", lambda self: _scalar(self.handle.data))
+    def _scalar(data):
+        assert data.size == 1, data.shape
+        return int(data.reshape(-1)[0])
     interp._patch_lang_tensor = _patch_index
     from moe_ep.kernels.grouped_gemm import GemmConfig, grouped_gemm
     from moe_ep.kernels.combine import gather_sum
@@ -112,8 +115,13 @@ _INTERPRETED = textwrap.dedent("""
                          persistent=persistent)
         h = grouped_gemm(x, w13, counts, swiglu=True, row_index=perm, config=cfg)
         y = grouped_gemm(h, w2, counts, row_scale=scale, config=cfg)
-        assert torch.allclose(h, ref_h, atol=1e-3, rtol=1e-4), (desc, (h - ref_h).abs().max())
-        assert torch.allclose(y, ref_y, atol=1e-3, rtol=1e-4), (desc, (y - ref_y).abs().max())
+        assert torch.allclose(h, ref_h, atol=1e-3, rtol=1e-4), (desc, on_load, persistent, (h - ref_h).abs().max())
+        assert torch.allclose(y, ref_y, atol=1e-3, rtol=1e-4), (desc, on_load, persistent, (y - ref_y).abs().max())
+    # fewer tiles (1 x 3) than the persistent kernel's programs (4 under the interpreter)
+    cfg = GemmConfig(BM=16, BN=16, BK=16, GROUP_M=2, num_warps=4, num_stages=1, desc=True, gather_on_load=False,
+                     persistent=True)
+    out = grouped_gemm(x[:3], w13[:1], torch.tensor([3]), config=cfg)
+    assert torch.allclose(out, x[:3] @ w13[0], atol=1e-3, rtol=1e-4), (out - x[:3] @ w13[0]).abs().max()
     keys = torch.randint(0, 5, (700,), generator=g); w = torch.rand(700, generator=g)
     pos, c, ri, rs = counting_sort_cuda(keys, 6, top_k=3, weights=w, block=64)
     order = torch.argsort(keys, stable=True)

@@ -51,7 +51,8 @@ class GemmConfig:
     desc: bool = False     # TMA descriptors for the tiles (Hopper), else pointer loads
     gather_on_load: bool = True   # with a row index: gather A rows while loading (else copy x[idx] first)
     warp_specialize: bool = False  # TMA kernel: Triton's warp-specialised K loop (producer/consumer warps)
-    persistent: bool = False   # TMA kernel, A not gathered: one program per SM looping over tiles
+    persistent: bool = False   # one program per SM looping over tiles; applies where the TMA kernel
+                               # runs with A not gathered on load (else ignored), never warp-specialised
 
 
 # Chosen on one H200 (launch/gpu_kernel_variants.py, docs/benchmarks.md section 1d): TMA for the
@@ -94,6 +95,23 @@ def _swizzle(pid, TM, NT, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _store_tile(acc, acc_up, c_ptr, scale_ptr, row_start, local_m, count, n0, N, stride_cm,
+                BM: tl.constexpr, BN: tl.constexpr, SWIGLU: tl.constexpr, SCALE: tl.constexpr):
+    """The epilogue of one [BM, BN] tile: silu(acc) * acc_up (SWIGLU), times each row's fp32 scale
+    (SCALE), stored in c's dtype. Rows past the slot's `count` and columns past N are not written."""
+    if SWIGLU:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+    offs_m = local_m * BM + tl.arange(0, BM)
+    row_ok = offs_m < count
+    out_rows = (row_start + offs_m).to(tl.int64)
+    offs_n = n0 + tl.arange(0, BN)
+    if SCALE:
+        acc = acc * tl.load(scale_ptr + out_rows, mask=row_ok, other=0.0)[:, None]
+    c_ptrs = c_ptr + out_rows[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n < N)[None, :])
+
+
+@triton.jit
 def _grouped_kernel(a_ptr, row_index_ptr, b_ptr, c_ptr, scale_ptr, counts_ptr,
                     M, N, K, S, TM, B_COL_UP,
                     stride_am, stride_bs, stride_bk, stride_cm,
@@ -111,7 +129,6 @@ def _grouped_kernel(a_ptr, row_index_ptr, b_ptr, c_ptr, scale_ptr, counts_ptr,
     if slot >= S:
         return
     offs_m = local_m * BM + tl.arange(0, BM)                                 # [BM] row inside the slot
-    row_ok = offs_m < count
     rows = row_start + tl.minimum(offs_m, count - 1)                         # clamped: loads stay in bounds
     if GATHER:
         a_rows = tl.load(row_index_ptr + rows).to(tl.int64)
@@ -123,6 +140,7 @@ def _grouped_kernel(a_ptr, row_index_ptr, b_ptr, c_ptr, scale_ptr, counts_ptr,
     b_base = b_ptr + slot.to(tl.int64) * stride_bs
     b_ptrs = b_base + offs_k[:, None] * stride_bk + offs_n[None, :]          # [BK, BN]
     acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_up = acc                                                             # (unused without SWIGLU)
     if SWIGLU:
         acc_up = tl.zeros((BM, BN), dtype=tl.float32)
     n_ok = offs_n < N
@@ -144,13 +162,8 @@ def _grouped_kernel(a_ptr, row_index_ptr, b_ptr, c_ptr, scale_ptr, counts_ptr,
             acc_up = tl.dot(a, bu, acc_up)
         a_ptrs += BK
         b_ptrs += BK * stride_bk
-    if SWIGLU:
-        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
-    out_rows = (row_start + offs_m).to(tl.int64)
-    if SCALE:
-        acc = acc * tl.load(scale_ptr + out_rows, mask=row_ok, other=0.0)[:, None]
-    c_ptrs = c_ptr + out_rows[:, None] * stride_cm + offs_n[None, :]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+    _store_tile(acc, acc_up, c_ptr, scale_ptr, row_start, local_m, count, pid_n * BN, N, stride_cm,
+                BM, BN, SWIGLU, SCALE)
 
 
 @triton.jit
@@ -179,6 +192,7 @@ def _grouped_tma_kernel(a_desc, a_ptr, row_index_ptr, b_desc, c_ptr, scale_ptr, 
         a_rows = tl.load(row_index_ptr + rows).to(tl.int64)
         a_ptrs = a_ptr + a_rows[:, None] * stride_am + tl.arange(0, BK)[None, :]   # [BM, BK]
     acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_up = acc                                                             # (unused without SWIGLU)
     if SWIGLU:
         acc_up = tl.zeros((BM, BN), dtype=tl.float32)
     for k in tl.range(0, K, BK, num_stages=NUM_STAGES, warp_specialize=WS):
@@ -189,16 +203,7 @@ def _grouped_tma_kernel(a_desc, a_ptr, row_index_ptr, b_desc, c_ptr, scale_ptr, 
         acc = tl.dot(a, b_desc.load([kb + k, n0]), acc)
         if SWIGLU:
             acc_up = tl.dot(a, b_desc.load([kb + k, B_COL_UP + n0]), acc_up)
-    if SWIGLU:
-        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
-    offs_m = local_m * BM + tl.arange(0, BM)
-    row_ok = offs_m < count
-    out_rows = (row_start + offs_m).to(tl.int64)
-    offs_n = n0 + tl.arange(0, BN)
-    if SCALE:
-        acc = acc * tl.load(scale_ptr + out_rows, mask=row_ok, other=0.0)[:, None]
-    c_ptrs = c_ptr + out_rows[:, None] * stride_cm + offs_n[None, :]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n < N)[None, :])
+    _store_tile(acc, acc_up, c_ptr, scale_ptr, row_start, local_m, count, n0, N, stride_cm, BM, BN, SWIGLU, SCALE)
 
 
 @triton.jit
@@ -206,10 +211,10 @@ def _grouped_tma_persistent_kernel(a_desc, b_desc, c_ptr, scale_ptr, counts_ptr,
                                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                                    S_P2: tl.constexpr, SWIGLU: tl.constexpr, SCALE: tl.constexpr,
                                    NUM_SMS: tl.constexpr):
-    """The TMA kernel made persistent: NUM_SMS programs walk the tiles (as the other kernels
-    number them), and Triton flattens the tile and K loops into one software pipeline, so a
-    tile's loads start while the previous tile's epilogue runs. Only real tiles are visited
-    (their number comes from `counts`)."""
+    """The TMA kernel made persistent: the programs walk the tiles with stride NUM_SMS, and Triton
+    flattens the tile and K loops into one software pipeline, so a tile's loads start while the
+    previous tile's epilogue runs. Only real tiles are visited: their number comes from `counts`
+    (so the last GROUP_M group is cut at the real M-tile count, not at the launch bound)."""
     offs = tl.arange(0, S_P2)
     c = tl.load(counts_ptr + offs, mask=offs < S, other=0).to(tl.int32)      # [S_P2]
     TM = tl.sum((c + BM - 1) // BM, 0)                                        # real M-tiles
@@ -221,6 +226,7 @@ def _grouped_tma_persistent_kernel(a_desc, b_desc, c_ptr, scale_ptr, counts_ptr,
         n0 = pid_n * BN
         kb = slot * K
         acc = tl.zeros((BM, BN), dtype=tl.float32)
+        acc_up = acc                                                         # (unused without SWIGLU)
         if SWIGLU:
             acc_up = tl.zeros((BM, BN), dtype=tl.float32)
         for k in range(0, K, BK):
@@ -228,16 +234,8 @@ def _grouped_tma_persistent_kernel(a_desc, b_desc, c_ptr, scale_ptr, counts_ptr,
             acc = tl.dot(a, b_desc.load([kb + k, n0]), acc)
             if SWIGLU:
                 acc_up = tl.dot(a, b_desc.load([kb + k, B_COL_UP + n0]), acc_up)
-        if SWIGLU:
-            acc = acc / (1.0 + tl.exp(-acc)) * acc_up
-        offs_m = local_m * BM + tl.arange(0, BM)
-        row_ok = offs_m < count
-        out_rows = (row_start + offs_m).to(tl.int64)
-        offs_n = n0 + tl.arange(0, BN)
-        if SCALE:
-            acc = acc * tl.load(scale_ptr + out_rows, mask=row_ok, other=0.0)[:, None]
-        c_ptrs = c_ptr + out_rows[:, None] * stride_cm + offs_n[None, :]
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n < N)[None, :])
+        _store_tile(acc, acc_up, c_ptr, scale_ptr, row_start, local_m, count, n0, N, stride_cm,
+                    BM, BN, SWIGLU, SCALE)
 
 
 @functools.lru_cache(maxsize=None)
