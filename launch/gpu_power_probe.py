@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from bench import back_to_back_ms  # noqa: E402
 from gpu_profile import sustained_vs_burst  # noqa: E402
 from moe_ep.atomic import write_json_atomic  # noqa: E402
 from moe_ep.kernels import grouped_gemm as gg  # noqa: E402
@@ -74,13 +75,7 @@ def interleaved(fns: dict, rounds: int, iters: int) -> dict:
     torch.cuda.synchronize()
     for _ in range(rounds):
         for name, fn in fns.items():
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            for _ in range(iters):
-                fn()
-            b.record()
-            torch.cuda.synchronize()
-            out[name].append(a.elapsed_time(b) / iters)
+            out[name].append(back_to_back_ms(lambda _, fn=fn: fn(), None, iters))
     return {name: {"median_ms": statistics.median(v), "turns_ms": [round(t, 3) for t in v]} for name, v in out.items()}
 
 

@@ -105,13 +105,7 @@ def timing_modes(fn, iters: int = 20) -> dict:
     for _ in range(iters):
         t0 = time.perf_counter(); fn(); torch.cuda.synchronize()  # noqa: E702
         wall.append((time.perf_counter() - t0) * 1e3)
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(iters):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    queued = a.elapsed_time(b) / iters
+    queued = back_to_back_ms(lambda _: fn(), None, iters)
     idle = events_each(fn, iters, idle_s=0.005)
     return {"events_sync_each": statistics.median(ev), "wall_sync_each": statistics.median(wall),
             "back_to_back": queued, "events_after_5ms_idle": statistics.median(idle)}
