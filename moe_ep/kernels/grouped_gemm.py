@@ -287,7 +287,7 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor, *, swig
         a_desc = a if gather else TensorDescriptor.from_tensor(a, [cfg.BM, cfg.BK])
         b_desc = TensorDescriptor.from_tensor(b.view(S * K, Nb), [cfg.BK, cfg.BN])
         if cfg.persistent and not gather:
-            sms = _num_sms(a.device) if a.is_cuda else 4
+            sms = _num_sms(a.device) if a.is_cuda else 4         # the interpreter: a few programs
             # NUM_SMS is the loop's stride; with fewer tiles than SMs each program has one or none
             _grouped_tma_persistent_kernel[(min(sms, grid[0]),)](
                 a_desc, b_desc, c, scale, counts, N, K, S, N if swiglu else 0, c.stride(0),
