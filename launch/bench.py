@@ -178,7 +178,10 @@ def bench_layer(args) -> list[dict]:
         systems.append(("moe-ep, one row per copy (no dedup)", variant(False)))
         systems.append(("moe-ep, own rows during the exchange", variant(True, True)))
     if ctx.device.type == "cuda" and ctx.ep_size == 1:
-        systems.append(("moe-ep (dropless), CUDA graph", layer_graph(ours, x)))
+        try:
+            systems.append(("moe-ep (dropless), CUDA graph", layer_graph(ours, x)))
+        except RuntimeError as e:        # a kernel that cannot be captured: report it, time the rest
+            print(f"CUDA graph capture failed, the graph row is left out: {e}", file=sys.stderr)
     if not args.skip_deepspeed:
         for drop in ([False, True] if args.with_capacity else [False]):
             ds = build_deepspeed_moe(args, ctx, gate, dtype, drop_tokens=drop)
@@ -300,15 +303,18 @@ def eager_vs_cuda_graph(pipe, model, run, begin, end, times: list) -> dict:
     finally:
         for layer in model.moe_layers():
             layer.shared_side_stream = True
+    res = {"eager_step_ms_median": eager_ms, "eager_shared_inline_step_ms_median": inline_ms,
+           "shared_inline_vs_side_stream_max_abs_diff": float((inline_latents - eager_latents).abs().max())}
     pipe.transformer = CudaGraphForward(model)
     try:
         run(2)                                   # captures (once per input shape)
         graph_latents, graph_ms = timed()
+    except RuntimeError as e:                    # a kernel that cannot be captured: keep the eager figures
+        res["cuda_graph_error"] = str(e)[:500]
+        return res
     finally:
         pipe.transformer = model
-    return {"eager_step_ms_median": eager_ms, "eager_shared_inline_step_ms_median": inline_ms,
-            "shared_inline_vs_side_stream_max_abs_diff": float((inline_latents - eager_latents).abs().max()),
-            "cuda_graph_step_ms_median": graph_ms,
+    return {**res, "cuda_graph_step_ms_median": graph_ms,
             "graph_vs_eager_max_abs_diff": float((graph_latents - eager_latents).abs().max())}
 
 

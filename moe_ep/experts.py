@@ -42,13 +42,24 @@ def silu_gate(h: torch.Tensor) -> torch.Tensor:
 
 
 def triton_swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor,
-                  row_scale: Optional[torch.Tensor] = None, row_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  row_scale: Optional[torch.Tensor] = None, row_index: Optional[torch.Tensor] = None,
+                  quack_down: bool = False) -> torch.Tensor:
     """SwiGLU experts through moe_ep.kernels' two grouped GEMMs: SwiGLU in the first one's
     epilogue, the row scale in the second's. x [Ma, H] (row i is x[row_index[i]] with a row
-    index), w13 [S, H, 2F], w2 [S, F, H], counts [S] rows per slot -> [M, H]."""
+    index), w13 [S, H, 2F], w2 [S, F, H], counts [S] rows per slot -> [M, H].
+    quack_down: the down GEMM through QuACK (kernels/quack_down.py) instead of Triton."""
     from .kernels.grouped_gemm import DOWN_CONFIG, GATE_UP_CONFIG, grouped_gemm
     h = grouped_gemm(x, w13, counts, swiglu=True, row_index=row_index, config=GATE_UP_CONFIG)   # [M, F]
+    if quack_down:
+        from .kernels.quack_down import down_gemm
+        return down_gemm(h, w2, counts, row_scale)                                            # [M, H]
     return grouped_gemm(h, w2, counts, row_scale=row_scale, config=DOWN_CONFIG)                # [M, H]
+
+
+def quack_down_supported(device: torch.device, dtype: torch.dtype, hidden: int, inner: int) -> bool:
+    """The down GEMM can go through QuACK here (quack-kernels installed, Hopper, bf16/fp16)."""
+    from .kernels import quack_down
+    return triton_supported(device, dtype) and quack_down.supported(device, dtype, inner, hidden)
 
 
 def triton_supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -60,9 +71,9 @@ def triton_supported(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def default_backend(device: torch.device, dtype: torch.dtype, hidden: int, inner: int) -> str:
-    """The fastest expert path that runs here: "triton", "grouped_mm" or "loop"."""
+    """The fastest expert path that runs here: "triton+quack", "triton", "grouped_mm" or "loop"."""
     if PREFER_TRITON and triton_supported(device, dtype):
-        return "triton"
+        return "triton+quack" if quack_down_supported(device, dtype, hidden, inner) else "triton"
     return "grouped_mm" if grouped_mm_supported(device, dtype, hidden, inner) else "loop"
 
 
@@ -95,7 +106,8 @@ class GroupedExperts(nn.Module):
                                requires_grad=False)
         dev = torch.device(device) if device is not None else torch.device("cpu")
         # "triton": moe_ep.kernels' grouped GEMMs with SwiGLU and the row scale fused into their
-        # epilogues; "grouped_mm": torch._grouped_mm + a separate activation; "loop": one
+        # epilogues; "triton+quack": the same with the down GEMM through QuACK (Hopper, when
+        # quack-kernels is installed; same output, 6% faster); "grouped_mm": torch._grouped_mm + a separate activation; "loop": one
         # matmul pair per slot (CPU, fp32 on CUDA). See docs/benchmarks.md section 1d.
         self.backend = default_backend(dev, dtype, hidden, inner)
         # On a GPU the activation as separate kernels costs 1.25 ms per 65536 x 6144 bf16 rows
@@ -125,8 +137,9 @@ class GroupedExperts(nn.Module):
         M = row_index.numel() if row_index is not None else x.shape[0]
         if M == 0:
             return x.new_empty(0, self.hidden)
-        if self.backend == "triton":
-            return triton_swiglu(x, self.w13, self.w2, counts, row_scale=row_scale, row_index=row_index)
+        if self.backend in ("triton", "triton+quack"):
+            return triton_swiglu(x, self.w13, self.w2, counts, row_scale=row_scale, row_index=row_index,
+                                 quack_down=self.backend == "triton+quack")
         if row_index is not None:
             x = x[row_index]                                                       # [M, H]
         if self.backend == "grouped_mm":
@@ -154,6 +167,8 @@ class DenseMLP(nn.Module):
         # GEMM's epilogue (no [T, 2F] intermediate, no elementwise pass; docs/benchmarks.md 1d);
         # False or elsewhere: two matmuls and an elementwise SwiGLU.
         self.fused = True
+        # ... and its down GEMM through QuACK where that runs (kernels/quack_down.py); False: Triton.
+        self.quack_down = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., H] -> [..., H]."""
@@ -166,4 +181,5 @@ class DenseMLP(nn.Module):
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])                                          # [T, H]
         one_slot = torch.full((1,), rows.shape[0], dtype=torch.int64, device=x.device)   # no host sync
-        return triton_swiglu(rows, self.w13[None], self.w2[None], one_slot).view(x.shape)
+        quack = self.quack_down and quack_down_supported(x.device, x.dtype, self.w2.shape[1], self.w2.shape[0])
+        return triton_swiglu(rows, self.w13[None], self.w2[None], one_slot, quack_down=quack).view(x.shape)
