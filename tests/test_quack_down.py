@@ -77,3 +77,15 @@ def test_shim_applies_once(fake_identity):
     first = fake_identity.semantic_value_key
     quack_down._allow_unkeyed_dsl_globals()
     assert fake_identity.semantic_value_key is first
+
+
+def test_a_quack_that_does_not_build_is_not_used(monkeypatch):
+    def broken():
+        raise ImportError("nvidia-cutlass-dsl does not fit this quack-kernels")
+    monkeypatch.setattr(quack_down, "_kernels", broken)
+    quack_down.builds.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="does not build"):
+            assert not quack_down.builds()
+    finally:
+        quack_down.builds.cache_clear()

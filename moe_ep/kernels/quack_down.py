@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import warnings
 from typing import Optional
 
 import torch
@@ -35,7 +36,20 @@ def supported(device: torch.device, dtype: torch.dtype, inner: int, hidden: int)
     one measured), bf16 or fp16, and 16-byte aligned rows for TMA (F and H multiples of 8)."""
     if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16) or inner % 8 or hidden % 8:
         return False
-    return installed() and torch.cuda.get_device_capability(device)[0] == 9
+    return installed() and torch.cuda.get_device_capability(device)[0] == 9 and builds()
+
+
+@functools.lru_cache(maxsize=None)
+def builds() -> bool:
+    """quack imports and builds its epilogue here (False, with one warning, where an installed
+    quack-kernels and nvidia-cutlass-dsl do not fit together: the Triton down GEMM runs then)."""
+    try:
+        _kernels()
+        return True
+    except Exception as e:  # noqa: BLE001  (any failure of the optional package means: not used)
+        warnings.warn(f"quack-kernels is installed but does not build ({type(e).__name__}: {e}); "
+                      "the Triton down GEMM runs instead", RuntimeWarning, stacklevel=2)
+        return False
 
 
 def _allow_unkeyed_dsl_globals() -> None:
