@@ -401,8 +401,9 @@ def build_summary(cfg: Config, ctx: ParallelContext, model: ServedModel, recorde
     # for each window (not the final placement applied to the whole run's load)
     wb = recorder.window_balance
     bal = np.mean(wb, axis=0).tolist() if wb else []
-    # with model.compile the first forward mostly compiles: reported apart, not in the speed figures
-    timed = steps[1:] if cfg.model.compile and len(steps) > 1 else steps
+    # the first forward is the warm-up (Triton and QuACK kernels compile at their first launch,
+    # inductor under model.compile): reported apart, not in the speed figures
+    timed = steps[1:] if len(steps) > 1 else steps
     lat = [x["latency_ms"] for x in timed]
     fwd_time = sum(lat) / 1e3
     events = rebalancer.events if rebalancer is not None else []
