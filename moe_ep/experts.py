@@ -107,8 +107,9 @@ class GroupedExperts(nn.Module):
         dev = torch.device(device) if device is not None else torch.device("cpu")
         # "triton": moe_ep.kernels' grouped GEMMs with SwiGLU and the row scale fused into their
         # epilogues; "triton+quack": the same with the down GEMM through QuACK (Hopper, when
-        # quack-kernels is installed; same output, 6% faster); "grouped_mm": torch._grouped_mm + a separate activation; "loop": one
-        # matmul pair per slot (CPU, fp32 on CUDA). See docs/benchmarks.md section 1d.
+        # quack-kernels is installed; the same output, the down GEMM 6% and the layer 1% faster);
+        # "grouped_mm": torch._grouped_mm + a separate activation; "loop": one matmul pair per
+        # slot (CPU, fp32 on CUDA). See docs/benchmarks.md section 1d.
         self.backend = default_backend(dev, dtype, hidden, inner)
         # On a GPU the activation as separate kernels costs 1.25 ms per 65536 x 6144 bf16 rows
         # (H200); one fused kernel from torch.compile takes 0.31 ms (launch/gpu_grouped_variants.py),

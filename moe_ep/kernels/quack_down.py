@@ -5,7 +5,8 @@ consumer warpgroups, a persistent tile scheduler, and 2-CTA clusters that multic
 operand by TMA. Its varlen-M GEMM takes the slot-grouped rows as they are (cu_seqlens_m) and
 an epilogue that multiplies each row by its routed weight in fp32 before rounding, as the
 Triton down kernel does. On the H200 it runs the layer's down GEMM 6% faster sustained
-(2.71 vs 2.88 ms) with bit-identical output (docs/benchmarks.md 1d, "Round 6").
+(2.71 vs 2.88 ms) with bit-identical output; in place the layer gains 1% (docs/benchmarks.md 1d,
+"Round 6").
 
 Only the down GEMM goes through QuACK: its gated gate/up GEMM pairs neighbouring weight columns
 (g0, u0, g1, u1, ...), and moe-ep stores w13 as [gate | up] wherever it is read (loaders,
@@ -22,7 +23,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-
 
 
 @functools.lru_cache(maxsize=None)
