@@ -45,6 +45,7 @@ PATHS = {  # name -> (experts backend, fused EP = 1 path)
     "triton + fused local": ("triton", True),
     "grouped_mm + fused local": ("grouped_mm", True),
     "grouped_mm + generic dispatch (before)": ("grouped_mm", False),
+    "triton+quack + generic dispatch (the EP > 1 path)": ("triton+quack", False),
 }
 
 

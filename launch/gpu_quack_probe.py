@@ -7,6 +7,8 @@ operand. Its varlen-M GEMM takes the layer's slot-grouped rows (cu_seqlens_m), g
 on load (A_idx) and fuses a gated SwiGLU epilogue, so it can replace both Triton kernels.
 
     python launch/gpu_quack_probe.py [--json out.json]     # one Hopper GPU, quack-kernels installed
+    python launch/gpu_quack_probe.py --in-place            # layer + compiled model: Triton vs QuACK down GEMM
+    python launch/gpu_quack_probe.py --gate-up-in-place    # the same for gate/up (on interleaved weight copies)
 
 Each variant is timed as launch/gpu_power_probe.py times them: in a burst (50 ms idle before
 each call) and sustained (back to back for 2 s), TFLOP/s of the 65536 real rows. Outputs are
@@ -83,14 +85,76 @@ def in_place_ab() -> dict:
     return res
 
 
+def quack_gate_up_swiglu():
+    """A stand-in for moe_ep.experts.triton_swiglu with gate/up through QuACK too: its gated GEMM
+    on an interleaved copy of w13 (made once per weight tensor), then the QuACK down GEMM. It
+    measures what storing w13 interleaved would buy; moe-ep does not store it so."""
+    from quack.gemm_config import GemmConfig as QConfig
+    from quack.gemm_interface import gemm_act
+
+    from moe_ep.kernels.quack_down import down_gemm
+    cfg = QConfig(tile_m=128, tile_n=192, pingpong=True, cluster_m=2, cluster_n=1, is_dynamic_persistent=False)
+    copies = {}
+
+    def swiglu(x, w13, w2, counts, row_scale=None, row_index=None, quack_down=True):
+        wi = copies.get(w13.data_ptr())
+        if wi is None:
+            wi = copies[w13.data_ptr()] = interleave_gate_up(w13)
+        cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)                 # [S + 1]
+        a = x[row_index] if row_index is not None else x                     # rows copied first (faster)
+        _, h = gemm_act(a, wi, activation="swiglu", cu_seqlens_m=cu, store_preact=False, tuned=False, config=cfg)
+        return down_gemm(h, w2, counts, row_scale)
+    return swiglu
+
+
+def gate_up_ab() -> dict:
+    """The layer and the compiled hunyuan_like forward (QuACK down GEMM in both), gate/up through
+    Triton vs through QuACK on interleaved weight copies, taking turns."""
+    from gpu_check import make_layer
+    from gpu_power_probe import interleaved
+    from gpu_profile import hunyuan_case
+
+    import moe_ep.experts as experts
+    triton_path, quack_path = experts.triton_swiglu, quack_gate_up_swiglu()
+    res = {}
+    try:
+        def turns(fwd):
+            fns = {}
+            for name, impl in (("triton gate/up", triton_path), ("quack gate/up", quack_path)):
+                def fn(impl=impl):
+                    experts.triton_swiglu = impl
+                    return fwd()
+                fns[name] = fn
+            return fns, bool(torch.equal(fns["triton gate/up"](), fns["quack gate/up"]()))
+        layer, x = make_layer(torch.device("cuda"))
+        fns, same = turns(lambda: layer(x))
+        res["layer"] = {**interleaved(fns, rounds=10, iters=20), "outputs_equal": same}
+        print("layer", {k: v["median_ms"] for k, v in res["layer"].items() if isinstance(v, dict)}, "equal", same, flush=True)
+        del layer, x, fns
+        torch.cuda.empty_cache()
+        model, fwd = hunyuan_case()
+        model.compile()
+        fns, same = turns(fwd)
+        res["hunyuan forward compiled"] = {**interleaved(fns, rounds=8, iters=5), "outputs_equal": same}
+        print("hunyuan forward compiled", {k: v["median_ms"] for k, v in res["hunyuan forward compiled"].items()
+                                           if isinstance(v, dict)}, "equal", same, flush=True)
+    finally:
+        experts.triton_swiglu = triton_path
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None)
     ap.add_argument("--in-place", action="store_true",
                     help="only the layer and the compiled hunyuan_like forward, Triton vs QuACK down GEMM")
+    ap.add_argument("--gate-up-in-place", action="store_true",
+                    help="only the layer and the compiled forward, gate/up through Triton vs QuACK (interleaved copies)")
     args = ap.parse_args()
-    if args.in_place:
-        res = in_place_ab()
+    if args.in_place or args.gate_up_in_place:
+        from moe_ep.kernels.quack_down import _allow_unkeyed_dsl_globals
+        _allow_unkeyed_dsl_globals()
+        res = in_place_ab() if args.in_place else gate_up_ab()
         if args.json:
             write_json_atomic(args.json, res)
         return
