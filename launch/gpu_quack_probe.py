@@ -23,7 +23,6 @@ import time
 import traceback
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -32,6 +31,7 @@ from gpu_power_probe import gemm_flops, routed_rows  # noqa: E402
 from gpu_profile import sustained_vs_burst  # noqa: E402
 from moe_ep.atomic import write_json_atomic  # noqa: E402
 from moe_ep.kernels import grouped_gemm as gg  # noqa: E402
+from moe_ep.kernels.quack_down import cu_seqlens  # noqa: E402
 
 
 def interleave_gate_up(w13: torch.Tensor) -> torch.Tensor:
@@ -45,6 +45,31 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max() / b.float().abs().max())
 
 
+def take_turns(variants: dict) -> dict:
+    """variants: name -> switch(module), which sets the module (and the code) to that variant. The
+    layer (random gate) and then the compiled hunyuan_like forward run under each variant, taking
+    turns (launch/gpu_power_probe.interleaved); outputs are compared with torch.equal."""
+    from gpu_check import make_layer
+    from gpu_power_probe import interleaved
+    from gpu_profile import hunyuan_case
+    res = {}
+
+    def run(case, module, fwd, rounds, iters):
+        fns = {name: (lambda switch=switch: (switch(module), fwd())[1]) for name, switch in variants.items()}
+        outs = [fn() for fn in fns.values()]
+        same = all(torch.equal(outs[0], o) for o in outs[1:])
+        res[case] = {**interleaved(fns, rounds=rounds, iters=iters), "outputs_equal": same}
+        print(case, {k: v["median_ms"] for k, v in res[case].items() if isinstance(v, dict)}, "equal", same, flush=True)
+    layer, x = make_layer(torch.device("cuda"))
+    run("layer", layer, lambda: layer(x), rounds=10, iters=20)
+    del layer, x
+    torch.cuda.empty_cache()
+    model, fwd = hunyuan_case()
+    model.compile()
+    run("hunyuan forward compiled", model, fwd, rounds=8, iters=5)
+    return res
+
+
 def set_quack_down(module: torch.nn.Module, on: bool) -> None:
     """Every routed-expert block and shared expert in `module`: down GEMM through QuACK (on) or Triton."""
     from moe_ep.experts import DenseMLP, GroupedExperts
@@ -55,36 +80,6 @@ def set_quack_down(module: torch.nn.Module, on: bool) -> None:
             m.quack_down = on
 
 
-def in_place_ab() -> dict:
-    """The layer (random gate) and the compiled hunyuan_like forward, down GEMM through Triton vs
-    QuACK, taking turns (launch/gpu_power_probe.interleaved)."""
-    from gpu_check import make_layer
-    from gpu_power_probe import interleaved
-    from gpu_profile import hunyuan_case
-    res = {}
-    dev = torch.device("cuda")
-    layer, x = make_layer(dev)
-    fns = {}
-    for name, on in (("triton down", False), ("quack down", True)):
-        fns[name] = (lambda on=on: (set_quack_down(layer, on), layer(x))[1])
-    same = bool(torch.equal(fns["triton down"](), fns["quack down"]()))
-    res["layer"] = interleaved(fns, rounds=10, iters=20)
-    res["layer"]["outputs_equal"] = same
-    print("layer", {k: v["median_ms"] for k, v in res["layer"].items() if isinstance(v, dict)}, "equal", same, flush=True)
-    del layer, x, fns
-    torch.cuda.empty_cache()
-    model, fwd = hunyuan_case()
-    model.compile()
-    fns = {name: (lambda on=on: (set_quack_down(model, on), fwd())[1])
-           for name, on in (("triton down", False), ("quack down", True))}
-    same = bool(torch.equal(fns["triton down"](), fns["quack down"]()))
-    res["hunyuan forward compiled"] = interleaved(fns, rounds=8, iters=5)
-    res["hunyuan forward compiled"]["outputs_equal"] = same
-    print("hunyuan forward compiled", {k: v["median_ms"] for k, v in res["hunyuan forward compiled"].items()
-                                       if isinstance(v, dict)}, "equal", same, flush=True)
-    return res
-
-
 def quack_gate_up_swiglu():
     """A stand-in for moe_ep.experts.triton_swiglu with gate/up through QuACK too: its gated GEMM
     on an interleaved copy of w13 (made once per weight tensor), then the QuACK down GEMM. It
@@ -92,7 +87,7 @@ def quack_gate_up_swiglu():
     from quack.gemm_config import GemmConfig as QConfig
     from quack.gemm_interface import gemm_act
 
-    from moe_ep.kernels.quack_down import down_gemm
+    from moe_ep.kernels.quack_down import cu_seqlens, down_gemm
     cfg = QConfig(tile_m=128, tile_n=192, pingpong=True, cluster_m=2, cluster_n=1, is_dynamic_persistent=False)
     copies = {}
 
@@ -100,47 +95,50 @@ def quack_gate_up_swiglu():
         wi = copies.get(w13.data_ptr())
         if wi is None:
             wi = copies[w13.data_ptr()] = interleave_gate_up(w13)
-        cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)                 # [S + 1]
         a = x[row_index] if row_index is not None else x                     # rows copied first (faster)
-        _, h = gemm_act(a, wi, activation="swiglu", cu_seqlens_m=cu, store_preact=False, tuned=False, config=cfg)
+        _, h = gemm_act(a, wi, activation="swiglu", cu_seqlens_m=cu_seqlens(counts), store_preact=False,
+                        tuned=False, config=cfg)
         return down_gemm(h, w2, counts, row_scale)
     return swiglu
 
 
 def gate_up_ab() -> dict:
-    """The layer and the compiled hunyuan_like forward (QuACK down GEMM in both), gate/up through
-    Triton vs through QuACK on interleaved weight copies, taking turns."""
-    from gpu_check import make_layer
-    from gpu_power_probe import interleaved
-    from gpu_profile import hunyuan_case
-
+    """Gate/up through Triton vs through QuACK on interleaved weight copies (QuACK down in both)."""
     import moe_ep.experts as experts
     triton_path, quack_path = experts.triton_swiglu, quack_gate_up_swiglu()
-    res = {}
     try:
-        def turns(fwd):
-            fns = {}
-            for name, impl in (("triton gate/up", triton_path), ("quack gate/up", quack_path)):
-                def fn(impl=impl):
-                    experts.triton_swiglu = impl
-                    return fwd()
-                fns[name] = fn
-            return fns, bool(torch.equal(fns["triton gate/up"](), fns["quack gate/up"]()))
-        layer, x = make_layer(torch.device("cuda"))
-        fns, same = turns(lambda: layer(x))
-        res["layer"] = {**interleaved(fns, rounds=10, iters=20), "outputs_equal": same}
-        print("layer", {k: v["median_ms"] for k, v in res["layer"].items() if isinstance(v, dict)}, "equal", same, flush=True)
-        del layer, x, fns
-        torch.cuda.empty_cache()
-        model, fwd = hunyuan_case()
-        model.compile()
-        fns, same = turns(fwd)
-        res["hunyuan forward compiled"] = {**interleaved(fns, rounds=8, iters=5), "outputs_equal": same}
-        print("hunyuan forward compiled", {k: v["median_ms"] for k, v in res["hunyuan forward compiled"].items()
-                                           if isinstance(v, dict)}, "equal", same, flush=True)
+        return take_turns({"triton gate/up": lambda _: setattr(experts, "triton_swiglu", triton_path),
+                           "quack gate/up": lambda _: setattr(experts, "triton_swiglu", quack_path)})
     finally:
         experts.triton_swiglu = triton_path
-    return res
+
+
+def new_shapes() -> dict:
+    """At EP > 1 the rows an expert block gets change every forward. QuACK caches each call by
+    its exact shapes: how long does the first call with a new row count take, against a repeat?
+    And is each output bit-identical to the Triton down kernel's?"""
+    from moe_ep.kernels.quack_down import down_gemm
+    dev = torch.device("cuda")
+    S, Fh, H = 32, 3072, 4096
+    w2 = torch.randn(S, Fh, H, device=dev, dtype=torch.bfloat16) * Fh ** -0.5
+    rows = []
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for M in (30000, 30017, 29950, 31234, 28801, 30500, 29999, 30001, 32768, 27000, 30333, 29000):
+        counts = torch.bincount(torch.randint(0, S, (M,), generator=g), minlength=S).to(dev)
+        h = torch.randn(M, Fh, device=dev, dtype=torch.bfloat16)
+        scale = torch.rand(M, device=dev)
+        times = []
+        for _ in range(3):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            y = down_gemm(h, w2, counts, scale)
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - t0) * 1e3)
+        y_ref = gg.grouped_gemm(h, w2, counts, row_scale=scale, config=gg.DOWN_CONFIG)
+        rows.append({"rows": M, "first_ms": times[0], "repeat_ms": min(times[1:]),
+                     "equal": bool(torch.equal(y, y_ref))})
+        print(rows[-1], flush=True)
+    return {"calls": rows}
 
 
 def main():
@@ -149,17 +147,22 @@ def main():
     ap.add_argument("--in-place", action="store_true",
                     help="only the layer and the compiled hunyuan_like forward, Triton vs QuACK down GEMM")
     ap.add_argument("--gate-up-in-place", action="store_true",
-                    help="only the layer and the compiled forward, gate/up through Triton vs QuACK (interleaved copies)")
+                    help="only the layer and the compiled forward, gate/up through Triton vs QuACK "
+                         "(on interleaved weight copies)")
+    ap.add_argument("--new-shapes", action="store_true",
+                    help="only the QuACK down GEMM on a new row count each call (as at EP > 1)")
     args = ap.parse_args()
-    if args.in_place or args.gate_up_in_place:
-        from moe_ep.kernels.quack_down import _allow_unkeyed_dsl_globals
-        _allow_unkeyed_dsl_globals()
-        res = in_place_ab() if args.in_place else gate_up_ab()
+    from moe_ep.kernels.quack_down import _allow_unkeyed_dsl_globals
+    _allow_unkeyed_dsl_globals()                       # before quack builds its epilogues at import
+    if args.in_place or args.gate_up_in_place or args.new_shapes:
+        if args.in_place:
+            res = take_turns({"triton down": lambda m: set_quack_down(m, False),
+                              "quack down": lambda m: set_quack_down(m, True)})
+        else:
+            res = gate_up_ab() if args.gate_up_in_place else new_shapes()
         if args.json:
             write_json_atomic(args.json, res)
         return
-    from moe_ep.kernels.quack_down import _allow_unkeyed_dsl_globals
-    _allow_unkeyed_dsl_globals()                       # before quack builds its epilogues at import
     from quack.epilogue.library import norm_act_mod
     from quack.gemm_config import GemmConfig as QConfig
     from quack.gemm_interface import gemm, gemm_act
@@ -168,7 +171,7 @@ def main():
     r = routed_rows(dev)
     fg, fd = gemm_flops(r)
     counts = r["counts"]
-    cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)                     # [S + 1]
+    cu = cu_seqlens(counts)                                                  # [S + 1]
     ri32 = r["ri"].to(torch.int32)
     w13i = interleave_gate_up(r["w13"])
     h_ref = gg.grouped_gemm(r["x"], r["w13"], counts, swiglu=True, row_index=r["ri"], config=gg.GATE_UP_CONFIG)
@@ -249,10 +252,9 @@ def main():
                             store_preact=False, tuned=True),
            fg, h_ref, lambda res: res[1])
 
-    # the two best of each side taking turns, so clock drift falls on both
     ok = {n: v for n, v in out["variants"].items() if "sustained_ms" in v}
     best_q_gate = min((n for n in ok if n.startswith("quack gate")), key=lambda n: ok[n]["sustained_ms"], default=None)
-    print("best quack gate/up:", best_q_gate, flush=True)
+    print("fastest QuACK gate/up, sustained:", best_q_gate, flush=True)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def triton_swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: 
 def quack_down_supported(device: torch.device, dtype: torch.dtype, hidden: int, inner: int) -> bool:
     """The down GEMM can go through QuACK here (quack-kernels installed, Hopper, bf16/fp16)."""
     from .kernels import quack_down
-    return triton_supported(device, dtype) and quack_down.supported(device, dtype, inner, hidden)
+    return triton_supported(device, dtype) and quack_down.supported(device, dtype, hidden, inner)
 
 
 def triton_supported(device: torch.device, dtype: torch.dtype) -> bool:

@@ -14,26 +14,59 @@ import types
 import pytest
 import torch
 
-from moe_ep.experts import DenseMLP, GroupedExperts, default_backend, quack_down_supported
+from moe_ep.experts import GroupedExperts, default_backend, quack_down_supported
 from moe_ep.kernels import quack_down
 
 
 def test_quack_is_never_chosen_without_a_hopper_gpu():
     cpu = torch.device("cpu")
-    assert not quack_down.supported(cpu, torch.bfloat16, 3072, 4096)
+    assert not quack_down.supported(cpu, torch.bfloat16, 4096, 3072)
     assert not quack_down_supported(cpu, torch.bfloat16, 4096, 3072)
     assert default_backend(cpu, torch.bfloat16, 4096, 3072) in ("grouped_mm", "loop")
     assert GroupedExperts(4, 16, 8, dtype=torch.bfloat16).backend != "triton+quack"
 
 
-def test_dense_mlp_runs_its_reference_path_on_cpu_with_quack_down_on():
-    mlp = DenseMLP(16, 8)
-    mlp.w13.data.normal_()
-    mlp.w2.data.normal_()
-    assert mlp.quack_down
-    x = torch.randn(5, 16)
-    gate, up = (x @ mlp.w13).chunk(2, dim=-1)
-    torch.testing.assert_close(mlp(x), (torch.nn.functional.silu(gate) * up) @ mlp.w2)
+@pytest.mark.parametrize("capability, dtype, hidden, installed, builds, expected", [
+    ((9, 0), torch.bfloat16, 4096, True, True, True),
+    ((9, 0), torch.float16, 4096, True, True, True),
+    ((8, 0), torch.bfloat16, 4096, True, True, False),    # Ampere: the SM90 kernel does not run
+    ((10, 0), torch.bfloat16, 4096, True, True, False),   # Blackwell: not measured
+    ((9, 0), torch.float32, 4096, True, True, False),
+    ((9, 0), torch.bfloat16, 4100, True, True, False),    # rows not 16-byte aligned for TMA
+    ((9, 0), torch.bfloat16, 4096, False, True, False),   # quack-kernels not installed
+    ((9, 0), torch.bfloat16, 4096, True, False, False),   # installed but does not build
+])
+def test_supported_needs_hopper_bf16_aligned_rows_and_a_quack_that_builds(
+        monkeypatch, capability, dtype, hidden, installed, builds, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(quack_down, "installed", lambda: installed)
+    monkeypatch.setattr(quack_down, "builds", lambda: builds)
+    quack_down.supported.cache_clear()
+    try:
+        assert quack_down.supported(torch.device("cuda", 0), dtype, hidden, 3072) is expected
+    finally:
+        quack_down.supported.cache_clear()
+
+
+def test_down_gemm_passes_row_offsets_and_scales_to_quack(monkeypatch):
+    """down_gemm on CPU tensors with a recording stand-in for QuACK's kernel: the int32 row
+    offsets of the slots, the routed weights as fp32 (ones without them), the output buffer."""
+    calls = []
+
+    def fake_scaled(h, w2, c, *, out, store_d, tuned, config, cu_seqlens_m, mColVecBroadcast):
+        calls.append({"cu": cu_seqlens_m, "scale": mColVecBroadcast, "config": config, "store_d": store_d})
+        out["mAuxOut"].copy_(torch.zeros_like(out["mAuxOut"]))
+    monkeypatch.setattr(quack_down, "_kernels", lambda: (fake_scaled, "cfg"))
+    h, w2 = torch.randn(6, 4), torch.randn(3, 4, 5)
+    counts = torch.tensor([2, 0, 4])
+    y = quack_down.down_gemm(h, w2, counts, torch.tensor([0.5] * 6, dtype=torch.float64))
+    assert y.shape == (6, 5) and calls[0]["cu"].dtype == torch.int32
+    assert calls[0]["cu"].tolist() == [0, 2, 2, 6] and calls[0]["config"] == "cfg" and not calls[0]["store_d"]
+    assert calls[0]["scale"].dtype == torch.float32 and calls[0]["scale"].tolist() == [0.5] * 6
+    quack_down.down_gemm(h, w2, counts)
+    assert calls[1]["scale"].tolist() == [1.0] * 6
+    assert quack_down.down_gemm(h[:0], w2, torch.zeros(3, dtype=torch.int64)).shape == (0, 5)
+    assert len(calls) == 2                                     # no launch for zero rows
 
 
 @pytest.fixture
@@ -66,7 +99,11 @@ def test_shim_keys_context_vars_and_refused_values_by_type(fake_identity):
     quack_down._allow_unkeyed_dsl_globals()
     key = fake_identity.semantic_value_key
     assert key(var, set()) == ("contextvar", "_LOC_TRANSFORMS")
-    assert key(str.count, set()) == ("opaque", "builtins", "method_descriptor")
+    assert key(contextvars.ContextVar("other"), set()) != key(var, set())
+    assert key(str.count, set()) == ("builtin_method", "str", "count")
+    assert key(object.__init__, set()) == ("builtin_method", "object", "__init__")
+    with pytest.raises(TypeError):                      # anything else is still refused (fail-closed)
+        key(object(), set())
     # what the strict keyer knew keeps its key, also inside containers (the recursion is shimmed)
     assert key(("a", 3, None), set()) == ("tuple", ("a", 3, None))
     assert key(("a", var), set()) == ("tuple", ("a", ("contextvar", "_LOC_TRANSFORMS")))

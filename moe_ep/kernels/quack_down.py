@@ -31,7 +31,7 @@ def installed() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def supported(device: torch.device, dtype: torch.dtype, inner: int, hidden: int) -> bool:
+def supported(device: torch.device, dtype: torch.dtype, hidden: int, inner: int) -> bool:
     """QuACK's SM90 kernel can run the down GEMM here: quack installed, a Hopper GPU (sm90: the
     one measured), bf16 or fp16, and 16-byte aligned rows for TMA (F and H multiples of 8)."""
     if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16) or inner % 8 or hidden % 8:
@@ -55,10 +55,12 @@ def builds() -> bool:
 def _allow_unkeyed_dsl_globals() -> None:
     """QuACK keys its compile cache by a fingerprint of everything an epilogue depends on, down
     into nvidia-cutlass-dsl's own functions. cutlass-dsl 4.8.1 (newer than quack-kernels 0.6.5)
-    holds globals there that the fingerprint refuses (a ContextVar of source locations, methods
-    of code objects), so building any epilogue raises TypeError. Key those values by their type:
-    they are not math, and the epilogue built here is keyed by its own source as before."""
+    holds two kinds of globals there that the fingerprint refuses, so building any epilogue raises
+    TypeError: a ContextVar of source locations, and methods of built-in types (code objects'
+    `co_positions`). Key exactly those two kinds, by name; anything else the fingerprint refuses
+    still raises (and then `builds()` turns QuACK off)."""
     import contextvars
+    import types
 
     from quack.gemm_runtime import identity
     if getattr(identity.semantic_value_key, "_moe_ep_shim", False):
@@ -68,12 +70,16 @@ def _allow_unkeyed_dsl_globals() -> None:
     def key(value, seen):
         if isinstance(value, contextvars.ContextVar):
             return ("contextvar", value.name)
-        try:
-            return strict(value, seen)
-        except TypeError:
-            return ("opaque", type(value).__module__, type(value).__qualname__)
+        if isinstance(value, (types.MethodDescriptorType, types.WrapperDescriptorType)):
+            return ("builtin_method", value.__objclass__.__qualname__, value.__name__)
+        return strict(value, seen)
     key._moe_ep_shim = True
     identity.semantic_value_key = key     # identity's own recursion looks the name up here
+
+
+def cu_seqlens(counts: torch.Tensor) -> torch.Tensor:
+    """counts [S] rows per slot -> [S + 1] int32 row offsets (QuACK's cu_seqlens_m)."""
+    return F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
 
 
 @functools.lru_cache(maxsize=None)
@@ -83,8 +89,8 @@ def _kernels():
     from quack.epilogue.library import norm_act_mod
     from quack.gemm_config import GemmConfig
     scaled = norm_act_mod(None, gated=False, has_c=False, has_rowvec=False, has_colvec=True)
-    # 128 x 192 ping-pong tiles, 2 CTAs along N sharing each h tile by multicast: the fastest of
-    # the five tiles measured sustained on the H200 (launch/gpu_quack_probe.py).
+    # 128 x 192 ping-pong tiles, 2 CTAs along N sharing each h tile by multicast: the fastest
+    # sustained of the down tiles measured on the H200 (launch/gpu_quack_probe.py; 128 x 256 is refused).
     config = GemmConfig(tile_m=128, tile_n=192, pingpong=True, cluster_m=1, cluster_n=2, is_dynamic_persistent=False)
     return scaled, config
 
@@ -98,9 +104,8 @@ def down_gemm(h: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor,
     if M == 0:
         return out
     scaled, config = _kernels()
-    cu_seqlens = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)             # [S + 1]
     # without a routed weight every row is scaled by 1.0 (exact): one kernel for both cases
     scale = row_scale.float().contiguous() if row_scale is not None else h.new_ones(M, dtype=torch.float32)
     scaled(h.contiguous(), w2.contiguous(), None, out={"mAuxOut": out}, store_d=False, tuned=False,
-           config=config, cu_seqlens_m=cu_seqlens, mColVecBroadcast=scale)
+           config=config, cu_seqlens_m=cu_seqlens(counts), mColVecBroadcast=scale)
     return out
