@@ -69,19 +69,48 @@ def test_down_gemm_passes_row_offsets_and_scales_to_quack(monkeypatch):
     assert len(calls) == 2                                     # no launch for zero rows
 
 
+_LOC = contextvars.ContextVar("_LOC_TRANSFORMS", default=())     # the kind of global quack refuses
+
+
+def _cutlass_helper():
+    """Stands for a cutlass-dsl function: it reads runtime state the fingerprint cannot key."""
+    return _LOC.get()
+
+
+def _user_epilogue():
+    """Stands for an epilogue of anyone's: it reads the same state directly."""
+    return _LOC.get()
+
+
+def _quack_epilogue():
+    """Stands for one of quack's epilogues: it calls into cutlass."""
+    return _cutlass_helper()
+
+
+_cutlass_helper.__module__ = "cutlass.base_dsl.pyir_state"
+
+
 @pytest.fixture
 def fake_identity(monkeypatch):
-    """A stand-in for quack.gemm_runtime.identity: a strict keyer that recurses through its
-    module-global name (as quack's does) and refuses what it does not know."""
+    """A stand-in for quack.gemm_runtime.identity: functions are keyed by name plus the keys of
+    the globals they read (through the module-global names, as quack's keyer recurses), and any
+    other value it does not know is refused (fail-closed)."""
+    import inspect
     mod = types.ModuleType("quack.gemm_runtime.identity")
 
     def semantic_value_key(value, seen):
         if value is None or isinstance(value, (int, str)):
             return value
-        if isinstance(value, tuple):
-            return ("tuple", tuple(mod.semantic_value_key(v, seen) for v in value))
+        if inspect.isfunction(value):
+            return mod.function_semantic_key(value, seen)
         raise TypeError(f"no fail-closed semantic key for {value!r}")
-    mod.semantic_value_key = semantic_value_key
+
+    def function_semantic_key(fn, seen=None):
+        seen = set() if seen is None else seen
+        refs = inspect.getclosurevars(fn).globals
+        deps = tuple((n, mod.semantic_value_key(v, seen)) for n, v in sorted(refs.items()))
+        return ("function", fn.__qualname__, deps)
+    mod.semantic_value_key, mod.function_semantic_key = semantic_value_key, function_semantic_key
     pkg = types.ModuleType("quack.gemm_runtime")
     pkg.identity = mod
     root = types.ModuleType("quack")
@@ -92,28 +121,30 @@ def fake_identity(monkeypatch):
     return mod
 
 
-def test_shim_keys_context_vars_and_refused_values_by_type(fake_identity):
-    var = contextvars.ContextVar("_LOC_TRANSFORMS", default=())
-    with pytest.raises(TypeError):
-        fake_identity.semantic_value_key(var, set())
+def test_shim_keys_cutlass_functions_by_name_and_keeps_the_rest_fail_closed(fake_identity):
+    with pytest.raises(TypeError):                  # what quack 0.6.5 does on cutlass-dsl 4.8.1
+        fake_identity.function_semantic_key(_quack_epilogue)
     quack_down._allow_unkeyed_dsl_globals()
-    key = fake_identity.semantic_value_key
-    assert key(var, set()) == ("contextvar", "_LOC_TRANSFORMS")
-    assert key(contextvars.ContextVar("other"), set()) != key(var, set())
-    assert key(str.count, set()) == ("builtin_method", "str", "count")
-    assert key(object.__init__, set()) == ("builtin_method", "object", "__init__")
-    with pytest.raises(TypeError):                      # anything else is still refused (fail-closed)
-        key(object(), set())
-    # what the strict keyer knew keeps its key, also inside containers (the recursion is shimmed)
-    assert key(("a", 3, None), set()) == ("tuple", ("a", 3, None))
-    assert key(("a", var), set()) == ("tuple", ("a", ("contextvar", "_LOC_TRANSFORMS")))
+    key = fake_identity.function_semantic_key(_quack_epilogue)
+    assert key[:2] == ("function", "_quack_epilogue")
+    ((name, dep),) = key[2]
+    assert name == "_cutlass_helper"
+    assert dep[:3] == ("cutlass_fn", "cutlass.base_dsl.pyir_state", "_cutlass_helper")
+    with pytest.raises(TypeError):                  # the same state read outside cutlass: still refused
+        fake_identity.function_semantic_key(_user_epilogue)
+    # functions outside cutlass are keyed as before
+    assert fake_identity.function_semantic_key(_plain_function) == ("function", "_plain_function", ())
+
+
+def _plain_function():
+    return None
 
 
 def test_shim_applies_once(fake_identity):
     quack_down._allow_unkeyed_dsl_globals()
-    first = fake_identity.semantic_value_key
+    first = fake_identity.function_semantic_key
     quack_down._allow_unkeyed_dsl_globals()
-    assert fake_identity.semantic_value_key is first
+    assert fake_identity.function_semantic_key is first
 
 
 def test_a_quack_that_does_not_build_is_not_used(monkeypatch):

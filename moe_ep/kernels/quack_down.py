@@ -53,28 +53,32 @@ def builds() -> bool:
 
 
 def _allow_unkeyed_dsl_globals() -> None:
-    """QuACK keys its compile cache by a fingerprint of everything an epilogue depends on, down
-    into nvidia-cutlass-dsl's own functions. cutlass-dsl 4.8.1 (newer than quack-kernels 0.6.5)
-    holds two kinds of globals there that the fingerprint refuses, so building any epilogue raises
-    TypeError: a ContextVar of source locations, and methods of built-in types (code objects'
-    `co_positions`). Key exactly those two kinds, by name; anything else the fingerprint refuses
-    still raises (and then `builds()` turns QuACK off)."""
-    import contextvars
-    import types
+    """QuACK keys its compile cache by a fingerprint of everything an epilogue depends on, and it
+    follows functions into their globals, down into nvidia-cutlass-dsl's own code. There,
+    cutlass-dsl 4.8.1 (newer than quack-kernels 0.6.5) holds runtime state the fingerprint refuses
+    (a ContextVar of source locations, code-object methods, a logger, weak tables, counters), so
+    building any epilogue raises TypeError. cutlass-dsl's functions are library code: key them by
+    module, name and the installed cutlass-dsl version instead of walking their globals, as quack
+    keys modules and classes. Everything else is keyed by quack as before (and where it still
+    refuses a value, `builds()` turns QuACK off)."""
+    import importlib.metadata
 
     from quack.gemm_runtime import identity
-    if getattr(identity.semantic_value_key, "_moe_ep_shim", False):
+    if getattr(identity.function_semantic_key, "_moe_ep_shim", False):
         return
-    strict = identity.semantic_value_key
+    strict = identity.function_semantic_key
+    try:
+        version = importlib.metadata.version("nvidia-cutlass-dsl")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
 
-    def key(value, seen):
-        if isinstance(value, contextvars.ContextVar):
-            return ("contextvar", value.name)
-        if isinstance(value, (types.MethodDescriptorType, types.WrapperDescriptorType)):
-            return ("builtin_method", value.__objclass__.__qualname__, value.__name__)
-        return strict(value, seen)
+    def key(fn, *args, **kwargs):          # the same arguments as quack's (fn, seen=None)
+        module = getattr(fn, "__module__", None) or ""
+        if module.split(".")[0] == "cutlass":
+            return ("cutlass_fn", module, getattr(fn, "__qualname__", repr(fn)), version)
+        return strict(fn, *args, **kwargs)
     key._moe_ep_shim = True
-    identity.semantic_value_key = key     # identity's own recursion looks the name up here
+    identity.function_semantic_key = key     # identity's own calls look the name up here
 
 
 def cu_seqlens(counts: torch.Tensor) -> torch.Tensor:
