@@ -144,13 +144,13 @@ def new_shapes() -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None)
-    ap.add_argument("--in-place", action="store_true",
-                    help="only the layer and the compiled hunyuan_like forward, Triton vs QuACK down GEMM")
-    ap.add_argument("--gate-up-in-place", action="store_true",
-                    help="only the layer and the compiled forward, gate/up through Triton vs QuACK "
-                         "(on interleaved weight copies)")
-    ap.add_argument("--new-shapes", action="store_true",
-                    help="only the QuACK down GEMM on a new row count each call (as at EP > 1)")
+    mode = ap.add_mutually_exclusive_group()      # one mode a run; none: every GEMM variant alone
+    mode.add_argument("--in-place", action="store_true",
+                      help="the layer and the compiled hunyuan_like forward, Triton vs QuACK down GEMM")
+    mode.add_argument("--gate-up-in-place", action="store_true",
+                      help="the same, gate/up through Triton vs QuACK (on interleaved weight copies)")
+    mode.add_argument("--new-shapes", action="store_true",
+                      help="the QuACK down GEMM on a new row count each call (as at EP > 1)")
     args = ap.parse_args()
     from moe_ep.kernels.quack_down import _allow_unkeyed_dsl_globals
     _allow_unkeyed_dsl_globals()                       # before quack builds its epilogues at import
