@@ -72,6 +72,10 @@ class Telemetry:
         self._pending_events: list[dict] = []     # rebalance attempts to merge into the next record
         self._awaiting_measure: list[dict] = []   # successful moves whose measured balancedness is not in yet
         self._phase_sum = np.zeros(len(ALL_PHASES))  # mean over ranks, summed over forwards
+        # the phases a record gives: "attention" only where blocks time it (not under
+        # model.compile, where it is fused with its neighbours, nor in diffusers models);
+        # untimed time counts in "other"
+        self.shown_phases: tuple[str, ...] = ALL_PHASES
         self._phase_rank_sum: Optional[np.ndarray] = None  # [world, phases + latency]
         self._forwards = 0
         self._cmap = None
@@ -185,6 +189,7 @@ class Telemetry:
         blocks = model.attention_blocks() if hasattr(model, "attention_blocks") else getattr(model, "blocks", [])
         for block in blocks:
             block.timer = self.timer
+        self.shown_phases = tuple(p for p in ALL_PHASES if blocks or p != "attention")
         for layer in model.moe_layers():
             layer.timer = self.timer
         self.stats = stats
@@ -220,12 +225,13 @@ class Telemetry:
         timed = per_rank[:, :len(PHASES)]
         other = np.maximum(per_rank[:, -1] - timed.sum(1), 0.0)                      # [world]
         full = np.concatenate([timed, other[:, None]], axis=1)                       # [world, 6]
-        for i, p in enumerate(ALL_PHASES):
+        shown = [(i, p) for i, p in enumerate(ALL_PHASES) if p in self.shown_phases]
+        for i, p in shown:
             rec[f"phase_ms/{p}"] = float(full[:, i].mean())
             rec[f"phase_ms_max/{p}"] = float(full[:, i].max())
         for r in range(per_rank.shape[0]):
             rec[f"rank{r}/latency_ms"] = float(per_rank[r, -1])
-            for i, p in enumerate(ALL_PHASES):
+            for i, p in shown:
                 rec[f"rank{r}/phase_ms/{p}"] = float(full[r, i])
         self._phase_sum += full.mean(0)
         self._phase_rank_sum = full if self._phase_rank_sum is None else self._phase_rank_sum + full
@@ -295,10 +301,11 @@ class Telemetry:
             return None
         self._drain()
         if self._forwards:
+            def shown(row):
+                return {p: float(v) for p, v in zip(ALL_PHASES, row) if p in self.shown_phases}
             summary["phase_ms"] = {
-                "mean_per_forward": {p: float(v) for p, v in zip(ALL_PHASES, self._phase_sum / self._forwards)},
-                "per_rank_mean_per_forward": [{p: float(v) for p, v in zip(ALL_PHASES, row)}
-                                              for row in self._phase_rank_sum / self._forwards]}
+                "mean_per_forward": shown(self._phase_sum / self._forwards),
+                "per_rank_mean_per_forward": [shown(row) for row in self._phase_rank_sum / self._forwards]}
         summary["telemetry"] = {
             "metrics_file": METRICS_FILE,
             "wandb_run_dir": os.path.relpath(os.path.dirname(self.run.dir), self.out_dir) if self.run else None,
@@ -618,10 +625,10 @@ def plot_latency(records: Sequence[dict]):
         return fig
     x = np.array([r["forward"] for r in recs])
     bottom = np.zeros(len(recs))
-    has_phases = any("phase_ms/attention" in r for r in recs)
+    has_phases = any(k.startswith("phase_ms/") for r in recs for k in r)
     if has_phases:
-        for p in ALL_PHASES:
-            v = np.array([r.get(f"phase_ms/{p}", 0.0) for r in recs])
+        for p in (p for p in ALL_PHASES if any(f"phase_ms/{p}" in r for r in recs)):   # the timed ones
+            v = np.array([r[f"phase_ms/{p}"] for r in recs])
             ax.bar(x, v, bottom=bottom, color=PHASE_COLORS[p], label=p, width=0.8)
             bottom += v
     else:
@@ -646,8 +653,8 @@ def plot_rank_phases(per_rank: Sequence[dict]):
     ax = fig.add_subplot()
     bottom = np.zeros(len(per_rank))
     x = np.arange(len(per_rank))
-    for p in ALL_PHASES:
-        v = np.array([row.get(p, 0.0) for row in per_rank])
+    for p in (p for p in ALL_PHASES if any(p in row for row in per_rank)):   # the timed ones
+        v = np.array([row[p] for row in per_rank])
         ax.bar(x, v, bottom=bottom, color=PHASE_COLORS[p], label=p, width=0.6)
         bottom += v
     ax.set_xticks(x, [f"rank {i}" for i in x])

@@ -245,3 +245,35 @@ def test_metrics_write_error_does_not_stop_the_run(tmp_path):
         warnings.simplefilter("error")
         tel.log_step({"forward": 1, "latency_ms": 1.0})      # no second warning, no error
     assert json.load(open(tel.finish({})))["telemetry"]["metrics_file"] == "metrics.jsonl"
+
+
+@pytest.mark.parametrize("timed_attention", [True, False])
+def test_a_phase_nothing_times_is_left_out_not_reported_as_zero(tmp_path, timed_attention):
+    """Under model.compile (and for diffusers models) no block times "attention": records,
+    summary.json and the plots then leave that phase out, and its time counts in "other"."""
+    import types
+
+    import torch
+
+    from moe_ep.telemetry import Telemetry
+
+    out = str(tmp_path / "phases")
+    cfg = config_mod.load(QUICKSTART, TINY + [f"output_dir={out}", "telemetry.wandb=false"])
+    ctx = types.SimpleNamespace(is_main=True, rank=0, world_size=1, device=torch.device("cpu"))
+    tel = Telemetry(cfg, ctx, out)
+    layer, block = types.SimpleNamespace(timer=None), types.SimpleNamespace(timer=None)
+    tel.attach(types.SimpleNamespace(moe_layers=lambda: [layer],
+                                     attention_blocks=lambda: [block] if timed_attention else []))
+    assert layer.timer is tel.timer and (block.timer is tel.timer) == timed_attention
+    tel.timer.totals_ms.update({"router": 1.0, "experts": 4.0, **({"attention": 2.0} if timed_attention else {})})
+    tel.log_step({"forward": 0, "latency_ms": 10.0})
+    rec = json.loads(open(os.path.join(out, "metrics.jsonl")).readline())
+    assert ("phase_ms/attention" in rec) == timed_attention
+    assert ("rank0/phase_ms/attention" in rec) == timed_attention
+    assert rec["phase_ms/other"] == pytest.approx(3.0 if timed_attention else 5.0)
+    summary = json.load(open(tel.finish({})))
+    assert ("attention" in summary["phase_ms"]["mean_per_forward"]) == timed_attention
+    assert summary["phase_ms"]["mean_per_forward"]["experts"] == pytest.approx(4.0)
+    from moe_ep.telemetry import plot_latency
+    labels = plot_latency([rec]).axes[0].get_legend_handles_labels()[1]
+    assert ("attention" in labels) == timed_attention and "experts" in labels
