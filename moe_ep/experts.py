@@ -182,5 +182,6 @@ class DenseMLP(nn.Module):
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])                                          # [T, H]
         one_slot = torch.full((1,), rows.shape[0], dtype=torch.int64, device=x.device)   # no host sync
-        quack = self.quack_down and quack_down_supported(x.device, x.dtype, self.w2.shape[1], self.w2.shape[0])
+        from .kernels import quack_down           # forward() checked the Triton side already
+        quack = self.quack_down and quack_down.supported(x.device, x.dtype, self.w2.shape[1], self.w2.shape[0])
         return triton_swiglu(rows, self.w13[None], self.w2[None], one_slot, quack_down=quack).view(x.shape)
