@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moe_ep.config import MoEConfig  # noqa: E402
-from moe_ep.experts import init_expert_weights, quack_down_supported, swiglu  # noqa: E402
+from moe_ep.experts import init_expert_weights, quack_supported, swiglu  # noqa: E402
 from moe_ep.layer import MoELayer  # noqa: E402
 from moe_ep.parallel import ParallelContext  # noqa: E402
 from moe_ep.timing import PhaseTimer  # noqa: E402
@@ -41,17 +41,18 @@ def reference_fp64(layer: MoELayer, x: torch.Tensor, weights, shared=None) -> to
 
 
 PATHS = {  # name -> (experts backend, fused EP = 1 path)
+    "quack + fused local": ("quack", True),
     "triton+quack + fused local": ("triton+quack", True),
     "triton + fused local": ("triton", True),
     "grouped_mm + fused local": ("grouped_mm", True),
     "grouped_mm + generic dispatch (before)": ("grouped_mm", False),
-    "triton+quack + generic dispatch (the EP > 1 path)": ("triton+quack", False),
+    "quack + generic dispatch (the EP > 1 path)": ("quack", False),
 }
 
 
 def active_paths(device) -> list[str]:
-    """The paths that run here: the QuACK down GEMM needs quack-kernels and a Hopper GPU."""
-    quack = quack_down_supported(device, torch.bfloat16, 4096, 3072)
+    """The paths that run here: the QuACK GEMMs need quack-kernels and a Hopper GPU."""
+    quack = quack_supported(device, torch.bfloat16, 4096, 3072)
     return [name for name, (backend, _) in PATHS.items() if quack or "quack" not in backend]
 
 
@@ -158,8 +159,7 @@ def main():
         for path in active_paths(device):
             set_path(layer, path)
             result[f"phases ({path}){rep}"] = phase_breakdown(layer, x)
-    fastest = "triton+quack + fused local" if "triton+quack + fused local" in active_paths(device) \
-        else "triton + fused local"
+    fastest = "quack + fused local" if "quack + fused local" in active_paths(device) else "triton + fused local"
     set_path(layer, fastest)
     try:
         result["cuda graph"] = {"path": fastest, **graph_vs_eager(layer, x)}

@@ -6,7 +6,8 @@
 # Usage: bash launch/gpu_issue13.sh [round2|round3|round4|round5|round6|quick|skip]   (skip: no kernel variants;
 # round5: launch/gpu_power_probe.py, the GEMMs in a burst vs sustained, the persistent GEMMs, the projections;
 # round6: launch/gpu_quack_probe.py --in-place (Triton vs QuACK down GEMM, quack-kernels installed), then
-# the checks, the layer and the compiled step only)
+# the checks, the layer and the compiled step only; round7: the same with --gate-up-in-place (QuACK down
+# vs QuACK for both GEMMs) and both steps)
 set -u
 steps="false true"; profile=1
 out=$(realpath "${OUT:-.}")
@@ -18,9 +19,10 @@ if [ "${1:-}" = round5 ]; then
     (cd launch && timeout 300 python3 gpu_power_probe.py $flag --json "$out/power_$mode.json" > "$out/power_$mode.log" 2>&1)
     echo "power probe $mode rc=$?"; grep -v -i warn "$out/power_$mode.log" | tail -14 | cut -c1-220
   done
-elif [ "${1:-}" = round6 ]; then
-  steps=true; profile=0
-  timeout 200 python3 launch/gpu_quack_probe.py --in-place --json "$out/quack_in_place.json" > "$out/quack_in_place.log" 2>&1
+elif [ "${1:-}" = round6 ] || [ "${1:-}" = round7 ]; then
+  [ "$1" = round6 ] && { steps=true; mode=--in-place; } || mode=--gate-up-in-place
+  profile=0
+  timeout 240 python3 launch/gpu_quack_probe.py $mode --json "$out/quack_in_place.json" > "$out/quack_in_place.log" 2>&1
   echo "quack in place rc=$?"; grep -v -i warn "$out/quack_in_place.log" | tail -6 | cut -c1-300
 elif [ "${1:-}" != skip ]; then
   timeout 200 python3 launch/gpu_kernel_variants.py ${1:+--$1} --json "$out/variants.json" > "$out/variants.log" 2>&1

@@ -23,6 +23,8 @@ import os
 import statistics
 import sys
 
+from typing import Optional
+
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -65,16 +67,21 @@ def gemm_flops(r: dict) -> tuple[int, int]:
     return 2 * M * H * 2 * Fh, 2 * M * Fh * H
 
 
-def interleaved(fns: dict, rounds: int, iters: int) -> dict:
+def interleaved(fns: dict, rounds: int, iters: int, before: Optional[dict] = None) -> dict:
     """The fns take turns, `rounds` times; each turn runs one fn `iters` times back to back
-    (CUDA events around the turn). name -> {"median_ms": median over turns of ms per call,
-    "turns_ms": every turn}. Taking turns spreads the GPU's clock drift over all of them."""
+    (CUDA events around the turn), after `before[name]()` (untimed) where given. name ->
+    {"median_ms": median over turns of ms per call, "turns_ms": every turn}. Taking turns
+    spreads the GPU's clock drift over all of them."""
+    before = before or {}
     out = {name: [] for name in fns}
-    for fn in fns.values():
+    for name, fn in fns.items():
+        before.get(name, lambda: None)()
         fn()
     torch.cuda.synchronize()
     for _ in range(rounds):
         for name, fn in fns.items():
+            before.get(name, lambda: None)()
+            torch.cuda.synchronize()
             out[name].append(back_to_back_ms(lambda _, fn=fn: fn(), None, iters))
     return {name: {"median_ms": statistics.median(v), "turns_ms": [round(t, 3) for t in v]} for name, v in out.items()}
 

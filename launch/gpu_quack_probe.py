@@ -8,7 +8,7 @@ on load (A_idx) and fuses a gated SwiGLU epilogue, so it can replace both Triton
 
     python launch/gpu_quack_probe.py [--json out.json]     # one Hopper GPU, quack-kernels installed
     python launch/gpu_quack_probe.py --in-place            # layer + compiled model: Triton vs QuACK down GEMM
-    python launch/gpu_quack_probe.py --gate-up-in-place    # the same for gate/up (on interleaved weight copies)
+    python launch/gpu_quack_probe.py --gate-up-in-place    # the same: backend "triton+quack" vs "quack" (both GEMMs)
 
 Each variant is timed as launch/gpu_power_probe.py times them: in a burst (50 ms idle before
 each call) and sustained (back to back for 2 s), TFLOP/s of the 65536 real rows. Outputs are
@@ -31,14 +31,8 @@ from gpu_power_probe import gemm_flops, routed_rows  # noqa: E402
 from gpu_profile import sustained_vs_burst  # noqa: E402
 from moe_ep.atomic import write_json_atomic  # noqa: E402
 from moe_ep.kernels import grouped_gemm as gg  # noqa: E402
-from moe_ep.kernels.quack_down import cu_seqlens  # noqa: E402
-
-
-def interleave_gate_up(w13: torch.Tensor) -> torch.Tensor:
-    """[S, H, 2F] with [gate | up] columns -> [S, H, 2F] with columns g0, u0, g1, u1, ...
-    (QuACK's gated epilogue pairs neighbouring columns)."""
-    S, H, F2 = w13.shape
-    return w13.view(S, H, 2, F2 // 2).transpose(2, 3).reshape(S, H, F2).contiguous()
+from moe_ep.experts import interleave_gate_up  # noqa: E402
+from moe_ep.kernels.quack_gemm import cu_seqlens  # noqa: E402
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -46,19 +40,24 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def take_turns(variants: dict) -> dict:
-    """variants: name -> switch(module), which sets the module (and the code) to that variant. The
-    layer (random gate) and then the compiled hunyuan_like forward run under each variant, taking
-    turns (launch/gpu_power_probe.interleaved); outputs are compared with torch.equal."""
+    """variants: name -> switch(module), which sets the module to that variant. The layer (random
+    gate) and then the compiled hunyuan_like forward run under each variant, taking turns
+    (launch/gpu_power_probe.interleaved; a switch runs before its turn, untimed: a backend switch
+    may re-lay the weights out); outputs are compared with torch.equal."""
     from gpu_check import make_layer
     from gpu_power_probe import interleaved
     from gpu_profile import hunyuan_case
     res = {}
 
     def run(case, module, fwd, rounds, iters):
-        fns = {name: (lambda switch=switch: (switch(module), fwd())[1]) for name, switch in variants.items()}
-        outs = [fn() for fn in fns.values()]
+        outs = []
+        for switch in variants.values():
+            switch(module)
+            outs.append(fwd())
         same = all(torch.equal(outs[0], o) for o in outs[1:])
-        res[case] = {**interleaved(fns, rounds=rounds, iters=iters), "outputs_equal": same}
+        before = {name: (lambda switch=switch: switch(module)) for name, switch in variants.items()}
+        res[case] = {**interleaved({name: fwd for name in variants}, rounds=rounds, iters=iters, before=before),
+                     "outputs_equal": same}
         print(case, {k: v["median_ms"] for k, v in res[case].items() if isinstance(v, dict)}, "equal", same, flush=True)
     layer, x = make_layer(torch.device("cuda"))
     run("layer", layer, lambda: layer(x), rounds=10, iters=20)
@@ -70,54 +69,22 @@ def take_turns(variants: dict) -> dict:
     return res
 
 
-def set_quack_down(module: torch.nn.Module, on: bool) -> None:
-    """Every routed-expert block and shared expert in `module`: down GEMM through QuACK (on) or Triton."""
+def set_backend(module: torch.nn.Module, backend: str) -> None:
+    """Every routed-expert block in `module` on `backend` ("quack", "triton+quack" or "triton"),
+    and every shared expert's down GEMM through QuACK where the backend's is."""
     from moe_ep.experts import DenseMLP, GroupedExperts
     for m in module.modules():
-        if isinstance(m, GroupedExperts) and m.backend in ("triton", "triton+quack"):
-            m.backend = "triton+quack" if on else "triton"
+        if isinstance(m, GroupedExperts):
+            m.backend = backend
         elif isinstance(m, DenseMLP):
-            m.quack_down = on
-
-
-def quack_gate_up_swiglu():
-    """A stand-in for moe_ep.experts.triton_swiglu with gate/up through QuACK too: its gated GEMM
-    on an interleaved copy of w13 (made once per weight tensor), then the QuACK down GEMM. It
-    measures what storing w13 interleaved would buy; moe-ep does not store it so."""
-    from quack.gemm_config import GemmConfig as QConfig
-    from quack.gemm_interface import gemm_act
-
-    from moe_ep.kernels.quack_down import cu_seqlens, down_gemm
-    cfg = QConfig(tile_m=128, tile_n=192, pingpong=True, cluster_m=2, cluster_n=1, is_dynamic_persistent=False)
-    copies = {}
-
-    def swiglu(x, w13, w2, counts, row_scale=None, row_index=None, quack_down=True):
-        wi = copies.get(w13.data_ptr())
-        if wi is None:
-            wi = copies[w13.data_ptr()] = interleave_gate_up(w13)
-        a = x[row_index] if row_index is not None else x                     # rows copied first (faster)
-        _, h = gemm_act(a, wi, activation="swiglu", cu_seqlens_m=cu_seqlens(counts), store_preact=False,
-                        tuned=False, config=cfg)
-        return down_gemm(h, w2, counts, row_scale)
-    return swiglu
-
-
-def gate_up_ab() -> dict:
-    """Gate/up through Triton vs through QuACK on interleaved weight copies (QuACK down in both)."""
-    import moe_ep.experts as experts
-    triton_path, quack_path = experts.triton_swiglu, quack_gate_up_swiglu()
-    try:
-        return take_turns({"triton gate/up": lambda _: setattr(experts, "triton_swiglu", triton_path),
-                           "quack gate/up": lambda _: setattr(experts, "triton_swiglu", quack_path)})
-    finally:
-        experts.triton_swiglu = triton_path
+            m.quack_down = "quack" in backend
 
 
 def new_shapes() -> dict:
     """At EP > 1 the rows an expert block gets change every forward. QuACK caches each call by
     its exact shapes: how long does the first call with a new row count take, against a repeat?
     And is each output bit-identical to the Triton down kernel's?"""
-    from moe_ep.kernels.quack_down import down_gemm
+    from moe_ep.kernels.quack_gemm import down_gemm
     dev = torch.device("cuda")
     S, Fh, H = 32, 3072, 4096
     w2 = torch.randn(S, Fh, H, device=dev, dtype=torch.bfloat16) * Fh ** -0.5
@@ -131,7 +98,7 @@ def new_shapes() -> dict:
         for _ in range(3):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            y = down_gemm(h, w2, counts, scale)
+            y = down_gemm(h, w2, cu_seqlens(counts), scale)
             torch.cuda.synchronize()
             times.append((time.perf_counter() - t0) * 1e3)
         y_ref = gg.grouped_gemm(h, w2, counts, row_scale=scale, config=gg.DOWN_CONFIG)
@@ -148,18 +115,21 @@ def main():
     mode.add_argument("--in-place", action="store_true",
                       help="the layer and the compiled hunyuan_like forward, Triton vs QuACK down GEMM")
     mode.add_argument("--gate-up-in-place", action="store_true",
-                      help="the same, gate/up through Triton vs QuACK (on interleaved weight copies)")
+                      help="the same, backend triton+quack (QuACK down) vs quack (both GEMMs)")
     mode.add_argument("--new-shapes", action="store_true",
                       help="the QuACK down GEMM on a new row count each call (as at EP > 1)")
     args = ap.parse_args()
-    from moe_ep.kernels.quack_down import _allow_unkeyed_dsl_globals
+    from moe_ep.kernels.quack_gemm import _allow_unkeyed_dsl_globals
     _allow_unkeyed_dsl_globals()                       # before quack builds its epilogues at import
     if args.in_place or args.gate_up_in_place or args.new_shapes:
         if args.in_place:
-            res = take_turns({"triton down": lambda m: set_quack_down(m, False),
-                              "quack down": lambda m: set_quack_down(m, True)})
+            res = take_turns({"triton down": lambda m: set_backend(m, "triton"),
+                              "quack down": lambda m: set_backend(m, "triton+quack")})
+        elif args.gate_up_in_place:
+            res = take_turns({"quack down": lambda m: set_backend(m, "triton+quack"),
+                              "quack both": lambda m: set_backend(m, "quack")})
         else:
-            res = gate_up_ab() if args.gate_up_in_place else new_shapes()
+            res = new_shapes()
         if args.json:
             write_json_atomic(args.json, res)
         return

@@ -93,8 +93,8 @@ def expert_weights(ctx, layer: int, expert: int):
 def weights_follow_placement(ctx, layers) -> bool:
     for layer in layers:
         for s, e in enumerate(layer.local_experts):
-            w13, w2 = expert_weights(ctx, layer.layer_idx, e)
-            if not (torch.equal(layer.experts.w13[s], w13) and torch.equal(layer.experts.w2[s], w2)):
+            want, have = expert_weights(ctx, layer.layer_idx, e), layer.experts.slot_weights(s)
+            if not all(torch.equal(a, b) for a, b in zip(have, want)):
                 return False
     return True
 

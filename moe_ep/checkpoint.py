@@ -154,13 +154,13 @@ def save_checkpoint(model, path: str) -> None:
             for e in range(cfg.moe.num_experts):
                 rank, slot = owner(layer, e)
                 if rank == ctx.ep_rank:
-                    for w in (layer.experts.w13[slot], layer.experts.w2[slot]):
+                    for w in layer.experts.slot_weights(slot):
                         dist.send(w.detach().contiguous().reshape(-1).view(torch.uint8), dst=ctx.rank - ctx.ep_rank)
         return
 
     def fetch(layer, e: int, which: int) -> torch.Tensor:
         rank, slot = owner(layer, e)
-        w = (layer.experts.w13 if which == 0 else layer.experts.w2)[slot]
+        w = layer.experts.slot_weights(slot)[which]                      # [gate | up] columns
         if rank == 0:
             return w.detach()
         buf = torch.empty(w.numel() * w.element_size(), dtype=torch.uint8, device=w.device)

@@ -41,25 +41,46 @@ def silu_gate(h: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def interleave_gate_up(w13: torch.Tensor) -> torch.Tensor:
+    """[..., 2F] columns [gate | up] -> the same weights with columns g0, u0, g1, u1, ... (a copy)."""
+    return w13.unflatten(-1, (2, w13.shape[-1] // 2)).transpose(-1, -2).flatten(-2)
+
+
+def gate_up_blocks(w13_pairs: torch.Tensor) -> torch.Tensor:
+    """The inverse of `interleave_gate_up`: columns g0, u0, g1, u1, ... -> [gate | up] (a copy)."""
+    return w13_pairs.unflatten(-1, (w13_pairs.shape[-1] // 2, 2)).transpose(-1, -2).flatten(-2)
+
+
 def triton_swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor,
                   row_scale: Optional[torch.Tensor] = None, row_index: Optional[torch.Tensor] = None,
                   quack_down: bool = False) -> torch.Tensor:
     """SwiGLU experts through moe_ep.kernels' two grouped GEMMs: SwiGLU in the first one's
     epilogue, the row scale in the second's. x [Ma, H] (row i is x[row_index[i]] with a row
     index), w13 [S, H, 2F], w2 [S, F, H], counts [S] rows per slot -> [M, H].
-    quack_down: the down GEMM through QuACK (kernels/quack_down.py) instead of Triton."""
+    quack_down: the down GEMM through QuACK (kernels/quack_gemm.py) instead of Triton."""
     from .kernels.grouped_gemm import DOWN_CONFIG, GATE_UP_CONFIG, grouped_gemm
     h = grouped_gemm(x, w13, counts, swiglu=True, row_index=row_index, config=GATE_UP_CONFIG)   # [M, F]
     if quack_down:
-        from .kernels.quack_down import down_gemm
-        return down_gemm(h, w2, counts, row_scale)                                            # [M, H]
+        from .kernels.quack_gemm import cu_seqlens, down_gemm
+        return down_gemm(h, w2, cu_seqlens(counts), row_scale)                               # [M, H]
     return grouped_gemm(h, w2, counts, row_scale=row_scale, config=DOWN_CONFIG)                # [M, H]
 
 
-def quack_down_supported(device: torch.device, dtype: torch.dtype, hidden: int, inner: int) -> bool:
-    """The down GEMM can go through QuACK here (quack-kernels installed, Hopper, bf16/fp16)."""
-    from .kernels import quack_down
-    return triton_supported(device, dtype) and quack_down.supported(device, dtype, hidden, inner)
+def quack_swiglu(x: torch.Tensor, w13_pairs: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor,
+                 row_scale: Optional[torch.Tensor] = None, row_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """SwiGLU experts with both GEMMs through QuACK (kernels/quack_gemm.py): the same epilogues
+    and the same output as `triton_swiglu`. w13_pairs [S, H, 2F] has its columns interleaved
+    (`interleave_gate_up`); the other arguments are as there."""
+    from .kernels.quack_gemm import cu_seqlens, down_gemm, gate_up_gemm
+    cu = cu_seqlens(counts)                                                    # [S + 1] int32
+    rows = x[row_index] if row_index is not None else x   # copied first: TMA loads (faster than a gather)
+    return down_gemm(gate_up_gemm(rows, w13_pairs, cu), w2, cu, row_scale)    # [M, F] -> [M, H]
+
+
+def quack_supported(device: torch.device, dtype: torch.dtype, hidden: int, inner: int) -> bool:
+    """The experts' GEMMs can go through QuACK here (quack-kernels installed, Hopper, bf16/fp16)."""
+    from .kernels import quack_gemm
+    return triton_supported(device, dtype) and quack_gemm.supported(device, dtype, hidden, inner)
 
 
 def triton_supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -71,9 +92,9 @@ def triton_supported(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def default_backend(device: torch.device, dtype: torch.dtype, hidden: int, inner: int) -> str:
-    """The fastest expert path that runs here: "triton+quack", "triton", "grouped_mm" or "loop"."""
+    """The fastest expert path that runs here: "quack", "triton", "grouped_mm" or "loop"."""
     if PREFER_TRITON and triton_supported(device, dtype):
-        return "triton+quack" if quack_down_supported(device, dtype, hidden, inner) else "triton"
+        return "quack" if quack_supported(device, dtype, hidden, inner) else "triton"
     return "grouped_mm" if grouped_mm_supported(device, dtype, hidden, inner) else "loop"
 
 
@@ -94,8 +115,19 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype, hidden: int, 
     return False
 
 
+# The expert paths GroupedExperts can take (see its `backend`).
+BACKENDS = ("quack", "triton+quack", "triton", "grouped_mm", "loop")
+# ... and those that store w13's columns interleaved (g0, u0, g1, u1, ...) instead of [gate | up]
+PAIRED_BACKENDS = ("quack",)
+
+
 class GroupedExperts(nn.Module):
-    """SwiGLU experts of `num_slots` physical slots: w13 [S, H, 2F] (gate and up fused), w2 [S, F, H]."""
+    """SwiGLU experts of `num_slots` physical slots: w13 [S, H, 2F] (gate and up fused), w2 [S, F, H].
+
+    w13's columns are [gate | up], except with the "quack" backend, whose gated epilogue pairs
+    neighbouring columns: there they are stored interleaved (g0, u0, g1, u1, ...). Read and write
+    one slot's weights through `slot_weights` / `set_slot`, which always speak [gate | up].
+    """
 
     def __init__(self, num_slots: int, hidden: int, inner: int, dtype=torch.float32, device=None):
         super().__init__()
@@ -105,20 +137,52 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.zeros(num_slots, inner, hidden, dtype=dtype, device=device),
                                requires_grad=False)
         dev = torch.device(device) if device is not None else torch.device("cpu")
-        # "triton": moe_ep.kernels' grouped GEMMs with SwiGLU and the row scale fused into their
-        # epilogues; "triton+quack": the same with the down GEMM through QuACK (Hopper, when
-        # quack-kernels is installed; the same output, the down GEMM 6% and the layer 1% faster);
-        # "grouped_mm": torch._grouped_mm + a separate activation; "loop": one matmul pair per
-        # slot (CPU, fp32 on CUDA). See docs/benchmarks.md section 1d.
-        self.backend = default_backend(dev, dtype, hidden, inner)
+        # "quack": both GEMMs through QuACK's CuTe-DSL kernels (Hopper, when quack-kernels is
+        # installed; the same output; w13 stored interleaved); "triton+quack": Triton gate/up,
+        # QuACK down; "triton": moe_ep.kernels' grouped GEMMs with SwiGLU and the row scale fused
+        # into their epilogues; "grouped_mm": torch._grouped_mm + a separate activation; "loop":
+        # one matmul pair per slot (CPU, fp32 on CUDA). See docs/benchmarks.md section 1d.
+        self._backend = default_backend(dev, dtype, hidden, inner)   # the weights are zeros: no relayout
         # On a GPU the activation as separate kernels costs 1.25 ms per 65536 x 6144 bf16 rows
         # (H200); one fused kernel from torch.compile takes 0.31 ms (launch/gpu_grouped_variants.py),
         # 0.3 ms of the layer's 10 ms measured in place (launch/gpu_check.py).
         self.activation = torch.compile(silu_gate, dynamic=True) if dev.type == "cuda" else silu_gate
 
     @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        """Switch the expert path; the weights are re-laid out in place (slot by slot) where the
+        new path wants w13's columns ordered otherwise."""
+        if name not in BACKENDS:
+            raise ValueError(f"experts.backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+        if (name in PAIRED_BACKENDS) != self.paired:
+            relayout = gate_up_blocks if self.paired else interleave_gate_up
+            for slot in self.w13.data:
+                slot.copy_(relayout(slot))
+        self._backend = name
+
+    @property
+    def paired(self) -> bool:
+        """True while w13's columns are stored interleaved (g0, u0, g1, u1, ...)."""
+        return self._backend in PAIRED_BACKENDS
+
+    def set_slot(self, slot: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
+        """Write one slot's expert: w13 [H, 2F] ([gate | up]), w2 [F, H]."""
+        self.w13.data[slot].copy_(interleave_gate_up(w13) if self.paired else w13)
+        self.w2.data[slot].copy_(w2)
+
+    def slot_weights(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One slot's expert as (w13 [H, 2F] with [gate | up] columns, w2 [F, H]): views of the
+        live weights, or (w13, when stored interleaved) a copy."""
+        w13 = self.w13.data[slot]
+        return (gate_up_blocks(w13) if self.paired else w13), self.w2.data[slot]
+
+    @property
     def use_grouped_mm(self) -> bool:
-        """True when a grouped-GEMM path runs (Triton or torch._grouped_mm), False for the loop."""
+        """True when a grouped-GEMM path runs (QuACK, Triton or torch._grouped_mm), False for the loop."""
         return self.backend != "loop"
 
     @use_grouped_mm.setter
@@ -133,11 +197,13 @@ class GroupedExperts(nn.Module):
         row_index [M] (optional): row i of the grouped input is x[row_index[i]] (x is then
         [T, H], e.g. the tokens themselves: the Triton path gathers on load and never writes
         the permuted copy). row_scale [M] fp32 (optional): output row i is multiplied by it
-        (the routed weight), in fp32 before rounding on the Triton path.
+        (the routed weight), in fp32 before rounding on the QuACK and Triton paths.
         """
         M = row_index.numel() if row_index is not None else x.shape[0]
         if M == 0:
             return x.new_empty(0, self.hidden)
+        if self.backend == "quack":
+            return quack_swiglu(x, self.w13, self.w2, counts, row_scale=row_scale, row_index=row_index)
         if self.backend in ("triton", "triton+quack"):
             return triton_swiglu(x, self.w13, self.w2, counts, row_scale=row_scale, row_index=row_index,
                                  quack_down=self.backend == "triton+quack")
@@ -168,7 +234,9 @@ class DenseMLP(nn.Module):
         # GEMM's epilogue (no [T, 2F] intermediate, no elementwise pass; docs/benchmarks.md 1d);
         # False or elsewhere: two matmuls and an elementwise SwiGLU.
         self.fused = True
-        # ... and its down GEMM through QuACK where that runs (kernels/quack_down.py); False: Triton.
+        # ... and its down GEMM through QuACK where that runs (kernels/quack_gemm.py); False: Triton.
+        # (Its gate/up stays on Triton: QuACK's would need w13 interleaved, and this w13 is a
+        # plain parameter that checkpoints and state dicts read as [gate | up].)
         self.quack_down = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,6 +250,6 @@ class DenseMLP(nn.Module):
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])                                          # [T, H]
         one_slot = torch.full((1,), rows.shape[0], dtype=torch.int64, device=x.device)   # no host sync
-        from .kernels import quack_down           # forward() checked the Triton side already
-        quack = self.quack_down and quack_down.supported(x.device, x.dtype, self.w2.shape[1], self.w2.shape[0])
+        from .kernels import quack_gemm           # forward() checked the Triton side already
+        quack = self.quack_down and quack_gemm.supported(x.device, x.dtype, self.w2.shape[1], self.w2.shape[0])
         return triton_swiglu(rows, self.w13[None], self.w2[None], one_slot, quack_down=quack).view(x.shape)

@@ -98,9 +98,7 @@ class MoELayer(nn.Module):
     def load_expert_weights(self, weights: ExpertWeightSource) -> None:
         """Copy each local slot's logical-expert weights in."""
         for slot, expert in enumerate(self.local_experts):
-            w13, w2 = weights(expert)
-            self.experts.w13[slot].copy_(w13)
-            self.experts.w2[slot].copy_(w2)
+            self.experts.set_slot(slot, *weights(expert))
 
     # ------------------------------------------------------------ forward
     # Inside a torch.compile'd model this layer runs eagerly: its kernels are fused by hand, and at

@@ -131,9 +131,8 @@ class Transfer:
         return slot - self.ep_rank * self.layers[layer].slots_per_rank
 
     def _weights(self, layer: int, slot: int):
-        ex = self.layers[layer].experts
-        i = self._local_slot(layer, slot)
-        return ex.w13.data[i], ex.w2.data[i]
+        # [gate | up] columns on the wire and in staging, whatever layout either rank stores
+        return self.layers[layer].experts.slot_weights(self._local_slot(layer, slot))
 
     def prepare(self) -> None:
         """Staging buffers, send buffers (from the OLD weights) and the P2P ops; no communication."""
@@ -208,9 +207,7 @@ class Transfer:
         """Copy staging into the live weights and install the new placement on every layer
         (or on `only_layers`, whose moves are all this transfer holds)."""
         for (layer, local_slot), (w13, w2) in self.staging.items():
-            ex = self.layers[layer].experts
-            ex.w13.data[local_slot].copy_(w13)
-            ex.w2.data[local_slot].copy_(w2)
+            self.layers[layer].experts.set_slot(local_slot, w13, w2)
         for l, layer in enumerate(self.layers):
             if only_layers is None or l in only_layers:
                 layer.set_placement(new_phy2log[l])

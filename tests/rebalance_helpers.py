@@ -90,8 +90,8 @@ def local_weights_ok(layers) -> bool:
     """Each slot of this rank holds exactly the weights of the expert the placement names."""
     for layer in layers:
         for s, e in enumerate(layer.local_experts):
-            w13, w2 = init_expert_weights(SEED, layer.layer_idx, e, H, F)
-            if not (torch.equal(layer.experts.w13[s], w13) and torch.equal(layer.experts.w2[s], w2)):
+            want, have = init_expert_weights(SEED, layer.layer_idx, e, H, F), layer.experts.slot_weights(s)
+            if not all(torch.equal(a, b) for a, b in zip(have, want)):
                 return False
     return True
 

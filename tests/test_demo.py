@@ -14,6 +14,7 @@ from moe_ep.checkpoint import load_checkpoint
 from moe_ep.config import ModelConfig, MoEConfig
 from moe_ep.demo import adherence, classify, shapes
 from moe_ep.demo.train_moe import TrainMoE, swap_in, swap_out
+from moe_ep.experts import interleave_gate_up
 from moe_ep.images import decode_latents
 from moe_ep.model.dit import MoEDiT
 from moe_ep.parallel import ParallelContext
@@ -67,6 +68,24 @@ def test_train_moe_matches_inference_layer(moe):
         assert int(t.counts.sum()) == 64 * t.cfg.top_k
     swap_out(model)
     assert list(model.state_dict()) == keys and len(model.moe_layers()) == 2
+
+
+def test_training_reads_w13_as_gate_up_whatever_the_inference_path_stores():
+    """A layer on the "quack" path (w13 stored interleaved) trains on [gate | up] weights and gets
+    its path and layout back from swap_out."""
+    model = _small_model()
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(3))
+    ref = [layer(x) for layer in model.moe_layers()]
+    stored = [layer.experts.w13.detach().clone() for layer in model.moe_layers()]
+    for layer in model.moe_layers():
+        layer.experts.backend = "quack"
+    trains = swap_in(model)
+    for t, r in zip(trains, ref):
+        assert not t.experts.paired
+        torch.testing.assert_close(t(x), r, rtol=1e-5, atol=1e-5)
+    swap_out(model)
+    for layer, w13 in zip(model.moe_layers(), stored):
+        assert layer.experts.backend == "quack" and torch.equal(layer.experts.w13, interleave_gate_up(w13))
 
 
 def test_train_script_writes_a_loadable_checkpoint(tmp_path):

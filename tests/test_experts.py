@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_ep.experts import GroupedExperts, swiglu
+from fake_quack import quack_on_cpu
+from moe_ep.experts import GroupedExperts, gate_up_blocks, interleave_gate_up, swiglu
 
 
 @pytest.mark.parametrize("counts", [[5, 0, 20, 5], [0, 0, 0, 7], [1, 1, 1, 1], [0, 0, 0, 0]])
@@ -22,3 +23,49 @@ def test_grouped_and_fallback_match_per_slot_reference(counts):
         out = experts(x, c)
         assert out.shape == (sum(counts), 16)
         assert torch.allclose(out, ref, atol=1e-5), (use_grouped, (out - ref).abs().max())
+
+
+def test_interleaved_columns_pair_each_gate_with_its_up():
+    H, Fh = 3, 4
+    w13 = torch.arange(H * 2 * Fh, dtype=torch.float32).view(H, 2 * Fh)       # [gate | up]
+    pairs = interleave_gate_up(w13)
+    for j in range(Fh):                                                        # written out plainly
+        assert torch.equal(pairs[:, 2 * j], w13[:, j]) and torch.equal(pairs[:, 2 * j + 1], w13[:, Fh + j])
+    assert torch.equal(gate_up_blocks(pairs), w13)
+    stacked = torch.randn(5, H, 2 * Fh)
+    assert torch.equal(gate_up_blocks(interleave_gate_up(stacked)), stacked)
+
+
+def test_quack_backend_stores_w13_interleaved_and_keeps_the_weights():
+    """Switching to and from the "quack" path re-lays w13 out in place; set_slot / slot_weights
+    speak [gate | up] either way; the quack path (CPU stand-ins for QuACK's kernels) computes the
+    per-slot reference, with routed weights and a row index."""
+    torch.manual_seed(0)
+    experts = GroupedExperts(4, 16, 8)
+    blocks = [(torch.randn(16, 16), torch.randn(8, 16)) for _ in range(4)]
+    for s, (w13, w2) in enumerate(blocks):
+        experts.set_slot(s, w13, w2)
+    experts.backend = "loop"
+    experts.backend = "quack"
+    assert experts.paired
+    assert torch.equal(experts.w13.data[1], interleave_gate_up(blocks[1][0]))
+    assert all(torch.equal(experts.slot_weights(s)[0], blocks[s][0]) for s in range(4))
+    experts.set_slot(2, *blocks[3])
+    assert torch.equal(experts.w13.data[2], interleave_gate_up(blocks[3][0]))
+    experts.set_slot(2, *blocks[2])
+
+    counts = [5, 0, 20, 3]
+    x = torch.randn(40, 16)
+    row_index = torch.randint(0, 40, (sum(counts),))
+    scale = torch.rand(sum(counts))
+    xs = x[row_index].split(counts)
+    ref = torch.cat([swiglu(xs[s], *blocks[s]) for s in range(4)]) * scale[:, None]
+    with quack_on_cpu():
+        out = experts(x, torch.tensor(counts), row_scale=scale, row_index=row_index)
+    assert torch.allclose(out, ref, atol=1e-4), (out - ref).abs().max()
+
+    experts.backend = "loop"                                                  # back to [gate | up]
+    assert not experts.paired and all(torch.equal(experts.w13.data[s], blocks[s][0]) for s in range(4))
+    assert torch.allclose(experts(x, torch.tensor(counts), row_scale=scale, row_index=row_index), ref, atol=1e-4)
+    with pytest.raises(ValueError, match="experts.backend must be one of"):
+        experts.backend = "cutlass"

@@ -16,6 +16,7 @@ from eplb import gpu_load, minimize_movement
 from moe_ep.rebalance import Rebalancer, layer_balancedness, read_placement_file
 from moe_ep.stats import ExpertLoadStats
 from moe_ep.transfer import plan_transfers
+from fake_quack import quack_on_cpu
 from mp import run_ranks
 from rebalance_helpers import (eplb_cfg, greedy_planner, input_planner, inputs, local_weights_ok,
                                random_placement, random_planner, run_stack, tokens, make_stack)
@@ -98,8 +99,16 @@ def _forward(stats, base, live, rank, fwd, what, t=0.5, same_input=False):
     assert err < TOL * scale, f"{what}: forward {fwd}: max abs diff {err} (output scale {scale:.1f})"
 
 
-def _ranks_forced(rank, world, ep_size):
+def _ranks_forced(rank, world, ep_size, paired_ranks=()):
     ctx, base, live, cfg, stats = _setup(rank, world, ep_size)
+    if rank in paired_ranks:       # this rank stores w13 interleaved (the "quack" path, CPU stand-ins)
+        for layer in live:
+            layer.experts.backend = "quack"
+    with quack_on_cpu():
+        _forced_rebalances(rank, world, ctx, live, base, cfg, stats)
+
+
+def _forced_rebalances(rank, world, ctx, live, base, cfg, stats):
     reb = Rebalancer(live, ctx, cfg, stats, planner=random_planner(5), force=True)
     for fwd in range(FWD):
         before = reb.current_phy2log()
@@ -127,6 +136,12 @@ def _ranks_forced(rank, world, ep_size):
 @pytest.mark.parametrize("world,ep_size", [(2, 2), (4, 4), (4, 2)])
 def test_forced_rebalance_keeps_outputs(world, ep_size):
     run_ranks(world, _ranks_forced, ep_size)
+
+
+def test_ranks_that_store_w13_differently_exchange_experts():
+    """Rank 0 keeps w13 interleaved (QuACK's layout), rank 1 [gate | up]: experts travel as
+    [gate | up], so each lands right whichever way either rank stores it."""
+    run_ranks(2, _ranks_forced, 2, (0,))
 
 
 def _ranks_faults(rank, world, ep_size, tmpdir):

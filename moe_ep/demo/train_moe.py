@@ -34,6 +34,11 @@ class TrainMoE(nn.Module):
             raise ValueError("training needs EP = 1 and no redundant experts (slot e holds expert e)")
         self.cfg = cfg
         self.router, self.experts, self.shared = layer.router, layer.experts, layer.shared
+        # the trainer reads w13 as [gate | up]: a path that stores it interleaved is left for
+        # the training and put back by swap_out
+        self.inference_backend = layer.experts.backend
+        if layer.experts.paired:
+            layer.experts.backend = "triton"
         self.aux_loss = torch.zeros(())
         self.counts = None
 
@@ -104,6 +109,7 @@ def swap_out(model: nn.Module) -> None:
     """Put the inference MoELayers back (their parameters are the trained ones)."""
     for block in model.blocks:
         if isinstance(block.ffn, TrainMoE):
-            block.ffn = block.ffn._inference_layer[0]
+            train, block.ffn = block.ffn, block.ffn._inference_layer[0]
+            block.ffn.experts.backend = train.inference_backend
     for p in model.parameters():
         p.requires_grad_(False)

@@ -367,8 +367,7 @@ def fill_slots(layer, source) -> None:
     for expert, slots in slots_of.items():
         w13, w2 = source(expert)                                          # [H, 2F], [F, H]
         for slot in slots:
-            layer.experts.w13[slot].copy_(w13)
-            layer.experts.w2[slot].copy_(w2)
+            layer.experts.set_slot(slot, w13, w2)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The optional QuACK down GEMM: when it is chosen, and the fingerprint shim it needs.
+"""The optional QuACK GEMMs: when it is chosen, and the fingerprint shim it needs.
 
 QuACK's kernels need a Hopper GPU (launch/gpu_check.py checks them there against float64 and
 launch/gpu_quack_probe.py against the Triton kernels, bit for bit). Here: the selection never
@@ -14,16 +14,16 @@ import types
 import pytest
 import torch
 
-from moe_ep.experts import GroupedExperts, default_backend, quack_down_supported
-from moe_ep.kernels import quack_down
+from moe_ep.experts import GroupedExperts, default_backend, quack_supported
+from moe_ep.kernels import quack_gemm
 
 
 def test_quack_is_never_chosen_without_a_hopper_gpu():
     cpu = torch.device("cpu")
-    assert not quack_down.supported(cpu, torch.bfloat16, 4096, 3072)
-    assert not quack_down_supported(cpu, torch.bfloat16, 4096, 3072)
+    assert not quack_gemm.supported(cpu, torch.bfloat16, 4096, 3072)
+    assert not quack_supported(cpu, torch.bfloat16, 4096, 3072)
     assert default_backend(cpu, torch.bfloat16, 4096, 3072) in ("grouped_mm", "loop")
-    assert GroupedExperts(4, 16, 8, dtype=torch.bfloat16).backend != "triton+quack"
+    assert GroupedExperts(4, 16, 8, dtype=torch.bfloat16).backend not in ("quack", "triton+quack")
 
 
 @pytest.mark.parametrize("capability, dtype, hidden, installed, builds, expected", [
@@ -39,34 +39,53 @@ def test_quack_is_never_chosen_without_a_hopper_gpu():
 def test_supported_needs_hopper_bf16_aligned_rows_and_a_quack_that_builds(
         monkeypatch, capability, dtype, hidden, installed, builds, expected):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    monkeypatch.setattr(quack_down, "installed", lambda: installed)
-    monkeypatch.setattr(quack_down, "builds", lambda: builds)
-    quack_down.supported.cache_clear()
+    monkeypatch.setattr(quack_gemm, "installed", lambda: installed)
+    monkeypatch.setattr(quack_gemm, "builds", lambda: builds)
+    quack_gemm.supported.cache_clear()
     try:
-        assert quack_down.supported(torch.device("cuda", 0), dtype, hidden, 3072) is expected
+        assert quack_gemm.supported(torch.device("cuda", 0), dtype, hidden, 3072) is expected
     finally:
-        quack_down.supported.cache_clear()
+        quack_gemm.supported.cache_clear()
 
 
-def test_down_gemm_passes_row_offsets_and_scales_to_quack(monkeypatch):
-    """down_gemm on CPU tensors with a recording stand-in for QuACK's kernel: the int32 row
-    offsets of the slots, the routed weights as fp32 (ones without them), the output buffer."""
+def test_gemms_pass_row_offsets_scales_and_interleaved_weights_to_quack(monkeypatch):
+    """gate_up_gemm and down_gemm on CPU tensors with recording stand-ins for QuACK's kernels:
+    the int32 row offsets of the slots, SwiGLU without the pre-activation, the routed weights as
+    fp32 (ones without them), the output buffer, and no launch for zero rows."""
     calls = []
 
+    def fake_gemm_act(x, w13, *, activation, cu_seqlens_m, store_preact, tuned, config):
+        calls.append({"op": "gate_up", "cu": cu_seqlens_m, "act": activation, "preact": store_preact,
+                      "config": config, "w13": w13})
+        return None, x.new_zeros(x.shape[0], w13.shape[2] // 2)
+
     def fake_scaled(h, w2, c, *, out, store_d, tuned, config, cu_seqlens_m, mColVecBroadcast):
-        calls.append({"cu": cu_seqlens_m, "scale": mColVecBroadcast, "config": config, "store_d": store_d})
+        calls.append({"op": "down", "cu": cu_seqlens_m, "scale": mColVecBroadcast, "config": config,
+                      "store_d": store_d})
         out["mAuxOut"].copy_(torch.zeros_like(out["mAuxOut"]))
-    monkeypatch.setattr(quack_down, "_kernels", lambda: (fake_scaled, "cfg"))
+    monkeypatch.setattr(quack_gemm, "_kernels", lambda: (fake_gemm_act, "gate_cfg", fake_scaled, "down_cfg"))
     h, w2 = torch.randn(6, 4), torch.randn(3, 4, 5)
-    counts = torch.tensor([2, 0, 4])
-    y = quack_down.down_gemm(h, w2, counts, torch.tensor([0.5] * 6, dtype=torch.float64))
-    assert y.shape == (6, 5) and calls[0]["cu"].dtype == torch.int32
-    assert calls[0]["cu"].tolist() == [0, 2, 2, 6] and calls[0]["config"] == "cfg" and not calls[0]["store_d"]
+    cu = quack_gemm.cu_seqlens(torch.tensor([2, 0, 4]))
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 2, 2, 6]
+    y = quack_gemm.down_gemm(h, w2, cu, torch.tensor([0.5] * 6, dtype=torch.float64))
+    assert y.shape == (6, 5) and calls[0]["cu"] is cu
+    assert calls[0]["config"] == "down_cfg" and not calls[0]["store_d"]
     assert calls[0]["scale"].dtype == torch.float32 and calls[0]["scale"].tolist() == [0.5] * 6
-    quack_down.down_gemm(h, w2, counts)
+    quack_gemm.down_gemm(h, w2, cu)
     assert calls[1]["scale"].tolist() == [1.0] * 6
-    assert quack_down.down_gemm(h[:0], w2, torch.zeros(3, dtype=torch.int64)).shape == (0, 5)
-    assert len(calls) == 2                                     # no launch for zero rows
+    assert quack_gemm.gate_up_gemm(torch.randn(6, 5), torch.randn(3, 5, 8), cu).shape == (6, 4)
+    assert calls[2]["act"] == "swiglu" and not calls[2]["preact"] and calls[2]["config"] == "gate_cfg"
+    empty = quack_gemm.cu_seqlens(torch.zeros(3, dtype=torch.int64))
+    assert quack_gemm.down_gemm(h[:0], w2, empty).shape == (0, 5)
+    assert quack_gemm.gate_up_gemm(h[:0, :5], torch.randn(3, 5, 8), empty).shape == (0, 4)
+    assert len(calls) == 3                                     # no launch for zero rows
+
+    # the "quack" expert path hands QuACK the rows copied in slot order and w13 as stored (interleaved)
+    experts = GroupedExperts(3, 5, 4)
+    experts.backend = "quack"
+    x, row_index = torch.randn(9, 5), torch.tensor([8, 1, 1, 0, 3, 2])
+    experts(x, torch.tensor([2, 0, 4]), row_index=row_index)
+    assert calls[3]["w13"].data_ptr() == experts.w13.data_ptr() and calls[3]["cu"].tolist() == [0, 2, 2, 6]
 
 
 _LOC = contextvars.ContextVar("_LOC_TRANSFORMS", default=())     # the kind of global quack refuses
@@ -124,7 +143,7 @@ def fake_identity(monkeypatch):
 def test_shim_keys_cutlass_functions_by_name_and_keeps_the_rest_fail_closed(fake_identity):
     with pytest.raises(TypeError):                  # what quack 0.6.5 does on cutlass-dsl 4.8.1
         fake_identity.function_semantic_key(_quack_epilogue)
-    quack_down._allow_unkeyed_dsl_globals()
+    quack_gemm._allow_unkeyed_dsl_globals()
     key = fake_identity.function_semantic_key(_quack_epilogue)
     assert key[:2] == ("function", "_quack_epilogue")
     ((name, dep),) = key[2]
@@ -141,19 +160,19 @@ def _plain_function():
 
 
 def test_shim_applies_once(fake_identity):
-    quack_down._allow_unkeyed_dsl_globals()
+    quack_gemm._allow_unkeyed_dsl_globals()
     first = fake_identity.function_semantic_key
-    quack_down._allow_unkeyed_dsl_globals()
+    quack_gemm._allow_unkeyed_dsl_globals()
     assert fake_identity.function_semantic_key is first
 
 
 def test_a_quack_that_does_not_build_is_not_used(monkeypatch):
     def broken():
         raise ImportError("nvidia-cutlass-dsl does not fit this quack-kernels")
-    monkeypatch.setattr(quack_down, "_kernels", broken)
-    quack_down.builds.cache_clear()
+    monkeypatch.setattr(quack_gemm, "_kernels", broken)
+    quack_gemm.builds.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="does not build"):
-            assert not quack_down.builds()
+            assert not quack_gemm.builds()
     finally:
-        quack_down.builds.cache_clear()
+        quack_gemm.builds.cache_clear()
