@@ -1,13 +1,24 @@
-"""Run a function on N spawned CPU ranks over gloo (the multi-process test harness)."""
+"""Run a function on N CPU ranks over gloo (the multi-process test harness).
+
+Ranks are fresh processes for every call, forked from one forkserver that has imported torch,
+moe_ep, eplb, diffusers and pytest once per test session. Spawning them instead (each rank
+importing torch anew) cost about 1.5 s per 2 ranks and 3.5 s per 4 ranks on a 2-core machine,
+about half of the multi-rank tests' time.
+"""
 from __future__ import annotations
 
 import datetime
+import multiprocessing
 import os
 import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+# Imported once in the forkserver; every rank forks from it with these already loaded.
+_PRELOAD = ["torch", "torch.distributed", "numpy", "pytest", "moe_ep", "eplb", "diffusers", "transformers"]
+multiprocessing.set_forkserver_preload(_PRELOAD)
 
 
 def _free_port() -> int:
@@ -16,7 +27,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, fn, args):
+def _entry(rank: int, world: int, port: int, env: dict, fn, args):
+    # A forked rank has the forkserver's environment; give it the caller's, as spawning would.
+    os.environ.clear()
+    os.environ.update(env)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
@@ -28,5 +42,6 @@ def _entry(rank: int, world: int, port: int, fn, args):
 
 
 def run_ranks(world: int, fn, *args) -> None:
-    """fn(rank, world, *args) on `world` spawned processes; an assertion in any rank fails the test."""
-    mp.spawn(_entry, args=(world, _free_port(), fn, args), nprocs=world, join=True)
+    """fn(rank, world, *args) on `world` new processes; an assertion in any rank fails the test."""
+    mp.start_processes(_entry, args=(world, _free_port(), dict(os.environ), fn, args), nprocs=world,
+                       join=True, start_method="forkserver")
