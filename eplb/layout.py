@@ -1,6 +1,6 @@
 """Index plumbing between logical experts, node-major order, replicas and physical slots.
 
-Vocabulary (see shared DESIGN.md): ``phy2log [L, R]`` logical id per physical slot,
+Vocabulary (see docs/design.md): ``phy2log [L, R]`` logical id per physical slot,
 ``log2phy [L, E, max_replicas]`` slots of each logical expert (-1 padded), ``logcnt [L, E]``.
 "node-major" ("mlog") order lists the experts of node 0 first, then node 1, ...
 """

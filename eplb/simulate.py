@@ -28,7 +28,7 @@ MB = 1 << 20
 
 @dataclass(frozen=True)
 class Hardware:
-    """Rates of the machine (defaults: ANCHORS.md, 2 x H200, NV18, bf16; network: an assumption)."""
+    """Rates of the machine (defaults: docs/anchors.md, 2 x H200, NV18, bf16; network: an assumption)."""
 
     # torch._grouped_mm SwiGLU experts (hidden 4096, expert hidden 3072): (tokens per expert, FLOP/s)
     gemm_anchors: tuple = ((128, 370e12), (1024, 579e12))

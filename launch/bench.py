@@ -49,7 +49,7 @@ class SwiGLUExpert(nn.Module):
 
 
 def skewed_gate_(gate_weight: torch.Tensor, s: float, seed: int) -> None:
-    """ANCHORS.md recipe: channel 0 of the input is 1; its gate weights are a Zipf log-bias
+    """docs/anchors.md recipe: channel 0 of the input is 1; its gate weights are a Zipf log-bias
     -s*log(rank) over a random expert order, so every token carries the same bias."""
     E = gate_weight.shape[0]
     order = torch.randperm(E, generator=torch.Generator().manual_seed(seed + 1))
@@ -336,7 +336,7 @@ def main(argv=None):
     lay.add_argument("--seed", type=int, default=0)
     lay.add_argument("--with-capacity", action="store_true", help="also DeepSpeed with capacity factor 1.0")
     lay.add_argument("--skip-deepspeed", action="store_true")
-    lay.add_argument("--peak-tflops", type=float, default=781.0, help="dense GEMM rate for the floor (ANCHORS.md)")
+    lay.add_argument("--peak-tflops", type=float, default=781.0, help="dense GEMM rate for the floor (docs/anchors.md)")
     lay.add_argument("--json", help="also write the rows to this file (rank 0)")
     st = sub.add_parser("step", help="a full sampling step of a model preset")
     st.add_argument("--config", required=True)

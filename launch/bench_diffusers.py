@@ -11,7 +11,7 @@ hidden 1344, 128 experts, expert choice with capacity factor 8, shared expert, d
 `use_grouped_mm=True`) at 2 x 4096 and 8 x 4096 rows. moe-ep is timed with the model's own
 score numerics (`score_dtype="input"`) and with float32 scores; for each, the tokens whose
 expert set differs from diffusers' choice, and the output's relative error against diffusers.
-Floor: the routed and shared expert FLOPs at 781 TFLOP/s (ANCHORS.md).
+Floor: the routed and shared expert FLOPs at 781 TFLOP/s (docs/anchors.md).
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ run ep1_none 1 eplb.enabled=false
 run ep1_rebalance 1
 run ep2_none 2 eplb.enabled=false
 run ep2_rebalance 2
-run ep2_timestep_aware 2 eplb.timestep_buckets=12
+run ep2_timestep_aware 2 eplb.timestep_buckets=12 eplb.timestep_aware=true
 $py - "$out" <<'PY'
 import os, sys
 from moe_ep.demo.adherence import run_images

@@ -124,7 +124,7 @@ def sm_clock_mhz():
 
 def sustained_vs_burst(fn, flops: float, burst_iters: int = 10, sustained_ms: float = 2000.0) -> dict:
     """fn timed in short bursts after idle (CUDA events, median, 50 ms of idle before each, as
-    the hardware ceilings in ANCHORS.md were taken) and sustained (back to back for about
+    the hardware ceilings in docs/anchors.md were taken) and sustained (back to back for about
     `sustained_ms`, the mean of the last half), with the SM clock read at the end of each."""
     for _ in range(3):
         fn()

@@ -5,7 +5,7 @@ Keys (docs/model.md):
   experts.<l>.<e>.w13     [H, 2F] of logical expert e of MoE layer l
   experts.<l>.<e>.w2      [F, H]
 Metadata: format "moe-ep.checkpoint", version "1", dtype, model_config (JSON of the
-architecture: every `model.*` field except seed, checkpoint and dtype).
+architecture: every `model.*` field except seed, checkpoint, dtype and compile).
 
 Files are written by a streaming safetensors writer (header first, then one tensor at a
 time), so saving never needs all experts in memory or on one rank: `save_from_seed` makes

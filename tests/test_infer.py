@@ -54,6 +54,7 @@ def run_world(world: int, out: str, extra=()) -> None:
     run_ranks(world, _ranks_run, SMALL + [f"output_dir={out}"] + list(extra))
 
 
+@pytest.mark.slow   # starts jobs under DeepSpeed's launcher
 def test_deepspeed_launcher_quickstart_and_ep_invariance(tmp_path):
     """The real launcher on 2 ranks (telemetry on), then the same sampling on 1 and 4 ranks."""
     out2 = str(tmp_path / "ep2")

@@ -85,14 +85,15 @@ def save_tiny_folders(root: str, seed: int = 0) -> dict[str, str]:
     """Save a tiny HiDream as a sharded transformer folder (index + several safetensors files) and a
     tiny NucleusMoE as a pipeline folder (model_index.json + transformer/) under `root`.
     -> {"hidream": folder, "nucleus": folder} (the paths to give as model.path)."""
-    import json
     import os
+
+    from moe_ep.atomic import write_json_atomic
 
     hd = os.path.join(root, "hidream")
     tiny_hidream(seed).save_pretrained(hd, max_shard_size="200KB")
     nc = os.path.join(root, "nucleus")
     tiny_nucleus(seed + 1).save_pretrained(os.path.join(nc, "transformer"))
-    with open(os.path.join(nc, "model_index.json"), "w") as f:
-        json.dump({"_class_name": "NucleusMoEImagePipeline",
-                   "transformer": ["diffusers", "NucleusMoEImageTransformer2DModel"]}, f)
+    write_json_atomic(os.path.join(nc, "model_index.json"),
+                      {"_class_name": "NucleusMoEImagePipeline",
+                       "transformer": ["diffusers", "NucleusMoEImageTransformer2DModel"]})
     return {"hidream": hd, "nucleus": nc}
