@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .io import load_placement, load_stats, save_placement
@@ -31,7 +32,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_out(path: str) -> None:
+    """--out must be a file name in an existing, writable folder (checked before any planning)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"--out {path}: is a folder, must be a file name")
+    if not os.path.isdir(folder):
+        raise ValueError(f"--out {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"--out {path}: folder {folder} is not writable")
+
+
 def _plan(args) -> int:
+    if args.out:
+        _check_out(args.out)
     stats = load_stats(args.stats)
     load = stats["load"]  # [L, E]
     L, E = load.shape
@@ -69,6 +83,6 @@ def main(argv=None) -> int:
             return run_cli(args)
         from .bench import main as bench_main
         return bench_main(quick=args.quick, seeds=args.seeds)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -20,6 +20,10 @@ def _read_json(path) -> dict:
             data = json.load(f)
     except FileNotFoundError:
         raise ValueError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a folder, must be a file") from None
+    except OSError as exc:   # no permission, a device, ...
+        raise ValueError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     except UnicodeDecodeError:

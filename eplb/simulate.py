@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -113,33 +114,30 @@ def step_load(load, model: Model, num_gpus: int) -> np.ndarray:
     return np.divide(w, tot, out=np.zeros_like(w), where=tot > 0) * (model.tokens_per_gpu * num_gpus * model.top_k)
 
 
-_PI_CACHE: dict = {}
-
-
 def topk_inclusion(skew: float, num_experts: int, top_k: int, samples: int = 1 << 17, seed: int = 0) -> np.ndarray:
     """``[E]`` probability that a token picks the expert of Zipf rank ``r`` (``p_r ~ r^-skew``) among
     its top ``k`` when the k experts are drawn without replacement proportionally to ``p``
     (Plackett-Luce, i.e. top-k of ``log p + Gumbel`` logits). Sums to ``k``; at most 1 each.
     Monte Carlo over ``samples`` tokens (exact ``k / E`` for skew 0)."""
-    key = (float(skew), num_experts, top_k, samples, seed)
-    if key not in _PI_CACHE:
-        if skew == 0:
-            pi = np.full(num_experts, top_k / num_experts)
-        else:
-            g = torch.Generator().manual_seed(seed)
-            logp = -float(skew) * torch.log(torch.arange(1, num_experts + 1, dtype=torch.float64))
-            counts = torch.zeros(num_experts, dtype=torch.float64)
-            chunk = max(1, (1 << 22) // num_experts)
-            done = 0
-            while done < samples:
-                m = min(chunk, samples - done)
-                u = torch.rand(m, num_experts, generator=g, dtype=torch.float64).clamp_(1e-12, 1 - 1e-12)
-                idx = (logp - torch.log(-torch.log(u))).topk(top_k, dim=1).indices  # [m, k]
-                counts += torch.bincount(idx.flatten(), minlength=num_experts).to(torch.float64)
-                done += m
-            pi = (counts / samples).numpy()
-        _PI_CACHE[key] = pi
-    return _PI_CACHE[key].copy()
+    return _topk_inclusion(float(skew), num_experts, top_k, samples, seed).copy()
+
+
+@functools.lru_cache(maxsize=64)   # the simulator asks for the same few (skew, E, k) many times
+def _topk_inclusion(skew: float, num_experts: int, top_k: int, samples: int, seed: int) -> np.ndarray:
+    if skew == 0:
+        return np.full(num_experts, top_k / num_experts)
+    g = torch.Generator().manual_seed(seed)
+    logp = -skew * torch.log(torch.arange(1, num_experts + 1, dtype=torch.float64))
+    counts = torch.zeros(num_experts, dtype=torch.float64)
+    chunk = max(1, (1 << 22) // num_experts)
+    done = 0
+    while done < samples:
+        m = min(chunk, samples - done)
+        u = torch.rand(m, num_experts, generator=g, dtype=torch.float64).clamp_(1e-12, 1 - 1e-12)
+        idx = (logp - torch.log(-torch.log(u))).topk(top_k, dim=1).indices  # [m, k]
+        counts += torch.bincount(idx.flatten(), minlength=num_experts).to(torch.float64)
+        done += m
+    return (counts / samples).numpy()
 
 
 def zipf_trace(skew: float, num_layers: int, num_experts: int, top_k: int = 8, num_windows: int = 3,
@@ -392,6 +390,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return s
 
 
+def _check_top_k(value, num_experts: int, name: str) -> int:
+    """top-k of the simulated layer: an integer in [1, num_experts]. Raises ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= num_experts:
+        raise ValueError(f"{name} = {value!r}: must be an integer between 1 and {num_experts} (the experts)")
+    return value
+
+
 def run_cli(args) -> int:
     from .io import load_stats
 
@@ -415,13 +420,12 @@ def run_cli(args) -> int:
     if args.stats:
         st = load_stats(args.stats)
         wins = [w["load"] for w in st.get("windows", [])] or [st["load"]]
-        top_k = top_k or int(st.get("top_k", 8))
+        top_k = _check_top_k(st.get("top_k", 8) if top_k is None else top_k, wins[0].shape[1],
+                             "--top-k" if args.top_k is not None else f"{args.stats}: top_k")
         source = f"stats file {args.stats} ({len(wins)} window(s))"
     else:
         skew = parse_synthetic(args.synthetic or "zipf:1.2")
-        top_k = top_k or 8
-        if top_k > args.experts:
-            raise ValueError(f"top-k: {top_k} > experts {args.experts}")
+        top_k = _check_top_k(8 if top_k is None else top_k, args.experts, "--top-k")
         wins = zipf_trace(skew, args.layers, args.experts, top_k, args.windows, args.trace_tokens, args.seed)
         source = f"synthetic zipf:{skew} ({args.windows} window(s) of {args.trace_tokens} tokens, seed {args.seed})"
     model = Model(hidden=args.hidden, expert_hidden=args.expert_hidden, top_k=top_k, tokens_per_gpu=args.tokens_per_gpu)

@@ -64,9 +64,13 @@ WRITE_FAILED = 3  # exit status when a file under output_dir could not be writte
 
 
 def error(msg: str) -> int:
-    """One line on stderr (from rank 0 only under a launcher: every rank finds the same error)."""
-    if os.environ.get("RANK", "0") == "0":
+    """One line on stderr from rank 0 (on one node every rank finds the same error), and one from
+    the first rank of every other node, which may see other files (a path missing on one node)."""
+    rank = os.environ.get("RANK", "0")
+    if rank == "0":
         print(f"error: {msg}", file=sys.stderr, flush=True)
+    elif os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"error: rank {rank} (first rank of its node): {msg}", file=sys.stderr, flush=True)
     return 2
 
 
@@ -93,6 +97,13 @@ def main(argv=None) -> int:
         ctx = init_distributed(cfg.parallel)
     except ConfigError as err:
         return error(str(err))
+    except Exception as err:  # noqa: BLE001 - the rendezvous failed: a peer stopped in its checks (its own
+        # line says why) or cannot be reached; one line per rank instead of a C++ stack dump
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        print(f"error: rank {os.environ.get('RANK', '0')} could not join the process group within "
+              f"parallel.timeout_s ({cfg.parallel.timeout_s:g} s): {type(err).__name__}: {first}",
+              file=sys.stderr, flush=True)
+        return PEER_LOST
 
     def on_sigterm(signum, frame):  # the launcher stops every rank when one fails: end through the error path
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -304,7 +304,7 @@ FIELDS: dict[str, Allowed] = {
     "parallel.data_parallel_size": POSITIVE_INT,
     "parallel.ranks_per_node": POSITIVE_INT,
     # datetime.timedelta and the backends take no more than 1e9 s
-    "parallel.timeout_s": Allowed(lo=0, lo_open=True, hi=1e9),
+    "parallel.timeout_s": Allowed(lo=1, hi=1e9),   # gloo and NCCL count whole milliseconds; below 1 s a rendezvous cannot finish
     "eplb.num_redundant_experts": COUNT,
     "eplb.window_size": POSITIVE_INT,
     "eplb.interval": POSITIVE_INT,
@@ -380,6 +380,9 @@ def validate(cfg: Config) -> Config:
     if m.compile and m.type != "moe_dit":
         raise ConfigError("model.compile", m.compile, "is only for model.type 'moe_dit' (compile a diffusers "
                                                       "transformer yourself: pipe.transformer.compile())")
+    if m.type == "diffusers" and m.checkpoint:
+        raise ConfigError("model.checkpoint", m.checkpoint, "is only for model.type 'moe_dit' (a diffusers model "
+                                                            "reads its weights from model.path)")
     if m.type == "moe_dit" and m.path:
         raise ConfigError("model.path", m.path, "is only for model.type 'diffusers' (the built-in model "
                                                 "loads model.checkpoint)")
@@ -405,7 +408,11 @@ def validate(cfg: Config) -> Config:
         if size % (m.patch_size * m.vae_scale_factor):
             raise ConfigError(name, size, f"must be a multiple of model.patch_size x model.vae_scale_factor "
                                           f"({m.patch_size * m.vae_scale_factor})")
-    if e.num_groups > 1 and moe.num_experts % e.num_groups:
+    if e.enabled and e.timestep_aware and e.timestep_buckets < 2:
+        raise ConfigError("eplb.timestep_aware", True, "needs eplb.timestep_buckets >= 2 (one placement per "
+                                                       "timestep phase; with 1 bucket there is one phase)")
+    # diffusers models: checked in preflight against the folder's expert count (model.moe is unused)
+    if m.type == "moe_dit" and e.num_groups > 1 and moe.num_experts % e.num_groups:
         raise ConfigError("eplb.num_groups", e.num_groups,
                           f"must divide model.moe.num_experts ({moe.num_experts})")
     return cfg
@@ -428,6 +435,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
+        except RecursionError:
+            raise ConfigError("--set", item[:80], "is nested too deeply") from None
+        except ValueError as err:   # e.g. an integer of more than 4300 digits
+            raise ConfigError("--set", item[:80], f"cannot be parsed: {err}") from None
         node = data
         keys = path.split(".")
         for k in keys[:-1]:
@@ -438,15 +449,35 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicate_keys(pairs: list) -> dict:
+    """json's object_pairs_hook: a key given twice is an error, not "the last one wins"."""
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
 def load(path: str, overrides: Optional[list[str]] = None) -> Config:
     """Read a JSON config file, apply overrides, validate. Raises ConfigError."""
+    if os.path.isdir(path):
+        raise ConfigError("--config", path, "is a folder, must be a JSON file")
     if not os.path.isfile(path):
         raise ConfigError("--config", path, "file not found")
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+            data = json.load(f, object_pairs_hook=_no_duplicate_keys)
+    except _DuplicateKey as err:
+        raise ConfigError("--config", path, f"has the key {err.args[0]!r} twice in one object") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError("--config", path, f"is not valid UTF-8 JSON ({err})") from None
     except RecursionError:
         raise ConfigError("--config", path, "is nested too deeply") from None
+    except ValueError as err:   # e.g. an integer of more than 4300 digits
+        raise ConfigError("--config", path, f"cannot be parsed: {err}") from None
     return from_dict(apply_overrides(data, overrides or []))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -39,7 +40,7 @@ from .config import Config, ConfigError
 from .images import save_png
 from .models import build_served_model, preflight_model
 from .models.base import ForwardInfo, MoEShape, ServedModel
-from .parallel import ParallelContext, check_layout, derive_ep_size
+from .parallel import ParallelContext, check_layout, derive_ep_size, error_on_any_rank, launcher_local_world
 from .paths import check_paths
 from .rebalance import Rebalancer, layer_balancedness, read_placement_file
 from .stats import ExpertLoadStats, read_stats_file
@@ -74,6 +75,27 @@ class OutputWriteError(Exception):
         super().__init__(f"config field 'output_dir': rank {rank} could not write {path}: "
                          f"{err.strerror or err} (errno {err.errno}); the images and stats.json "
                          f"written before are kept, no summary.json")
+
+
+EARLIER_OUTPUTS = ("summary.json", "stats.json")   # metrics.jsonl starts afresh when opened; wandb/ keeps every run
+IMAGE_NAME = re.compile(r"^\d{3,}\.png$")               # images/000.png ... (save_png's names)
+
+
+def remove_earlier_outputs(out_dir: str) -> list[str]:
+    """A run into a folder that holds an earlier run's outputs replaces them: its summary.json,
+    stats.json and numbered images are removed when this run starts, so a summary.json again
+    means *this* run completed and no image of the earlier run passes for one of this run.
+    -> the removed paths (relative to out_dir). Rank 0."""
+    images = os.path.join(out_dir, "images")
+    old = [n for n in EARLIER_OUTPUTS if os.path.isfile(os.path.join(out_dir, n))]
+    old += [os.path.join("images", n) for n in sorted(os.listdir(images)) if IMAGE_NAME.match(n)] \
+        if os.path.isdir(images) else []
+    for name in old:
+        os.remove(os.path.join(out_dir, name))
+    if old:
+        print(f"moe-ep: {out_dir} held an earlier run's outputs; removed {len(old)} files "
+              f"({', '.join(old[:3])}{', ...' if len(old) > 3 else ''})", file=sys.stderr, flush=True)
+    return old
 
 
 def _write(rank: int, path: str, fn: Callable[[], None]) -> None:
@@ -111,7 +133,23 @@ def preflight(cfg: Config, world_size: int) -> None:
     shape = preflight_model(cfg, world_size)
     if shape is not None:
         check_layout(shape.num_experts, cfg.eplb.num_redundant_experts, ep)
+        check_planner_topology(cfg, shape.num_experts, ep, world_size)
         check_eplb_files(cfg, shape, ep)
+
+
+def check_planner_topology(cfg: Config, num_experts: int, ep: int, world_size: int) -> None:
+    """The planner's rules (eplb.checks.check_topology) on the nodes and groups this run will give
+    it, so that a layout every rebalance would refuse stops the run here, not each rebalance."""
+    if not cfg.eplb.enabled:
+        return
+    rpn = max(1, cfg.parallel.ranks_per_node or launcher_local_world(world_size))
+    nodes = ParallelContext(ep_size=ep, ranks_per_node=rpn).num_nodes
+    if rpn < ep and ep % rpn:
+        raise ConfigError("parallel.ranks_per_node", rpn, f"must divide the EP size ({ep}) when smaller than it: "
+                                                          f"the planner packs an EP group onto whole nodes")
+    groups = cfg.eplb.num_groups
+    if groups % nodes == 0 and num_experts % groups:
+        raise ConfigError("eplb.num_groups", groups, f"must divide the model's number of experts ({num_experts})")
 
 
 # ---------------------------------------------------------------- the work split
@@ -200,6 +238,7 @@ class RunState:
 
     phase: str = "start-up"
     stats: Optional[ExpertLoadStats] = None
+    telemetry: Optional[Telemetry] = None    # to close on the error path (rank 0's wandb run, metrics.jsonl)
 
 
 def _test_die_at() -> Optional[tuple[int, int, str]]:
@@ -351,15 +390,6 @@ def install_placement_file(path: str, model: ServedModel, ep_size: int) -> None:
         layer.set_placement(phy2log[layer.layer_idx], model.weight_source(layer.layer_idx))
 
 
-def _all_ranks_ok(ok: bool, ctx: ParallelContext) -> bool:
-    """True when `ok` on every rank of the world (one all-reduce; no-op for a world of one)."""
-    if ctx.world_size == 1:
-        return ok
-    flag = torch.tensor([int(ok)], device=ctx.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
 def apply_eplb_files(cfg: Config, model: ServedModel, ctx: ParallelContext, stats: ExpertLoadStats,
                      rebalancer: Optional[Rebalancer]) -> None:
     """eplb.stats_file seeds the statistics; eplb.placement_file installs an offline placement
@@ -370,12 +400,12 @@ def apply_eplb_files(cfg: Config, model: ServedModel, ctx: ParallelContext, stat
         try:
             stats.load_seed(e.stats_file)
         except ValueError as err:
-            error = err
+            error = str(err)
         # Every rank read the file; all must have succeeded before any of them enters the
         # rebalance below, or the others would wait in its broadcast until the timeout.
-        if not _all_ranks_ok(error is None, ctx):
-            raise ConfigError("eplb.stats_file", e.stats_file,
-                              str(error) if error else "could not be read on another rank") from None
+        error = error_on_any_rank(error, ctx)
+        if error is not None:
+            raise ConfigError("eplb.stats_file", e.stats_file, error) from None
         if rebalancer is not None and not e.placement_file:
             # resume: start from a placement planned on the earlier run's load (collective)
             rebalancer.rebalance_now(-1, trigger="stats_file")
@@ -484,11 +514,10 @@ def run(cfg: Config, ctx: ParallelContext, progress: bool = True) -> dict:
     state = RunState()
     try:
         return _run(cfg, ctx, progress, state)
-    except ConfigError:
-        raise
-    except BaseException as err:
+    except BaseException as err:   # also a ConfigError found mid-run: the same saving and closing
         _save_stats_on_error(state.stats, cfg.output_dir)
-        Telemetry.abort_active()  # rank 0: offline wandb history so far, run finished with exit code 1; never raises
+        if state.telemetry is not None:
+            state.telemetry.abort()  # rank 0: offline wandb history so far, run finished with exit code 1; never raises
         if isinstance(err, OutputWriteError):
             err.phase = state.phase
             raise
@@ -503,7 +532,6 @@ def run(cfg: Config, ctx: ParallelContext, progress: bool = True) -> dict:
 def _run(cfg: Config, ctx: ParallelContext, progress: bool, state: RunState) -> dict:
     s, out_dir = cfg.sampling, cfg.output_dir
     images_dir = os.path.join(out_dir, "images")
-    _write(ctx.rank, images_dir, lambda: os.makedirs(images_dir, exist_ok=True))
     model = build_served_model(cfg, ctx)
     layers = model.moe_layers()
     stats = ExpertLoadStats(len(layers), layers[0].cfg.num_experts, ctx.device, cfg.eplb.window_size,
@@ -513,7 +541,11 @@ def _run(cfg: Config, ctx: ParallelContext, progress: bool, state: RunState) -> 
         layer.stats = stats
     rebalancer, rebalancer_note = make_rebalancer(cfg, model, ctx, stats)
     apply_eplb_files(cfg, model, ctx, stats, rebalancer)
-    telemetry = Telemetry(cfg, ctx, out_dir)
+    # the first write under output_dir: a model, checkpoint or eplb file refused above leaves nothing
+    _write(ctx.rank, images_dir, lambda: os.makedirs(images_dir, exist_ok=True))
+    if ctx.is_main:   # after eplb.stats_file was read (it may be this folder's stats.json)
+        _write(ctx.rank, out_dir, lambda: remove_earlier_outputs(out_dir))
+    telemetry = state.telemetry = Telemetry(cfg, ctx, out_dir)
     telemetry.attach(model, stats)  # phase timers on the attention blocks and MoE layers; window loads for heatmaps
     for ev in (rebalancer.events if rebalancer is not None else []):   # stats_file / placement_file
         telemetry.log_rebalance(ev)

@@ -97,7 +97,11 @@ def pick_device(kind: str, local_rank: int) -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ConfigError("parallel.device", kind, "CUDA is not available on this machine; use 'auto' or 'cpu'")
-    torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    gpus = torch.cuda.device_count()
+    if local_rank >= gpus:   # NCCL refuses two ranks on one GPU, later and less clearly
+        raise ConfigError("parallel.device", kind, f"local rank {local_rank} has no GPU of its own: this node has "
+                                                   f"{gpus}; start at most {gpus} ranks per node (deepspeed --num_gpus)")
+    torch.cuda.set_device(local_rank)
     return torch.device("cuda", torch.cuda.current_device())
 
 
@@ -156,6 +160,19 @@ def build_context(cfg: ParallelConfig, rank: int, world: int, device: torch.devi
     return ParallelContext(rank=rank, world_size=world, ep_size=ep, ep_rank=rank % ep, ep_group=ep_group,
                            dp_size=dp, dp_rank=rank // ep, dp_group=dp_group, ranks_per_node=max(1, rpn),
                            device=device, timeout_s=cfg.timeout_s)
+
+
+def error_on_any_rank(error: Optional[str], ctx: ParallelContext) -> Optional[str]:
+    """This rank's error, else the first other rank's as "on rank R: ...", else None when every
+    rank of the world is fine. Collective over the world: a check that every rank runs on its own
+    files agrees on the outcome, and rank 0 (which prints) can name the real reason."""
+    if ctx.world_size == 1 or error is not None and not tdist.is_initialized():
+        return error
+    errors: list = [None] * ctx.world_size
+    tdist.all_gather_object(errors, error)
+    if error is not None:
+        return error
+    return next((f"on rank {r}: {e}" for r, e in enumerate(errors) if e is not None), None)
 
 
 def shutdown() -> None:

@@ -98,6 +98,21 @@ def check_output_folder(field: str, path: str) -> None:
             raise ConfigError(field, path, "cannot be written: no write permission (or a read-only file system)")
         raise ConfigError(field, path, f"cannot be created: no write permission in '{base}' "
                                        "(or a read-only file system)")
+    name_max = os.pathconf(base, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
+    for part in os.path.normpath(path).split(os.sep):
+        if len(os.fsencode(part)) > name_max:
+            raise ConfigError(field, path, f"has a name of {len(os.fsencode(part))} bytes; the file system takes "
+                                           f"at most {name_max}")
+    for name, want_folder in RUN_OUTPUTS.items():   # what a run writes there, if an earlier run left it
+        inside = os.path.join(path, name)
+        if os.path.lexists(inside) and (os.path.isdir(inside) != want_folder or os.path.islink(inside)
+                                        and not os.path.exists(inside)):
+            raise ConfigError(field, path, f"holds '{name}', which is not a {'folder' if want_folder else 'file'}; "
+                                           f"the run writes its {'images' if want_folder else 'file'} there")
+
+
+# what a run writes under output_dir: name -> is a folder
+RUN_OUTPUTS = {"images": True, "stats.json": False, "summary.json": False, "metrics.jsonl": False}
 
 
 def check_text_encoder_module(field: str, spec: str) -> None:

@@ -37,7 +37,7 @@ import torch.distributed as dist
 import eplb
 
 from .config import EplbConfig
-from .parallel import ParallelContext
+from .parallel import ParallelContext, error_on_any_rank
 from .placement import make_placement
 from .stats import ExpertLoadStats
 from .migration import LayerByLayerMigration
@@ -468,12 +468,10 @@ class Rebalancer:
         try:
             new = read_placement_file(path, len(self.layers), self.num_experts, self.num_slots, self.ctx.ep_size)
         except ValueError as e:
-            err = e
-        all_ok = self._all_ok(err is None)
+            err = str(e)
+        err = error_on_any_rank(err, self.ctx)
         if err is not None:
-            raise err
-        if not all_ok:
-            raise ValueError(f"placement file {path}: invalid on another rank (see its log)")
+            raise ValueError(err)   # names the file (and the rank, when it failed on another one)
         t0 = time.perf_counter()
         ev = self._new_event(-1, "placement_file")
         old = self.current_phy2log()

@@ -126,7 +126,8 @@ class Router(nn.Module):
         if B == 0 or S == 0:
             empty = torch.zeros(0, dtype=torch.int64, device=x.device)
             return RoutedCopies(empty, empty.float(), B * S, token=empty)
-        capacity = min(S, max(1, math.ceil(cfg.capacity_factor * S / E)))
+        # min first: a huge (finite) capacity_factor makes cf * S / E inf, which ceil cannot take
+        capacity = max(1, math.ceil(min(float(S), cfg.capacity_factor * S / E)))
         affinity = self.scores(x).transpose(1, 2)                         # [B, E, S]
         picked = affinity.topk(capacity, dim=-1)                          # [B, E, C]
         offsets = torch.arange(B, device=x.device).view(B, 1, 1) * S

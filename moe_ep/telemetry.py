@@ -9,7 +9,7 @@ The runner calls one object at fixed points (docs/dashboards.md lists every key)
                                      telemetry.log_step(record)      (collective: one all_gather)
     telemetry.log_images(paths, captions)        # rank 0
     telemetry.finish(summary)                    # every rank; rank 0 writes summary.json
-    Telemetry.abort_active()                     # error path (run()'s except): rank 0 closes the
+    telemetry.abort()                            # error path (run()'s except): rank 0 closes the
                                                  # wandb run with exit code 1; never raises
 
 Cost per forward: the phase timers (wall clock on CPU, CUDA events read once per step),
@@ -44,8 +44,6 @@ HEATMAP_CELL_PX = 12                                               # inline heat
 MEDIA_WINDOWS_ALL = 16      # windows 0..15 all get load/heatmap + load/table ...
 MEDIA_PER_OCTAVE = 4        # ... then 4 evenly spaced windows in each [2^j, 2^(j+1)): <= 64 up to 65,536 windows
 ABORT_BUDGET_S = 20.0       # abort(): at most this long writing deferred wandb items
-
-_ACTIVE = threading.local()  # the Telemetry of the run() in this thread (for run()'s error path)
 
 
 def window_has_media(window: int) -> bool:
@@ -97,10 +95,13 @@ class Telemetry:
         self._log_s = 0.0                              # rank 0: seconds spent in log_step (sampling thread)
         self._flush_s = 0.0                            # rank 0: of which writing deferred chunks to wandb
         self._flushes = 0
-        _ACTIVE.telemetry = self
         try:
             if ctx.is_main:
-                self._open(cfg, out_dir)
+                try:
+                    self._open(cfg, out_dir)
+                except BaseException:
+                    self.abort()   # close what _open got to (metrics.jsonl, the wandb run)
+                    raise
         finally:
             # rank 0 may spend seconds in wandb.init: start sampling together, so the first
             # forward's timings do not include the other ranks waiting in its all-to-all.
@@ -307,8 +308,6 @@ class Telemetry:
     def finish(self, summary: dict) -> Optional[str]:
         """Write summary.json (rank 0, atomically; adds `phase_ms` and `telemetry`), log the
         plots and summary numbers to wandb and close the run; returns the path."""
-        if getattr(_ACTIVE, "telemetry", None) is self:
-            _ACTIVE.telemetry = None
         if not self.ctx.is_main:
             return None
         self._drain()
@@ -345,8 +344,6 @@ class Telemetry:
         for at most `budget_s` seconds, close metrics.jsonl and finish the wandb run with exit
         code 1, so an offline run keeps its history up to the failure. No summary.json, no
         final plots, no collectives. Never raises."""
-        if getattr(_ACTIVE, "telemetry", None) is self:
-            _ACTIVE.telemetry = None
         if not self.ctx.is_main:
             return
         try:
@@ -376,18 +373,6 @@ class Telemetry:
                 close_wandb_run(run, exit_code=1)
             except BaseException as err:  # noqa: BLE001
                 warnings.warn(f"telemetry abort: wandb finish failed: {type(err).__name__}: {err}")
-
-    @staticmethod
-    def abort_active(budget_s: float = ABORT_BUDGET_S) -> None:
-        """abort() the Telemetry of the run in this thread, if one is open (run()'s except block).
-        Never raises."""
-        try:
-            tel = getattr(_ACTIVE, "telemetry", None)
-            _ACTIVE.telemetry = None
-            if tel is not None:
-                tel.abort(budget_s)
-        except BaseException as err:  # noqa: BLE001
-            warnings.warn(f"telemetry abort failed: {type(err).__name__}: {err}")
 
     # ------------------------------------------------------------ wandb media
     def _window_media(self, load: np.ndarray, window: int) -> dict:

@@ -24,6 +24,9 @@ from moe_ep.config import ConfigError
     ({"bogus": 1}, "bogus"),
     ({"model": {"compile": "yes"}}, "model.compile"),
     ({"model": {"compile": True, "type": "diffusers", "path": "somewhere"}}, "model.compile"),
+    ({"model": {"type": "diffusers", "path": "somewhere", "checkpoint": "x.safetensors"}}, "model.checkpoint"),
+    ({"eplb": {"enabled": True, "timestep_aware": True}}, "eplb.timestep_aware"),   # 1 bucket: one phase
+    ({"parallel": {"timeout_s": 0.5}}, "parallel.timeout_s"),
 ])
 def test_bad_fields_are_named(patch, field):
     with pytest.raises(ConfigError) as err:
@@ -165,3 +168,63 @@ def test_refusal_names_the_field_and_states_the_docs_rule(name):
         config.from_dict(data)
     assert err.value.field_name == name
     assert str(err.value).endswith("must be " + allowed.describe().replace("`", ""))
+
+
+def test_unparseable_inputs_name_where_they_came_from(tmp_path):
+    """A key given twice, a --set value json cannot take (5000 digits, nested too deep) and a
+    folder as --config: one ConfigError each, naming --config or --set, never a traceback."""
+    dup = tmp_path / "dup.json"
+    dup.write_text('{"model": {"hidden_size": 64}, "model": {"hidden_size": 32}}')
+    with pytest.raises(ConfigError, match="has the key 'model' twice") as err:
+        config.load(str(dup))
+    assert err.value.field_name == "--config"
+    good = tmp_path / "good.json"
+    good.write_text("{}")
+    for item in ["model.hidden_size=" + "9" * 5000, "sampling.prompts=" + "[" * 100000]:
+        with pytest.raises(ConfigError) as err:
+            config.load(str(good), [item])
+        assert err.value.field_name == "--set", err.value
+    with pytest.raises(ConfigError, match="is a folder") as err:
+        config.load(str(tmp_path))
+    assert err.value.field_name == "--config"
+    # timestep buckets without eplb, or with >= 2 buckets, are fine
+    config.from_dict({"eplb": {"timestep_aware": True}})
+    config.from_dict({"eplb": {"enabled": True, "timestep_aware": True, "timestep_buckets": 4}})
+
+
+@pytest.mark.parametrize("sets,world,field", [
+    ({"parallel": {"ranks_per_node": 3}}, 6, None),                    # 6 ranks, 3 per node: 2 nodes
+    ({"parallel": {"ranks_per_node": 4}}, 6, "parallel.ranks_per_node"),  # 6 ranks cannot fill nodes of 4
+    ({"parallel": {"ranks_per_node": 8}}, 6, None),                    # one node holds the EP group
+    ({"eplb": {"num_groups": 4}}, 2, None),
+    ({"eplb": {"num_groups": 3}, "parallel": {"ranks_per_node": 1}}, 3, None),   # 3 nodes, 3 groups of 4
+])
+def test_planner_topology_is_checked_before_the_run(sets, world, field):
+    """A layout every rebalance would refuse (eplb.checks.check_topology) stops the run in
+    preflight, naming the field; 12 experts, eplb on."""
+    from moe_ep.job import check_planner_topology
+
+    data = {"model": {"moe": {"num_experts": 12, "top_k": 2}}, "eplb": {"enabled": True}}
+    for section, values in sets.items():
+        data.setdefault(section, {}).update(values)
+    cfg = config.from_dict(data)
+    if field is None:
+        check_planner_topology(cfg, 12, world, world)
+        return
+    with pytest.raises(ConfigError) as err:
+        check_planner_topology(cfg, 12, world, world)
+    assert err.value.field_name == field
+
+
+def test_eplb_groups_of_a_diffusers_model_are_checked_against_its_experts():
+    """model.moe is unused by diffusers models: eplb.num_groups must divide the folder's
+    expert count (here 6), not model.moe.num_experts (8 by default)."""
+    from moe_ep.job import check_planner_topology
+
+    cfg = config.from_dict({"model": {"type": "diffusers", "path": "somewhere"},
+                            "eplb": {"enabled": True, "num_groups": 3}})   # 3 does not divide 8: not refused here
+    check_planner_topology(cfg, 6, 1, 1)
+    cfg.eplb.num_groups = 4
+    with pytest.raises(ConfigError) as err:
+        check_planner_topology(cfg, 6, 1, 1)
+    assert err.value.field_name == "eplb.num_groups"

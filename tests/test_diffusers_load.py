@@ -143,6 +143,15 @@ def test_preflight_shape_and_layout(saved):
 
     cfg = Config()
     cfg.model.type, cfg.model.path = "diffusers", saved["hidream"]
+    # a transformer-only folder has no pipeline to sample with: refused before any weight is read
+    with pytest.raises(ConfigError, match="has no model_index.json") as err:
+        preflight_model(cfg, 4)
+    assert err.value.field_name == "model.path"
+    cfg.model.text_encoder = "no_such_module_xyz:build"
+    with pytest.raises(ConfigError, match="cannot import") as err:
+        preflight_model(cfg, 4)
+    assert err.value.field_name == "model.text_encoder"
+    cfg.model.text_encoder = "moe_ep.models.diffusers.tiny_pipeline:hidream_pipeline_for"
     shape = preflight_model(cfg, 4)
     assert (shape.num_layers, shape.num_experts, shape.top_k) == (3, 4, 2)
     cfg.model.path = saved["nucleus"]
@@ -173,3 +182,28 @@ def test_disk_source_and_report(saved):
     assert report.expert_slot_bytes == 3 * 10 * (64 * 48 + 24 * 64) * 4
     assert report.peak_tensor_bytes >= report.expert_slot_bytes + report.other_bytes
     json.dumps(report.as_dict())
+
+
+def test_top_k_above_the_expert_count_is_refused(tmp_path):
+    """A HiDream config picking 5 of 4 experts: diffusers' own gate could not run it (torch.topk),
+    so the folder is refused naming model.path and the config file, not served with k clamped."""
+    from moe_ep.models.diffusers.loader import check_folder
+    from moe_ep.models.diffusers.tiny import tiny_hidream
+
+    folder = str(tmp_path / "k5")
+    tiny_hidream(0, experts=4, top_k=5).save_pretrained(folder)
+    with pytest.raises(ConfigError, match="top 5 of 4 experts") as err:
+        check_folder(folder)
+    assert err.value.field_name == "model.path" and "config.json" in str(err.value)
+
+
+def test_index_and_config_that_json_cannot_hold_as_diffusers_does(hidream):
+    """A weight_map entry that is not a plain file name of the folder (a number, a path out of
+    it) and a config.json nested too deeply: one model.path line each, not a traceback."""
+    edit_index(hidream, lambda m: m.__setitem__(EXPERT_KEY, 5))
+    fails(hidream, "index.json", EXPERT_KEY, "must be the name of a file")
+    edit_index(hidream, lambda m: m.__setitem__(EXPERT_KEY, "../elsewhere.safetensors"))
+    fails(hidream, "index.json", "../elsewhere.safetensors")
+    with open(os.path.join(hidream, "config.json"), "w") as f:
+        f.write("[" * 100000)
+    fails(hidream, "config.json", "nested too deeply")

@@ -154,3 +154,24 @@ def test_cli_bad_input_exit_2(tmp_path, capsys, doc, args, field):
     err = capsys.readouterr().err
     assert field in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o.json").exists()
+
+
+def test_cli_file_problems_are_one_line(tmp_path, capsys):
+    """A folder as --stats, and --out a folder or in a missing folder (refused before planning):
+    exit 2, one error line, no traceback, nothing written. simulate's top-k out of range too."""
+    from eplb.cli import main
+    good = tmp_path / "s.json"
+    good.write_text(json.dumps({"load": [[1, 2, 3, 4]]}))
+    cases = [(["plan", "--stats", str(tmp_path), "--replicas", "4", "--gpus", "2"], "is a folder"),
+             (["plan", "--stats", str(good), "--replicas", "4", "--gpus", "2", "--out", str(tmp_path)], "--out"),
+             (["plan", "--stats", str(good), "--replicas", "4", "--gpus", "2", "--out",
+               str(tmp_path / "no" / "o.json")], "does not exist"),
+             (["simulate", "--synthetic", "zipf:1.2", "--layers", "1", "--experts", "8", "--top-k", "-2"], "--top-k"),
+             (["simulate", "--stats", str(good), "--top-k", "5"], "--top-k")]
+    for argv, words in cases:
+        assert main(argv) == 2, argv
+        out = capsys.readouterr()
+        lines = out.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], (argv, out.err)
+        assert "balancedness" not in out.out, argv   # refused before planning
+    assert sorted(os.listdir(tmp_path)) == ["s.json"]

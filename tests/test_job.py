@@ -266,3 +266,51 @@ def test_build_served_model_dispatch(tmp_path, monkeypatch):
     fake.preflight = lambda c, world: None
     assert moe_ep.models.build_served_model(cfg, ParallelContext()) == ("built", str(tmp_path))
     assert moe_ep.models.preflight_model(cfg, 1) is None
+
+
+class FailingToy(ToyModel):
+    """Samples its first batch, then finds a bad input after 2 forwards of the second (as a user
+    text encoder returning the wrong shape would): a ConfigError in the middle of a round."""
+
+    def sample(self, prompts, seeds, hooks):
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls != 2:
+            return super().sample(prompts, seeds, hooks)
+
+        class RaiseAfterTwo(NoHooks):
+            def on_forward_begin(self, step, t, info):
+                hooks.on_forward_begin(step, t, info)
+
+            def on_forward_end(self, step, t, info):
+                hooks.on_forward_end(step, t, info)
+                if step == 1:
+                    raise config_mod.ConfigError("model.text_encoder", "x:y", "must return [batch, tokens, text_dim]")
+        return super().sample(prompts, seeds, RaiseAfterTwo())
+
+
+def test_a_rerun_into_the_same_folder_replaces_the_earlier_outputs(tmp_path, monkeypatch):
+    """A complete run of 5 prompts, then a run of 3 prompts into the same output_dir that fails in
+    its second batch: the earlier summary.json, stats.json and images are gone (no summary.json:
+    this run is incomplete), this run's first image is there, and the mid-run ConfigError went
+    through the error path (the closed statistics windows saved)."""
+    ctx = ParallelContext()
+    out = tmp_path / "out"
+    monkeypatch.setattr(job, "build_served_model", lambda c, x: ToyModel(ctx))
+    job.run(toy_cfg(tmp_path, {"sampling": {"prompts": list("abcde"), "num_inference_steps": 3, "batch_size": 1}}.items()),
+            ctx, progress=False)
+    assert sorted(os.listdir(out / "images")) == [f"{i:03d}.png" for i in range(5)]
+    assert (out / "summary.json").exists()
+    (out / "images" / "notes.txt").write_text("the user's own file")
+    monkeypatch.setattr(job, "build_served_model", lambda c, x: FailingToy(ctx))
+    cfg = toy_cfg(tmp_path, {"sampling": {"prompts": list("xyz"), "num_inference_steps": 3, "batch_size": 1,
+                                          "seed": 99},
+                             "eplb": {"enabled": False, "window_size": 1}}.items())
+    with pytest.raises(config_mod.ConfigError, match="model.text_encoder"):
+        job.run(cfg, ctx, progress=False)
+    assert not (out / "summary.json").exists()
+    assert sorted(os.listdir(out / "images")) == ["000.png", "notes.txt"]
+    # this run's windows: 3 of batch 0 (written after round 0) and 2 of batch 1, which only the
+    # error path writes
+    stats = json.load(open(out / "stats.json"))
+    assert len(stats["windows"]) == 5
+    assert np.asarray(stats["load"]).sum() == 5 * 5 * 2 * TOP_K    # 5 forwards x 5 tokens x 2 branches x k

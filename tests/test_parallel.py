@@ -58,3 +58,16 @@ def _ranks_groups(rank: int, world: int) -> None:
 
 def test_ep_and_dp_groups_on_four_ranks():
     run_ranks(4, _ranks_groups)
+
+
+def test_more_ranks_on_a_node_than_gpus_is_a_config_error(monkeypatch):
+    """Local rank 1 on a node with 1 GPU: a ConfigError naming parallel.device before the process
+    group, not two ranks sharing a GPU until NCCL refuses them."""
+    from moe_ep.parallel import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match="local rank 1 has no GPU of its own") as err:
+        pick_device("auto", 1)
+    assert err.value.field_name == "parallel.device"
+    assert pick_device("cpu", 5) == torch.device("cpu")

@@ -174,6 +174,20 @@ def test_output_dir_file_under_a_file_and_no_permission(tmp_path, capsys, monkey
     assert os.listdir(ro) == []
 
 
+def test_output_dir_whose_outputs_are_of_the_wrong_kind(tmp_path, capsys):
+    """An earlier run's folder where images is a file, or stats.json / summary.json a folder, and a
+    name longer than the file system takes: refused before the run, nothing changed in it."""
+    for name, make in [("images", lambda p: p.write_text("x")), ("stats.json", lambda p: p.mkdir()),
+                       ("summary.json", lambda p: p.mkdir()), ("metrics.jsonl", lambda p: p.symlink_to(p.parent / "gone"))]:
+        out = tmp_path / f"run_{name}"
+        out.mkdir()
+        make(out / name)
+        expect_refused(capsys, tmp_path, "output_dir", f"holds '{name}', which is not a", output_dir=str(out))
+        assert os.listdir(out) == [name]
+    expect_refused(capsys, tmp_path, "output_dir", "the file system takes at most",
+                   output_dir=str(tmp_path / ("x" * 300) / "run"))
+
+
 def test_model_path_folder(tmp_path, capsys, monkeypatch):
     """model.path (a diffusers folder; its contents are the diffusers family's to check)."""
     base = {"model.type": "diffusers"}

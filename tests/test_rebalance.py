@@ -203,6 +203,15 @@ def _ranks_faults(rank, world, ep_size, tmpdir):
         f.write('{"format": "moe-ep.placement", "phy2log": [[1, 2')
     with pytest.raises(ValueError, match="not valid JSON"):
         reb.load_placement_file(path)
+    if world > 1:  # bad on the last rank only: every rank refuses it, and the others name that rank
+        path = os.path.join(tmpdir, f"last-bad-{rank}.json")
+        with open(path, "w") as f:
+            json.dump(bad_docs["num_layers"] if rank == world - 1 else doc, f)
+        with pytest.raises(ValueError, match="num_layers") as err:
+            reb.load_placement_file(path)
+        if rank != world - 1:
+            assert str(err.value).startswith(f"on rank {world - 1}: placement file"), err.value
+        assert torch.equal(reb.current_phy2log(), before)
     path = os.path.join(tmpdir, f"good-{rank}.json")
     with open(path, "w") as f:
         json.dump(doc, f)

@@ -179,3 +179,19 @@ def test_expert_choice_reference_matches_diffusers_nucleus_layer(use_sigmoid, cf
         want += plain_swiglu(flat, w13, layer.shared_expert.net[2].weight.T)
     err = (got.reshape(B * S, H) - want).abs().max().item()
     assert err < 1e-5 * max(1.0, want.abs().max().item()), err
+
+
+def test_expert_choice_huge_capacity_factor_is_every_token():
+    """capacity_factor 1e308 (finite, accepted by the config) caps at S tokens per expert, the
+    same routing as capacity_factor = E, instead of an OverflowError at the first forward."""
+    from moe_ep import config
+
+    x = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(0))
+    routed = []
+    for cf in (1e308, 8.0):
+        cfg = config.from_dict({"model": {"moe": {"num_experts": 8, "top_k": 2, "routing": "expert_choice",
+                                                  "capacity_factor": cf}}}).model.moe
+        torch.manual_seed(0)
+        routed.append(Router(16, cfg).expert_choice(x))
+    assert routed[0].token.numel() == 8 * 2 * 6                     # E x B x S copies
+    assert torch.equal(routed[0].token, routed[1].token) and torch.equal(routed[0].weight, routed[1].weight)

@@ -206,7 +206,7 @@ def test_abort_leaves_readable_offline_run(tmp_path):
     for f in range(5):
         tel.log_step({"forward": f, "latency_ms": 1.0 + f, "tokens": 8, "tokens_per_s": 8.0})
     assert len(tel._deferred) == 5
-    Telemetry.abort_active()
+    tel.abort()
     tel.abort()                                    # a second call is harmless
     history, _, _ = history_and_summary(out)
     assert [h["forward"] for h in history if "forward" in h] == [0, 1, 2, 3, 4]

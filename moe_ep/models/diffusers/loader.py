@@ -92,6 +92,8 @@ def _read_config(path: str, config_file: str) -> tuple[dict, str]:
             config = json.load(f)
     except (OSError, ValueError) as e:
         raise _fail(path, f"{config_file}: cannot be read as JSON ({e})") from None
+    except RecursionError:
+        raise _fail(path, f"{config_file}: cannot be read as JSON (nested too deeply)") from None
     if not isinstance(config, dict):
         raise _fail(path, f"{config_file}: must be a JSON object")
     name = config.get("_class_name")
@@ -114,8 +116,12 @@ def _read_headers(path: str, folder: str) -> tuple[str, dict[str, TensorInfo]]:
             with open(index) as f:
                 weight_map = json.load(f)["weight_map"]
             assert isinstance(weight_map, dict)
-        except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+        except (OSError, ValueError, KeyError, TypeError, AssertionError, RecursionError) as e:
             raise _fail(path, f"{index}: not a safetensors index with a 'weight_map' object ({e!r})") from None
+        for key, shard in weight_map.items():
+            # a shard is a file name inside this folder (diffusers writes plain names)
+            if not isinstance(shard, str) or not shard or os.path.isabs(shard) or ".." in shard.split("/"):
+                raise _fail(path, f"{index}: weight_map['{key}'] = {shard!r} must be the name of a file in {folder}")
         files = {os.path.join(folder, shard) for shard in weight_map.values()}
         weights_file = index
     elif os.path.isfile(single):
@@ -220,7 +226,10 @@ def moe_layout(info: FolderInfo, model: nn.Module) -> tuple[int, int, int]:
     if not blocks:
         raise _fail(info.path, f"{info.config_file}: {info.model_class} built from it has no "
                                f"{info.spec.block_class} (no MoE layer to serve)")
-    cfgs = [moe_config(info.spec, b) for _, b in blocks]
+    try:
+        cfgs = [moe_config(info.spec, b) for _, b in blocks]
+    except ValueError as err:
+        raise _fail(info.path, f"{info.config_file}: {err}") from None
     if len({c.num_experts for c in cfgs}) != 1:
         raise _fail(info.path, f"{info.config_file}: MoE layers differ in expert count "
                                f"({sorted({c.num_experts for c in cfgs})}); moe-ep needs one E")

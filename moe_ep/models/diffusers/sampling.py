@@ -28,16 +28,27 @@ from ..base import ForwardHooks
 from .pipeline import CONVENTIONS, TransformerWatch
 
 
-def load_pipeline(cfg, transformer: torch.nn.Module, dtype: torch.dtype) -> Any:
-    """The pipeline that samples with `transformer` (see the module doc). Raises ConfigError."""
+def check_pipeline_source(cfg) -> Any:
+    """What load_pipeline will build the pipeline from, checked before any process group (the
+    preflight): the user's 'module:function' (imported), else the folder's model_index.json.
+    -> the user's function, or None for the folder's own pipeline. Raises ConfigError."""
     spec = cfg.model.text_encoder
     if spec != "builtin":
-        return import_function("model.text_encoder", spec)(transformer)
+        return import_function("model.text_encoder", spec)
     folder = cfg.model.path
     if not os.path.isfile(os.path.join(folder, "model_index.json")):
         raise ConfigError("model.path", folder, "has no model_index.json: sampling needs a pipeline folder "
                                                 "(text encoders, scheduler, VAE), or set model.text_encoder to "
                                                 "'module:function' that builds the pipeline around the transformer")
+    return None
+
+
+def load_pipeline(cfg, transformer: torch.nn.Module, dtype: torch.dtype) -> Any:
+    """The pipeline that samples with `transformer` (see the module doc). Raises ConfigError."""
+    build = check_pipeline_source(cfg)
+    if build is not None:
+        return build(transformer)
+    folder = cfg.model.path
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(folder, transformer=transformer, torch_dtype=dtype)

@@ -12,7 +12,7 @@ from ...parallel import ParallelContext, derive_ep_size
 from ..base import MoEShape, ServedModel
 from .loader import DTYPES, LoadedTransformer, check_folder, load_transformer
 from .pipeline import CONVENTIONS
-from .sampling import PipelineSampler, load_pipeline
+from .sampling import PipelineSampler, check_pipeline_source, load_pipeline
 
 
 def preflight(cfg, world_size: int) -> MoEShape:
@@ -23,6 +23,7 @@ def preflight(cfg, world_size: int) -> MoEShape:
     """
     ep = derive_ep_size(cfg.parallel, world_size)
     _, layers, experts, top_k = check_folder(cfg.model.path, cfg.eplb.num_redundant_experts, ep)
+    check_pipeline_source(cfg)
     return MoEShape(num_layers=layers, num_experts=experts, top_k=top_k)
 
 

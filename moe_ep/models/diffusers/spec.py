@@ -221,7 +221,11 @@ def moe_config(spec: MoEBlockSpec, block: nn.Module, score_dtype: Optional[str] 
         raise ValueError(f"{spec.block_class}: routing says {values['num_experts']} experts, "
                          f"the weights hold {E}")
     values.setdefault("top_k", 1)
-    values["top_k"] = min(int(values["top_k"]), E)
+    if values.get("routing", "token_choice") == "token_choice" and not 1 <= int(values["top_k"]) <= E:
+        # diffusers' own module could not run it either (torch.topk with k > E)
+        raise ValueError(f"{spec.block_class}: routing picks top {values['top_k']} of {E} experts; "
+                         f"must be between 1 and {E}")
+    values["top_k"] = min(int(values["top_k"]), E)   # expert choice: unused
     return MoEConfig(expert_hidden_size=F, num_shared_experts=0,
                      score_dtype=score_dtype or spec.score_dtype, **values)
 
