@@ -395,3 +395,15 @@ def test_read_placement_file_errors(tmp_path):
         read_placement_file(str(p), 1, 4, 4, 1)
     with pytest.raises(ValueError, match="not found"):
         read_placement_file(str(tmp_path / "missing.json"), 1, 4, 4, 1)
+
+
+def test_balancedness_of_loads_near_the_float64_limit_is_a_number():
+    """A stats file may hold loads near 1.8e308 (eplb plans them scaled, docs/reliability.md):
+    the runtime's balancedness is then the same as for the loads scaled down, not NaN."""
+    phy2log = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0]])
+    small = np.array([[1.0, 3.0, 2.0, 2.0], [4.0, 1.0, 1.0, 2.0]])
+    big = small * 4e307                                     # row sums overflow to inf
+    assert not np.isfinite(big.sum(1)).all()
+    got = layer_balancedness(big, phy2log, 2)
+    assert np.allclose(got, layer_balancedness(small, phy2log, 2)) and np.isfinite(got).all()
+    assert np.allclose(layer_balancedness(small, phy2log, 2), [(8 / 2) / 4, (8 / 2) / 5])   # mean / max GPU load
