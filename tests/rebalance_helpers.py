@@ -6,6 +6,7 @@ import torch
 from moe_ep.config import EplbConfig, MoEConfig
 from moe_ep.experts import init_expert_weights
 from moe_ep.layer import MoELayer
+from reference import logical_weights, reference_moe, token_choice_with_ties
 
 H, F, SEED = 32, 24, 7
 
@@ -24,6 +25,26 @@ def make_stack(ctx, num_layers: int, cfg: MoEConfig, redundant: int) -> list[MoE
 def run_stack(layers, x: torch.Tensor) -> torch.Tensor:
     for layer in layers:
         x = x + layer(x)
+    return x
+
+
+def run_stack_checked(layers, x: torch.Tensor, what: str, tol: float = 1e-5) -> torch.Tensor:
+    """run_stack, with every layer's output compared to the float64 reference (tests/reference.py:
+    the routing rule written out, each logical expert's seeded weights) on that layer's input, so
+    a placement, replica or weight-move bug shows whatever the other stack does. Tokens at a
+    routing near-tie are left out (float32 may break such a tie either way)."""
+    for layer in layers:
+        cfg = layer.cfg
+        w13, w2 = logical_weights(SEED, layer.layer_idx, cfg.num_experts, H, F)
+        gate = layer.router.gate.weight
+        routing, ties = token_choice_with_ties(x, gate, cfg)                           # [T, E], [T]
+        ref = reference_moe(x, gate, cfg, w13, w2, routing=routing)                    # [T, H] f64
+        y = layer(x)
+        if x.numel():
+            err = (y.double() - ref)[~ties].abs().max().item() if (~ties).any() else 0.0
+            scale = max(1.0, ref.abs().max().item())
+            assert err < tol * scale, f"{what}: layer {layer.layer_idx}: max abs diff {err} from the reference"
+        x = x + y
     return x
 
 

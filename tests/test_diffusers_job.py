@@ -51,13 +51,16 @@ def test_job_on_a_diffusers_folder(tmp_path):
     from diffusers import HiDreamImageTransformer2DModel
 
     own = hidream_pipeline_for(HiDreamImageTransformer2DModel.from_pretrained(folder).eval())
-    ref = own(prompt=["a blue square"], negative_prompt="", num_inference_steps=3, guidance_scale=4.0,
-              generator=[torch.Generator().manual_seed(1)], output_type="np").images[0]
-    ref = (np.clip(ref, 0, 1) * 255).round().astype(np.uint8)
-    assert np.abs(ref.astype(int) - a["001.png"].astype(int)).max() <= 1
+    for i, prompt in enumerate(["a red circle", "a blue square", "a green triangle"]):   # the config's prompts
+        ref = own(prompt=[prompt], negative_prompt="", num_inference_steps=3, guidance_scale=4.0,
+                  generator=[torch.Generator().manual_seed(i)], output_type="np").images[0]
+        ref = (np.clip(ref, 0, 1) * 255).round().astype(np.uint8)
+        assert np.abs(ref.astype(int) - a[f"{i:03d}.png"].astype(int)).max() <= 1, prompt
     s = json.load(open(os.path.join(runs[2], "summary.json")))
     assert s["ep_size"] == 2 and s["model"]["type"] == "diffusers" and s["model"]["spec"] == "hidream"
     assert s["rebalances"] and all(e["status"] in ("ok", "skipped") for e in s["rebalances"]), s["rebalances"]
+    # and weights really moved while sampling (the images above were made across those moves)
+    assert any(e["status"] == "ok" and e["experts_moved"] > 0 for e in s["rebalances"]), s["rebalances"]
     stats = json.load(open(os.path.join(runs[2], "stats.json")))
     cond, uncond = np.asarray(stats["branches"]["cond"]), np.asarray(stats["branches"]["uncond"])
     assert cond.sum() == uncond.sum() > 0                    # [negative, positive] batches: both counted

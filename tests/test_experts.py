@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from fake_quack import quack_on_cpu
-from moe_ep.experts import GroupedExperts, gate_up_blocks, interleave_gate_up, swiglu
+from moe_ep.experts import GroupedExperts, gate_up_blocks, interleave_gate_up
+from reference import plain_swiglu
 
 
 @pytest.mark.parametrize("counts", [[5, 0, 20, 5], [0, 0, 0, 7], [1, 1, 1, 1], [0, 0, 0, 0]])
@@ -16,8 +17,9 @@ def test_grouped_and_fallback_match_per_slot_reference(counts):
     experts.w2.data.normal_()
     x = torch.randn(sum(counts), 16)
     c = torch.tensor(counts)
-    ref = torch.cat([swiglu(xs, experts.w13[s], experts.w2[s]) for s, xs in enumerate(x.split(counts))]) \
-        if sum(counts) else torch.zeros(0, 16)
+    # written out in float64 (tests/reference.py), not the runtime's swiglu that the per-slot path calls
+    ref = torch.cat([plain_swiglu(xs, experts.w13[s], experts.w2[s]) for s, xs in enumerate(x.split(counts))]) \
+        .float() if sum(counts) else torch.zeros(0, 16)
     for use_grouped in (True, False):
         experts.use_grouped_mm = use_grouped
         out = experts(x, c)
@@ -59,7 +61,7 @@ def test_quack_backend_stores_w13_interleaved_and_keeps_the_weights():
     row_index = torch.randint(0, 40, (sum(counts),))
     scale = torch.rand(sum(counts))
     xs = x[row_index].split(counts)
-    ref = torch.cat([swiglu(xs[s], *blocks[s]) for s in range(4)]) * scale[:, None]
+    ref = (torch.cat([plain_swiglu(xs[s], *blocks[s]) for s in range(4)]) * scale[:, None]).float()
     with quack_on_cpu():
         out = experts(x, torch.tensor(counts), row_scale=scale, row_index=row_index)
     assert torch.allclose(out, ref, atol=1e-4), (out - ref).abs().max()

@@ -11,7 +11,7 @@ from moe_ep.parallel import context_for_tests
 from moe_ep.rebalance import Rebalancer
 from moe_ep.stats import ExpertLoadStats
 from mp import run_ranks
-from rebalance_helpers import (eplb_cfg, inputs, local_weights_ok, make_stack, random_planner, run_stack)
+from rebalance_helpers import (run_stack_checked, eplb_cfg, inputs, local_weights_ok, make_stack, random_planner, run_stack)
 
 pytestmark = pytest.mark.slow   # spawned ranks or launchers
 
@@ -32,7 +32,7 @@ def _setup(rank, world, ep_size, interval):
 def _forward(stats, base, live, rank, fwd):
     x = inputs(rank, fwd)
     stats.begin_forward(0.5, cond_rows=x.shape[0] // 2)
-    ref, out = run_stack(base, x), run_stack(live, x)
+    ref, out = run_stack(base, x), run_stack_checked(live, x, f"forward {fwd}")
     err = (out - ref).abs().max().item() if x.numel() else 0.0
     assert err < TOL * max(1.0, ref.abs().max().item()), f"forward {fwd}: max abs diff {err}"
 
@@ -89,7 +89,7 @@ def _ranks_async_fault(rank, world, ep_size):
     _forward(stats, base, live, rank, 9)                            # the mixed placement is served exactly
 
 
-@pytest.mark.parametrize("world,ep_size", [(2, 2), (4, 2)])
+@pytest.mark.parametrize("world,ep_size", [(2, 2), (4, 2), (4, 4)])
 def test_async_migration_keeps_outputs(world, ep_size):
     run_ranks(world, _ranks_async, ep_size)
 

@@ -116,6 +116,9 @@ def _ranks_edge_cases(rank: int, world: int, ep_size: int) -> None:
             phy2log[r * per], phy2log[8 + r] = 0, phy2log[r * per].item()
         layer2.set_placement(phy2log, lambda e: init_expert_weights(SEED, 0, e, H, F))
         check(layer2, x, "hot expert replicated on every rank")
+        assert layer2.wire_rows == 0, f"rank {rank} sent {layer2.wire_rows} rows: its local replica should serve them"
+        if 0 not in layer.local_experts:   # the same tokens, no replica here: they travelled
+            assert layer.wire_rows == x.shape[0], (rank, layer.wire_rows)
     # Zero tokens on this rank only, then on every rank (positive inputs: expert 0 wins, no ties
     # among the experts with zero gate rows).
     check(layer, torch.rand(0 if rank == 1 else 9, H) + 0.1, "zero tokens on rank 1")

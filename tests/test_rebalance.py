@@ -18,7 +18,7 @@ from moe_ep.stats import ExpertLoadStats
 from moe_ep.transfer import plan_transfers
 from fake_quack import quack_on_cpu
 from mp import run_ranks
-from rebalance_helpers import (eplb_cfg, greedy_planner, input_planner, inputs, local_weights_ok,
+from rebalance_helpers import (run_stack_checked, eplb_cfg, greedy_planner, input_planner, inputs, local_weights_ok,
                                random_placement, random_planner, run_stack, tokens, make_stack)
 
 TOL = 1e-5
@@ -93,7 +93,7 @@ def _forward(stats, base, live, rank, fwd, what, t=0.5, same_input=False):
     x = inputs(rank, 0 if same_input else fwd)
     stats.begin_forward(t, cond_rows=x.shape[0] // 2)
     ref = run_stack(base, x)
-    out = run_stack(live, x)
+    out = run_stack_checked(live, x, what)
     err = (out - ref).abs().max().item() if x.numel() else 0.0
     scale = max(1.0, ref.abs().max().item()) if x.numel() else 1.0
     assert err < TOL * scale, f"{what}: forward {fwd}: max abs diff {err} (output scale {scale:.1f})"
