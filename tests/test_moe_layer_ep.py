@@ -14,6 +14,7 @@ from moe_ep.layer import MoELayer
 from moe_ep.parallel import context_for_tests
 from moe_ep.stats import ExpertLoadStats
 from mp import run_ranks
+from exchange_modes import exchange_modes
 from reference import logical_weights, reference_moe, token_choice_with_ties
 
 H, F, SEED = 32, 24, 7
@@ -50,9 +51,10 @@ def check(layer: MoELayer, x: torch.Tensor, what: str, tol: float = TOL) -> None
     gate = layer.router.gate.weight
     routing, ties = token_choice_with_ties(x, gate, layer.cfg)                          # [T, E], [T]
     ref = reference_moe(x, gate, layer.cfg, w13.to(x.dtype), w2.to(x.dtype), shared_weights(layer), routing=routing)
-    out = layer(x)
-    assert out.shape == x.shape and out.dtype == x.dtype, what
-    assert torch.isfinite(out).all(), what
+    outs = {mode: layer(x) for mode in exchange_modes(layer)}                          # every path at this EP size
+    for mode, out in outs.items():
+        assert out.shape == x.shape and out.dtype == x.dtype, (what, mode)
+        assert torch.isfinite(out).all(), (what, mode)
     if not x.numel():
         return
     keep = ~ties
@@ -62,9 +64,10 @@ def check(layer: MoELayer, x: torch.Tensor, what: str, tol: float = TOL) -> None
     got = torch.zeros_like(routing).scatter_(1, ids, weights.double())                  # [T, E]
     assert torch.equal((got > 0)[keep], (routing > 0)[keep]), f"{what}: routed experts differ"
     assert (got - routing)[keep].abs().max() < 1e-6 * (1 + layer.cfg.route_scale), f"{what}: router weights"
-    err = (out.double() - ref)[keep].abs().max().item()
     scale = max(1.0, ref.abs().max().item())
-    assert err < tol * scale, f"{what}: max abs diff {err} (reference max {scale})"
+    for mode, out in outs.items():
+        err = (out.double() - ref)[keep].abs().max().item()
+        assert err < tol * scale, f"{what} ({mode}): max abs diff {err} (reference max {scale})"
 
 
 CASES = [

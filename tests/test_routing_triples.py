@@ -12,6 +12,7 @@ from moe_ep.experts import init_expert_weights, swiglu
 from moe_ep.layer import MoELayer
 from moe_ep.parallel import context_for_tests
 from moe_ep.stats import ExpertLoadStats
+from exchange_modes import exchange_modes
 from mp import run_ranks
 from reference import logical_weights
 
@@ -56,10 +57,11 @@ def _check(layer, x, r_in, what):
     cfg = layer.cfg
     ref = expert_choice_reference(x, r_in, layer.router.gate.weight, w13, w2, cfg.capacity_factor,
                                   cfg.route_scale, cfg.score_func)
-    out = layer(x, router_input=r_in)
-    assert out.shape == x.shape, what
-    err = (out - ref).abs().max().item() if x.numel() else 0.0
-    assert err < TOL, f"{what}: max abs diff {err}"
+    for mode in exchange_modes(layer):                  # every path at this EP size
+        out = layer(x, router_input=r_in)
+        assert out.shape == x.shape, (what, mode)
+        err = (out - ref).abs().max().item() if x.numel() else 0.0
+        assert err < TOL, f"{what} ({mode}): max abs diff {err}"
 
 
 def _ranks_expert_choice(rank, world, ep_size):
