@@ -11,6 +11,8 @@ import datetime
 import multiprocessing
 import os
 import socket
+import sys
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -37,6 +39,13 @@ def _entry(rank: int, world: int, port: int, env: dict, fn, args):
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
         fn(rank, world, *args)
+    except BaseException:
+        # every failing rank's own traceback (the harness re-raises only the first rank to exit,
+        # which is often a peer that lost its connection to the rank that really failed)
+        print(f"--- rank {rank} of {world} failed:", file=sys.stderr)
+        traceback.print_exc()
+        sys.stderr.flush()
+        raise
     finally:
         dist.destroy_process_group()
 

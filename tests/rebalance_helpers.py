@@ -49,6 +49,10 @@ def run_stack_checked(layers, x: torch.Tensor, what: str, tol: float = 1e-5) -> 
 
 
 def tokens(rank: int, fwd: int) -> int:
+    """Token rows of rank `rank` in forward `fwd`: uneven, and none at all on rank 1 in every
+    fourth forward (a rank with nothing routed, before, during and after the moves)."""
+    if rank == 1 and fwd % 4 == 2:
+        return 0
     return 5 + (7 * rank + 11 * fwd) % 23
 
 
