@@ -56,7 +56,8 @@ def run_world(world: int, out: str, extra=()) -> None:
 
 @pytest.mark.slow   # starts jobs under DeepSpeed's launcher
 def test_deepspeed_launcher_quickstart_and_ep_invariance(tmp_path):
-    """The real launcher on 2 ranks (telemetry on), then the same sampling on 1 and 4 ranks."""
+    """The real launcher on 2 ranks (telemetry on), then the same sampling on 1 rank, 4 ranks
+    (EP 4) and 4 ranks as EP 2 x DP 2: identical images."""
     out2 = str(tmp_path / "ep2")
     deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
@@ -87,16 +88,18 @@ def test_deepspeed_launcher_quickstart_and_ep_invariance(tmp_path):
         assert img.std() > 10, f"{name} is (nearly) constant"
     assert not np.array_equal(imgs2["000.png"], imgs2["001.png"])
 
-    for world in (1, 4):
-        out = str(tmp_path / f"ep{world}")
-        run_world(world, out, ["eplb.min_gain=-1"] if world == 4 else [])  # EP 4: weights move mid-run
+    # EP 1; EP 4 and EP 2 x DP 2 with weights moving mid-run (min_gain -1)
+    for name_, world, ep, extra in (("ep1", 1, 1, []), ("ep4", 4, 4, ["eplb.min_gain=-1"]),
+                                    ("ep2dp2", 4, 2, ["eplb.min_gain=-1", "parallel.ep_size=2"])):
+        out = str(tmp_path / name_)
+        run_world(world, out, extra)
         imgs = read_images(out)
         assert sorted(imgs) == sorted(imgs2)
         for name in imgs:
             diff = np.abs(imgs[name].astype(int) - imgs2[name].astype(int)).max()
-            assert diff == 0, f"EP={world} vs EP=2: {name} differs by {diff}"
+            assert diff == 0, f"{name_} vs EP=2: {name} differs by {diff}"
         s = json.load(open(os.path.join(out, "summary.json")))
-        assert s["ep_size"] == world
+        assert (s["world_size"], s["ep_size"], s["dp_size"]) == (world, ep, world // ep)
         if world == 4:  # rebalanced mid-run, weights moved, and the images above did not change
             assert all(e.get("status") != "failed" for e in s["rebalances"]), s["rebalances"]
             assert any(e.get("status") == "ok" and e["forward_idx"] >= 0 and e["experts_moved"] > 0
