@@ -13,14 +13,19 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
+from moe_ep.config import EplbConfig
 from moe_ep.models.diffusers import load_transformer, wrap_transformer
 from moe_ep.models.diffusers.tiny import hidream_inputs, nucleus_inputs, save_tiny_folders
 from moe_ep.models.diffusers.wrap import expert_parts
 from moe_ep.parallel import ParallelContext, context_for_tests
+from moe_ep.rebalance import Rebalancer
+from moe_ep.stats import ExpertLoadStats
 from mp import run_ranks
+from rebalance_helpers import random_planner
 
 REL_TOL = 1e-5
 TIMESTEPS = (0.9, 0.5, 0.1)
@@ -219,6 +224,20 @@ def _skewed_block(loaded, ref) -> tuple[float, int]:
     return diff, sum(rows)
 
 
+def rebalance_through_the_runtime(loaded, ctx, redundant: int, seed: int) -> int:
+    """One forced rebalance of every MoE layer by moe_ep's Rebalancer (random placements, the
+    weights sent between ranks); -> experts moved (this rank's view of the whole move)."""
+    layers = loaded.moe_layers
+    E = layers[0].cfg.num_experts
+    stats = ExpertLoadStats(len(layers), E, torch.device("cpu"), 1)
+    cfg = EplbConfig(enabled=True, num_redundant_experts=redundant, window_size=1, interval=1, min_gain=-1.0)
+    reb = Rebalancer(layers, ctx, cfg, stats, planner=random_planner(seed), force=True)
+    ev = reb.rebalance_now(-1, trigger="test", load=np.ones((len(layers), E)))
+    assert ev is not None and ev["status"] == "ok", ev
+    assert torch.equal(reb.current_phy2log(), torch.stack([layer.placement.phy2log for layer in layers]))
+    return ev["experts_moved"]
+
+
 def _ep_ranks(rank, world, folders, out_dir):
     torch.manual_seed(0)
     contexts = {"ep4": context_for_tests(rank, world, 4), "ep2xdp2": context_for_tests(rank, world, 2)}
@@ -242,6 +261,13 @@ def _ep_ranks(rank, world, folders, out_dir):
                 assert (rows == 0) == (rank in (1, 3)), (rank, rows)
             replace_all(loaded, seed=100 + redundant)
             results[key + "/replaced"] = compare(name, loaded.model, ref, seed, timesteps=TIMESTEPS[1:], cache=cache)
+            if redundant:
+                # through the Rebalancer: a forced random plan, weights exchanged between the ranks
+                # (not read from disk), then diffusers' output again
+                moved = rebalance_through_the_runtime(loaded, ctx, redundant, seed=200)
+                assert moved > 0, (rank, key)
+                results[key + "/rebalanced"] = compare(name, loaded.model, ref, seed, timesteps=TIMESTEPS[:1],
+                                                       cache=cache)
     for key, value in results.items():
         if not isinstance(value, dict):
             assert value <= REL_TOL, (rank, key, value)
@@ -259,7 +285,7 @@ def test_ep4_and_ep2xdp2_equal_diffusers(folders, tmp_path):
                 if not isinstance(value, dict):
                     worst[key] = max(worst.get(key, 0.0), value)
     print(json.dumps(worst, indent=1))
-    assert len(worst) == 2 * 3 * 2 + 1
+    assert len(worst) == 2 * 3 * 2 + 1 + 2 * 2   # + the two rebalanced runs with replicas per family
 
 
 @pytest.mark.parametrize("name", ["hidream", "nucleus"])
