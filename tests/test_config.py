@@ -228,3 +228,20 @@ def test_eplb_groups_of_a_diffusers_model_are_checked_against_its_experts():
     with pytest.raises(ConfigError) as err:
         check_planner_topology(cfg, 6, 1, 1)
     assert err.value.field_name == "eplb.num_groups"
+
+
+def test_expert_slots_that_cannot_fit_a_rank_are_refused():
+    """The check compares one rank's expert slots (slots x MoE layers x 3 x H x F x dtype bytes)
+    with the memory it is given, and passes at the boundary."""
+    from moe_ep.models.moedit import check_expert_memory, expert_slot_bytes
+
+    cfg = config.from_dict({"model": {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "dtype": "bfloat16",
+                                      "moe": {"num_experts": 8, "top_k": 2, "expert_hidden_size": 32}},
+                            "eplb": {"num_redundant_experts": 2}})
+    need = expert_slot_bytes(cfg, ep=2)
+    assert need == (10 // 2) * 2 * 3 * 64 * 32 * 2            # 5 slots x 2 MoE layers x 3HF x 2 bytes
+    check_expert_memory(cfg, 2, (need, "one GPU's memory"))
+    check_expert_memory(cfg, 2, None)                         # unknown memory: no check
+    with pytest.raises(ConfigError, match="one GPU's memory is") as err:
+        check_expert_memory(cfg, 2, (need - 1, "one GPU's memory"))
+    assert err.value.field_name == "model.moe.expert_hidden_size"

@@ -128,6 +128,9 @@ BAD = [
     (["eplb.num_redundant_experts=1", "parallel.ep_size=2"], "parallel.ep_size", "divide the world size"),
     (["model.text_encoder=\"no_such_module_xyz:encode\""], "model.text_encoder", "cannot import"),
     (["model.checkpoint=\"/nonexistent/ckpt.safetensors\""], "model.checkpoint", "file not found"),
+    # experts that cannot fit: ~300 GB of slots on one rank, refused before anything is allocated
+    (["model.checkpoint=null", "model.moe.expert_hidden_size=1000000"], "model.moe.expert_hidden_size",
+     "one rank's expert slots alone need"),
 ]
 
 

@@ -7,12 +7,13 @@ stand-in decoder of moe_ep/images.py.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import numpy as np
 
 from ..checkpoint import CheckpointReader, inspect_checkpoint, load_checkpoint
-from ..config import Config
+from ..config import Config, ConfigError
 from ..experts import init_expert_weights
 from ..images import decode_latents
 from ..parallel import ParallelContext, check_layout, derive_ep_size
@@ -32,11 +33,56 @@ def preflight(cfg: Config, world_size: int) -> MoEShape:
 
     ep = derive_ep_size(cfg.parallel, world_size)
     check_layout(cfg.model.moe.num_experts, cfg.eplb.num_redundant_experts, ep)
+    check_expert_memory(cfg, ep, memory_per_rank(cfg, world_size))
     if cfg.model.checkpoint:
         inspect_checkpoint(cfg.model.checkpoint, cfg.model)
     if cfg.model.text_encoder != "builtin":
         load_user_encoder(cfg.model.text_encoder)
     return moe_shape(cfg)
+
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def expert_slot_bytes(cfg: Config, ep: int) -> int:
+    """Bytes of one rank's expert slots: slots per rank x MoE layers x (w13 [H, 2F] + w2 [F, H]).
+    A lower bound on what the rank holds (the dense weights and activations come on top)."""
+    m = cfg.model
+    slots = (m.moe.num_experts + cfg.eplb.num_redundant_experts) // ep
+    return slots * moe_shape(cfg).num_layers * 3 * m.hidden_size * m.moe.expert_hidden_size * DTYPE_BYTES[m.dtype]
+
+
+def memory_per_rank(cfg: Config, world_size: int) -> Optional[tuple[int, str]]:
+    """(bytes one rank may use, where) -- a GPU's memory, or this node's RAM shared by its ranks;
+    None when it cannot be told."""
+    import torch
+
+    from ..parallel import launcher_local_world
+
+    if cfg.parallel.device != "cpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory, "one GPU's memory"
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    ranks = max(1, launcher_local_world(world_size))
+    return ram // ranks, f"this node's RAM over its {ranks} rank(s)"
+
+
+def check_expert_memory(cfg: Config, ep: int, available: Optional[tuple[int, str]]) -> None:
+    """Refuses a model whose expert slots alone cannot fit in a rank's memory (a clear error
+    before the process group instead of an out-of-memory kill while the model is built)."""
+    if available is None:
+        return
+    need, (have, where) = expert_slot_bytes(cfg, ep), available
+    if need > have:
+        gib = 2 ** 30
+        raise ConfigError("model.moe.expert_hidden_size", cfg.model.moe.expert_hidden_size,
+                          f"one rank's expert slots alone need {need / gib:.1f} GiB ({moe_shape(cfg).num_layers} "
+                          f"MoE layers x {(cfg.model.moe.num_experts + cfg.eplb.num_redundant_experts) // ep} slots "
+                          f"x 3 x hidden {cfg.model.hidden_size} x {cfg.model.moe.expert_hidden_size}, "
+                          f"{cfg.model.dtype}) and {where} is {have / gib:.1f} GiB: run more EP ranks, "
+                          f"a smaller model, or bfloat16")
 
 
 class MoEDiTModel(ServedModel):
