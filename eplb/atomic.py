@@ -21,8 +21,23 @@ import tempfile
 from typing import IO, Any, Iterator
 
 TMP_PREFIX = ".tmp-"
-_UMASK = os.umask(0o022)  # read the process umask once (mkstemp makes 0600 files; the result gets 0666 & ~umask)
-os.umask(_UMASK)
+def _read_umask() -> int:
+    """The process umask (mkstemp makes 0600 files; a written file gets 0666 & ~umask). Linux
+    reports it in /proc/self/status, which reads it without the set-and-restore that would race
+    with other threads creating files; elsewhere, set and restore once at import."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
 
 
 def is_temp_file(name: str) -> bool:
