@@ -71,21 +71,21 @@ def check(layer: MoELayer, x: torch.Tensor, what: str, tol: float = TOL) -> None
 
 
 CASES = [
-    # name, MoEConfig kwargs, redundant slots per EP rank, tokens per rank (by rank)
-    ("top2-shared", dict(num_experts=8, top_k=2, num_shared_experts=1), 0, [37, 64, 5, 11]),
-    ("top1", dict(num_experts=8, top_k=1), 0, [13, 7, 29, 3]),
+    # name, MoEConfig kwargs, tokens per rank (by rank; 0: a rank with nothing to route)
+    ("top2-shared", dict(num_experts=8, top_k=2, num_shared_experts=1), [37, 64, 5, 11]),
+    ("top1", dict(num_experts=8, top_k=1), [13, 7, 29, 3]),
     ("top8-sigmoid-groups", dict(num_experts=16, top_k=8, score_func="sigmoid", n_group=4, topk_group=2,
-                                 route_scale=2.5), 0, [17, 19, 23, 1]),
-    ("top4-no-renorm", dict(num_experts=16, top_k=4, renormalize=False), 0, [31, 0, 9, 50]),
+                                 route_scale=2.5), [17, 0, 23, 1]),
+    ("top4-no-renorm", dict(num_experts=16, top_k=4, renormalize=False), [31, 0, 9, 50]),
 ]
 
 
 def _ranks_equivalence(rank: int, world: int, ep_size: int) -> None:
     ctx = context_for_tests(rank, world, ep_size)
     gen = torch.Generator().manual_seed(99)
-    for name, kw, redundant_per_rank, tokens in CASES:
+    for name, kw, tokens in CASES:
         cfg = MoEConfig(expert_hidden_size=F, **kw)
-        for redundant in (0, redundant_per_rank + ep_size, 2 * ep_size):
+        for redundant in (0, ep_size, 2 * ep_size):
             layer = make_layer(cfg, ctx, redundant)
             x = torch.randn(tokens[rank % len(tokens)], H, generator=torch.Generator().manual_seed(rank))
             check(layer, x, f"{name} contiguous R+{redundant}")
@@ -122,6 +122,15 @@ def _ranks_edge_cases(rank: int, world: int, ep_size: int) -> None:
         assert layer2.wire_rows == 0, f"rank {rank} sent {layer2.wire_rows} rows: its local replica should serve them"
         if 0 not in layer.local_experts:   # the same tokens, no replica here: they travelled
             assert layer.wire_rows == x.shape[0], (rank, layer.wire_rows)
+    # Skewed top-2 with expert groups: every token picks experts 0 and 1 of group 0 (the other
+    # ranks' experts get nothing), with and without a replica of each on every rank.
+    cfg2 = MoEConfig(num_experts=8, top_k=2, expert_hidden_size=F, n_group=4, topk_group=1)
+    for redundant in (0, 2 * ctx.ep_size):
+        hot = make_layer(cfg2, ctx, redundant=redundant)
+        with torch.no_grad():
+            hot.router.gate.weight.zero_()
+            hot.router.gate.weight[0], hot.router.gate.weight[1] = 10.0, 8.0
+        check(hot, x, f"all tokens to experts 0 and 1 (groups), R+{redundant}")
     # Zero tokens on this rank only, then on every rank (positive inputs: expert 0 wins, no ties
     # among the experts with zero gate rows).
     check(layer, torch.rand(0 if rank == 1 else 9, H) + 0.1, "zero tokens on rank 1")
@@ -147,7 +156,7 @@ BF16_TOL = 0.02
 
 def _ranks_bf16(rank: int, world: int, ep_size: int) -> None:
     ctx = context_for_tests(rank, world, ep_size)
-    for name, kw, _, tokens in CASES:
+    for name, kw, tokens in CASES:
         cfg = MoEConfig(expert_hidden_size=F, **kw)
         for redundant in (0, ep_size):
             torch.manual_seed(1234)

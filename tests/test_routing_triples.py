@@ -80,6 +80,10 @@ def _ranks_expert_choice(rank, world, ep_size):
                                                                           generator=torch.Generator().manual_seed(8))]
             layer.set_placement(phy2log, lambda e: init_expert_weights(SEED, 0, e, H, F))
             _check(layer, x, r_in, f"{score_func} cf={cf} R+{redundant} placed {phy2log.tolist()}")
+    # no samples, and samples with no tokens, on every rank at once
+    layer = _layer(ctx, 2 * ep_size, "softmax", 2.0)
+    for shape in ((0, 7), (3, 0)):
+        _check(layer, torch.randn(*shape, H), torch.randn(*shape, HR), f"empty batch {shape}")
     # stats: expert choice gives every expert exactly samples * C copies, split by sample branch
     layer = _layer(ctx, 0, "softmax", 2.0)
     stats = ExpertLoadStats(1, E, torch.device("cpu"))
