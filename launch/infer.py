@@ -63,15 +63,25 @@ PEER_LOST = 1  # exit status when a rank lost contact with its peers (2: bad con
 WRITE_FAILED = 3  # exit status when a file under output_dir could not be written mid-run
 
 
-def error(msg: str) -> int:
-    """One line on stderr from rank 0 (on one node every rank finds the same error), and one from
-    the first rank of every other node, which may see other files (a path missing on one node)."""
-    rank = os.environ.get("RANK", "0")
+# fields whose check reads this node's files: another node may see them differently
+NODE_LOCAL_FIELDS = ("output_dir", "model.checkpoint", "model.path", "model.text_encoder", "eplb.stats_file",
+                     "eplb.placement_file")
+
+
+def error(err, who: str = "rank0") -> int:
+    """One line on stderr. `who`: "rank0" (every rank finds the same error, or the ranks agreed on
+    it), "node" (a check of this node's files: rank 0 and the first rank of every other node),
+    "self" (an error of this rank alone: it says so itself)."""
+    rank, local = os.environ.get("RANK", "0"), os.environ.get("LOCAL_RANK", "0")
     if rank == "0":
-        print(f"error: {msg}", file=sys.stderr, flush=True)
-    elif os.environ.get("LOCAL_RANK", "0") == "0":
-        print(f"error: rank {rank} (first rank of its node): {msg}", file=sys.stderr, flush=True)
+        print(f"error: {err}", file=sys.stderr, flush=True)
+    elif who == "self" or who == "node" and local == "0":
+        print(f"error: rank {rank}: {err}", file=sys.stderr, flush=True)
     return 2
+
+
+def preflight_error(err: ConfigError) -> int:
+    return error(err, "node" if err.field_name in NODE_LOCAL_FIELDS else "rank0")
 
 
 def main(argv=None) -> int:
@@ -79,9 +89,9 @@ def main(argv=None) -> int:
     try:
         cfg = config_mod.load(args.config, args.set)
     except ConfigError as err:
-        return error(str(err))
+        return error(err, "node")   # --config is a file on this node
     except (ValueError, TypeError, RecursionError, OSError) as err:  # a file config.load cannot parse
-        return error(f"config file {args.config!r} cannot be read: {type(err).__name__}: {err}")
+        return error(f"config file {args.config!r} cannot be read: {type(err).__name__}: {err}", "node")
     if args.print_launch_cmd:
         print(shlex.join(launch_command(args.hostfile, args.num_nodes, args.num_gpus, args.config, args.set)))
         return 0
@@ -92,17 +102,17 @@ def main(argv=None) -> int:
     try:
         preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as err:
-        return error(str(err))
+        return preflight_error(err)
     try:
         ctx = init_distributed(cfg.parallel)
-    except ConfigError as err:
-        return error(str(err))
+    except ConfigError as err:   # this rank's device (e.g. no GPU of its own): it says so itself
+        return error(err, "self")
     except Exception as err:  # noqa: BLE001 - the rendezvous failed: a peer stopped in its checks (its own
         # line says why) or cannot be reached; one line per rank instead of a C++ stack dump
         first = (str(err).strip().splitlines() or [""])[0][:300]
-        print(f"error: rank {os.environ.get('RANK', '0')} could not join the process group within "
-              f"parallel.timeout_s ({cfg.parallel.timeout_s:g} s): {type(err).__name__}: {first}",
-              file=sys.stderr, flush=True)
+        waited = f" within parallel.timeout_s ({cfg.parallel.timeout_s:g} s)" if "time" in first.lower() else ""
+        print(f"error: rank {os.environ.get('RANK', '0')} could not join the process group{waited}: "
+              f"{type(err).__name__}: {first}", file=sys.stderr, flush=True)
         return PEER_LOST
 
     def on_sigterm(signum, frame):  # the launcher stops every rank when one fails: end through the error path
@@ -113,9 +123,11 @@ def main(argv=None) -> int:
     previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
     try:
         summary = run(cfg, ctx, progress=not args.no_progress)
-    except ConfigError as err:  # e.g. a placement file that does not fit this run
+    except ConfigError as err:
+        # the eplb files are checked on every rank and the ranks agree on one message (rank 0
+        # prints it); anything else found mid-run (a user text encoder's output) is this rank's own
         shutdown()
-        return error(str(err))
+        return error(err, "rank0" if err.field_name in ("eplb.stats_file", "eplb.placement_file") else "self")
     except PeerLostError as err:
         # every rank that notices says so (rank 0 may be the one that died); no process-group
         # teardown with dead peers: the caller exits at once (see __main__ below)

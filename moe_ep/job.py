@@ -81,13 +81,19 @@ EARLIER_OUTPUTS = ("summary.json", "stats.json")   # metrics.jsonl starts afresh
 IMAGE_NAME = re.compile(r"^\d{3,}\.png$")               # images/000.png ... (save_png's names)
 
 
-def remove_earlier_outputs(out_dir: str) -> list[str]:
+def remove_earlier_outputs(out_dir: str, keep: Optional[str] = None) -> list[str]:
     """A run into a folder that holds an earlier run's outputs replaces them: its summary.json,
     stats.json and numbered images are removed when this run starts, so a summary.json again
     means *this* run completed and no image of the earlier run passes for one of this run.
+    `keep` (eplb.stats_file) stays when it is that stats.json: a resume in place that fails
+    before its first window still has its input; this run's first write replaces it.
     -> the removed paths (relative to out_dir). Rank 0."""
     images = os.path.join(out_dir, "images")
-    old = [n for n in EARLIER_OUTPUTS if os.path.isfile(os.path.join(out_dir, n))]
+
+    def kept(path: str) -> bool:
+        return bool(keep) and os.path.exists(keep) and os.path.samefile(path, keep)
+
+    old = [n for n in EARLIER_OUTPUTS if os.path.isfile(os.path.join(out_dir, n)) and not kept(os.path.join(out_dir, n))]
     old += [os.path.join("images", n) for n in sorted(os.listdir(images)) if IMAGE_NAME.match(n)] \
         if os.path.isdir(images) else []
     for name in old:
@@ -129,6 +135,7 @@ def preflight(cfg: Config, world_size: int) -> None:
     path (moe_ep/paths.py), the model family's checks (checkpoint header, text encoder, model
     folder), the eplb files' contents."""
     ep = derive_ep_size(cfg.parallel, world_size)
+    check_gpus_per_node(cfg)
     check_paths(cfg)
     shape = preflight_model(cfg, world_size)
     if shape is not None:
@@ -137,19 +144,32 @@ def preflight(cfg: Config, world_size: int) -> None:
         check_eplb_files(cfg, shape, ep)
 
 
+def check_gpus_per_node(cfg: Config) -> None:
+    """More ranks on this node than GPUs it shows: refused here, where rank 0 says so, rather than
+    by each rank without a GPU when it picks its device. (One visible GPU is each rank's own: a
+    scheduler that isolates the ranks.)"""
+    if cfg.parallel.device == "cpu" or not torch.cuda.is_available():
+        return
+    gpus, ranks = torch.cuda.device_count(), launcher_local_world(0)
+    if gpus > 1 and ranks > gpus:
+        raise ConfigError("parallel.device", cfg.parallel.device, f"the launcher started {ranks} ranks on this node, "
+                                                                  f"which has {gpus} GPUs: start at most {gpus} "
+                                                                  f"(deepspeed --num_gpus {gpus})")
+
+
 def check_planner_topology(cfg: Config, num_experts: int, ep: int, world_size: int) -> None:
     """The planner's rules (eplb.checks.check_topology) on the nodes and groups this run will give
     it, so that a layout every rebalance would refuse stops the run here, not each rebalance."""
+    groups = cfg.eplb.num_groups
+    if groups > 1 and num_experts % groups:   # as config.validate checks it for the built-in model
+        raise ConfigError("eplb.num_groups", groups, f"must divide the model's number of experts ({num_experts})")
     if not cfg.eplb.enabled:
         return
     rpn = max(1, cfg.parallel.ranks_per_node or launcher_local_world(world_size))
-    nodes = ParallelContext(ep_size=ep, ranks_per_node=rpn).num_nodes
-    if rpn < ep and ep % rpn:
-        raise ConfigError("parallel.ranks_per_node", rpn, f"must divide the EP size ({ep}) when smaller than it: "
-                                                          f"the planner packs an EP group onto whole nodes")
-    groups = cfg.eplb.num_groups
-    if groups % nodes == 0 and num_experts % groups:
-        raise ConfigError("eplb.num_groups", groups, f"must divide the model's number of experts ({num_experts})")
+    nodes = ParallelContext(ep_size=ep, ranks_per_node=rpn).num_nodes   # what the planner is given
+    if ep % nodes:
+        raise ConfigError("parallel.ranks_per_node", rpn, f"gives an EP group of {ep} ranks {nodes} nodes, which "
+                                                          f"do not split it evenly; the planner packs onto whole nodes")
 
 
 # ---------------------------------------------------------------- the work split
@@ -543,8 +563,8 @@ def _run(cfg: Config, ctx: ParallelContext, progress: bool, state: RunState) -> 
     apply_eplb_files(cfg, model, ctx, stats, rebalancer)
     # the first write under output_dir: a model, checkpoint or eplb file refused above leaves nothing
     _write(ctx.rank, images_dir, lambda: os.makedirs(images_dir, exist_ok=True))
-    if ctx.is_main:   # after eplb.stats_file was read (it may be this folder's stats.json)
-        _write(ctx.rank, out_dir, lambda: remove_earlier_outputs(out_dir))
+    if ctx.is_main:   # after eplb.stats_file was read by every rank
+        _write(ctx.rank, out_dir, lambda: remove_earlier_outputs(out_dir, keep=cfg.eplb.stats_file))
     telemetry = state.telemetry = Telemetry(cfg, ctx, out_dir)
     telemetry.attach(model, stats)  # phase timers on the attention blocks and MoE layers; window loads for heatmaps
     for ev in (rebalancer.events if rebalancer is not None else []):   # stats_file / placement_file

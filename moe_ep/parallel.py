@@ -98,7 +98,9 @@ def pick_device(kind: str, local_rank: int) -> torch.device:
     if not torch.cuda.is_available():
         raise ConfigError("parallel.device", kind, "CUDA is not available on this machine; use 'auto' or 'cpu'")
     gpus = torch.cuda.device_count()
-    if local_rank >= gpus:   # NCCL refuses two ranks on one GPU, later and less clearly
+    if gpus == 1:            # one visible GPU: this rank's own (a scheduler that gives each rank one)
+        local_rank = 0
+    elif local_rank >= gpus:  # NCCL refuses two ranks on one GPU, later and less clearly
         raise ConfigError("parallel.device", kind, f"local rank {local_rank} has no GPU of its own: this node has "
                                                    f"{gpus}; start at most {gpus} ranks per node (deepspeed --num_gpus)")
     torch.cuda.set_device(local_rank)

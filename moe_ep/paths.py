@@ -98,8 +98,13 @@ def check_output_folder(field: str, path: str) -> None:
             raise ConfigError(field, path, "cannot be written: no write permission (or a read-only file system)")
         raise ConfigError(field, path, f"cannot be created: no write permission in '{base}' "
                                        "(or a read-only file system)")
-    name_max = os.pathconf(base, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
-    for part in os.path.normpath(path).split(os.sep):
+    try:   # the names still to be made, against the limit of the file system they will be made on
+        name_max = os.pathconf(base, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        name_max = -1
+    new_parts = os.path.relpath(os.path.abspath(path), os.path.abspath(base)).split(os.sep) \
+        if os.path.abspath(path) != os.path.abspath(base) else []
+    for part in new_parts if name_max > 0 else []:
         if len(os.fsencode(part)) > name_max:
             raise ConfigError(field, path, f"has a name of {len(os.fsencode(part))} bytes; the file system takes "
                                            f"at most {name_max}")

@@ -194,25 +194,27 @@ def test_unparseable_inputs_name_where_they_came_from(tmp_path):
 
 @pytest.mark.parametrize("sets,world,field", [
     ({"parallel": {"ranks_per_node": 3}}, 6, None),                    # 6 ranks, 3 per node: 2 nodes
-    ({"parallel": {"ranks_per_node": 4}}, 6, "parallel.ranks_per_node"),  # 6 ranks cannot fill nodes of 4
+    ({"parallel": {"ranks_per_node": 4}}, 6, None),                    # the planner sees 1 node (6 // 4)
+    ({"parallel": {"ranks_per_node": 4}}, 12, None),                   # 3 nodes of 4
+    ({"parallel": {"ranks_per_node": 2}}, 9, "parallel.ranks_per_node"),  # 4 nodes cannot split 9 ranks
     ({"parallel": {"ranks_per_node": 8}}, 6, None),                    # one node holds the EP group
     ({"eplb": {"num_groups": 4}}, 2, None),
-    ({"eplb": {"num_groups": 3}, "parallel": {"ranks_per_node": 1}}, 3, None),   # 3 nodes, 3 groups of 4
+    ({"eplb": {"num_groups": 3}, "parallel": {"ranks_per_node": 1}}, 3, None),   # 3 nodes, 3 groups of 12
 ])
 def test_planner_topology_is_checked_before_the_run(sets, world, field):
     """A layout every rebalance would refuse (eplb.checks.check_topology) stops the run in
-    preflight, naming the field; 12 experts, eplb on."""
+    preflight, naming the field; 36 experts, eplb on."""
     from moe_ep.job import check_planner_topology
 
-    data = {"model": {"moe": {"num_experts": 12, "top_k": 2}}, "eplb": {"enabled": True}}
+    data = {"model": {"moe": {"num_experts": 36, "top_k": 2}}, "eplb": {"enabled": True}}
     for section, values in sets.items():
         data.setdefault(section, {}).update(values)
     cfg = config.from_dict(data)
     if field is None:
-        check_planner_topology(cfg, 12, world, world)
+        check_planner_topology(cfg, 36, world, world)
         return
     with pytest.raises(ConfigError) as err:
-        check_planner_topology(cfg, 12, world, world)
+        check_planner_topology(cfg, 36, world, world)
     assert err.value.field_name == field
 
 

@@ -314,3 +314,18 @@ def test_a_rerun_into_the_same_folder_replaces_the_earlier_outputs(tmp_path, mon
     stats = json.load(open(out / "stats.json"))
     assert len(stats["windows"]) == 5
     assert np.asarray(stats["load"]).sum() == 5 * 5 * 2 * TOP_K    # 5 forwards x 5 tokens x 2 branches x k
+
+
+def test_a_resume_in_place_keeps_its_statistics_until_it_writes_its_own(tmp_path):
+    """eplb.stats_file = <output_dir>/stats.json (resume into the same folder): that file is not
+    removed with the earlier outputs, so a run that fails before its first window still leaves
+    a stats.json to resume from; the earlier summary.json and images go."""
+    out = tmp_path / "out"
+    (out / "images").mkdir(parents=True)
+    for name in ("summary.json", "stats.json", "images/000.png", "images/001.png", "images/notes.txt"):
+        (out / name).write_text("earlier")
+    removed = job.remove_earlier_outputs(str(out), keep=str(out / "stats.json"))
+    assert sorted(removed) == ["images/000.png", "images/001.png", "summary.json"]
+    assert sorted(os.listdir(out)) == ["images", "stats.json"] and os.listdir(out / "images") == ["notes.txt"]
+    assert job.remove_earlier_outputs(str(out), keep=None) == ["stats.json"]
+    assert job.remove_earlier_outputs(str(out), keep=str(tmp_path / "gone.json")) == []

@@ -61,13 +61,40 @@ def test_ep_and_dp_groups_on_four_ranks():
 
 
 def test_more_ranks_on_a_node_than_gpus_is_a_config_error(monkeypatch):
-    """Local rank 1 on a node with 1 GPU: a ConfigError naming parallel.device before the process
-    group, not two ranks sharing a GPU until NCCL refuses them."""
+    """Local rank 2 on a node with 2 GPUs: a ConfigError naming parallel.device before the process
+    group, not two ranks sharing a GPU until NCCL refuses them. A rank that sees one GPU uses it."""
     from moe_ep.parallel import pick_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    with pytest.raises(ConfigError, match="local rank 1 has no GPU of its own") as err:
-        pick_device("auto", 1)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ConfigError, match="local rank 2 has no GPU of its own") as err:
+        pick_device("auto", 2)
     assert err.value.field_name == "parallel.device"
     assert pick_device("cpu", 5) == torch.device("cpu")
+    # one visible GPU per rank (a scheduler that isolates them): every local rank takes GPU 0
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: chosen[-1])
+    assert pick_device("cuda", 3) == torch.device("cuda", 0) and chosen == [0]
+
+
+def test_more_ranks_than_gpus_is_refused_in_preflight(monkeypatch):
+    """The launcher started 4 ranks on a node with 2 GPUs: preflight (where rank 0 prints) refuses
+    it; 2 ranks, or 4 ranks that each see one GPU, pass."""
+    from moe_ep import config as config_mod
+    from moe_ep.job import check_gpus_per_node
+
+    cfg = config_mod.from_dict({"parallel": {"device": "auto"}})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for gpus, ranks, refused in ((2, 4, True), (2, 2, False), (1, 4, False)):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda g=gpus: g)
+        monkeypatch.setenv("LOCAL_SIZE", str(ranks))
+        if refused:
+            with pytest.raises(ConfigError, match="started 4 ranks on this node, which has 2 GPUs"):
+                check_gpus_per_node(cfg)
+        else:
+            check_gpus_per_node(cfg)
+    cfg.parallel.device = "cpu"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_gpus_per_node(cfg)                                   # CPU ranks: any number

@@ -65,7 +65,10 @@ def memory_per_rank(cfg: Config, world_size: int) -> Optional[tuple[int, str]]:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return None
-    ranks = max(1, launcher_local_world(world_size))
+    # ranks on this node: the config, else the launcher; unknown (a launcher that says neither) -> no check
+    ranks = cfg.parallel.ranks_per_node or launcher_local_world(0) or (1 if world_size == 1 else 0)
+    if ranks <= 0:
+        return None
     return ram // ranks, f"this node's RAM over its {ranks} rank(s)"
 
 
