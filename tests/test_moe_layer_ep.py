@@ -176,9 +176,9 @@ def _ranks_bf16(rank: int, world: int, ep_size: int) -> None:
                 check(layer, x, f"bf16 {name} random placement {phy2log.tolist()}", BF16_TOL)
 
 
-@pytest.mark.parametrize("world", [1, 2])
-def test_bf16_matches_float64_reference(world):
-    run_ranks(world, _ranks_bf16, world)
+@pytest.mark.parametrize("world,ep_size", [(1, 1), (2, 2), (4, 4), (4, 2)])
+def test_bf16_matches_float64_reference(world, ep_size):
+    run_ranks(world, _ranks_bf16, ep_size)
 
 
 def _ranks_expert_choice(rank: int, world: int, ep_size: int) -> None:
@@ -202,6 +202,6 @@ def _ranks_expert_choice(rank: int, world: int, ep_size: int) -> None:
                 f"expert choice cf={cf} {score_func} R+{redundant}: max abs diff {err}"
 
 
-@pytest.mark.parametrize("world", [1, 2])
-def test_expert_choice_matches_dense_reference(world):
-    run_ranks(world, _ranks_expert_choice, world)
+@pytest.mark.parametrize("world,ep_size", [(1, 1), (2, 2), (4, 4), (4, 2)])
+def test_expert_choice_matches_dense_reference(world, ep_size):
+    run_ranks(world, _ranks_expert_choice, ep_size)
