@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moe_ep import config as config_mod  # noqa: E402
 from moe_ep.config import ConfigError  # noqa: E402
+from moe_ep.paths import PATH_FIELDS  # noqa: E402
 
 
 def launch_command(hostfile: str | None, nodes: int, gpus: int, config: str,
@@ -63,11 +64,6 @@ PEER_LOST = 1  # exit status when a rank lost contact with its peers (2: bad con
 WRITE_FAILED = 3  # exit status when a file under output_dir could not be written mid-run
 
 
-# fields whose check reads this node's files: another node may see them differently
-NODE_LOCAL_FIELDS = ("output_dir", "model.checkpoint", "model.path", "model.text_encoder", "eplb.stats_file",
-                     "eplb.placement_file")
-
-
 def error(err, who: str = "rank0") -> int:
     """One line on stderr. `who`: "rank0" (every rank finds the same error, or the ranks agreed on
     it), "node" (a check of this node's files: rank 0 and the first rank of every other node),
@@ -81,7 +77,7 @@ def error(err, who: str = "rank0") -> int:
 
 
 def preflight_error(err: ConfigError) -> int:
-    return error(err, "node" if err.field_name in NODE_LOCAL_FIELDS else "rank0")
+    return error(err, "node" if err.field_name in PATH_FIELDS else "rank0")
 
 
 def main(argv=None) -> int:

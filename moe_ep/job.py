@@ -36,6 +36,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from eplb.checks import check_topology
+
 from .config import Config, ConfigError
 from .images import save_png
 from .models import build_served_model, preflight_model
@@ -157,19 +159,30 @@ def check_gpus_per_node(cfg: Config) -> None:
                                                                   f"(deepspeed --num_gpus {gpus})")
 
 
+# eplb.checks.check_topology names its arguments; the config field each comes from
+PLANNER_FIELDS = {"num_gpus": "parallel.ranks_per_node", "num_nodes": "parallel.ranks_per_node",
+                  "num_groups": "eplb.num_groups", "num_replicas": "eplb.num_redundant_experts"}
+
+
 def check_planner_topology(cfg: Config, num_experts: int, ep: int, world_size: int) -> None:
-    """The planner's rules (eplb.checks.check_topology) on the nodes and groups this run will give
-    it, so that a layout every rebalance would refuse stops the run here, not each rebalance."""
+    """The planner's own check (eplb.checks.check_topology) on the slots, groups and nodes this
+    run will give it, so that a layout every rebalance would refuse stops the run here."""
     groups = cfg.eplb.num_groups
-    if groups > 1 and num_experts % groups:   # as config.validate checks it for the built-in model
+    if groups > 1 and num_experts % groups:   # the config rule (docs/config.md), whatever the planner uses
         raise ConfigError("eplb.num_groups", groups, f"must divide the model's number of experts ({num_experts})")
     if not cfg.eplb.enabled:
         return
     rpn = max(1, cfg.parallel.ranks_per_node or launcher_local_world(world_size))
-    nodes = ParallelContext(ep_size=ep, ranks_per_node=rpn).num_nodes   # what the planner is given
-    if ep % nodes:
-        raise ConfigError("parallel.ranks_per_node", rpn, f"gives an EP group of {ep} ranks {nodes} nodes, which "
-                                                          f"do not split it evenly; the planner packs onto whole nodes")
+    nodes = ParallelContext(ep_size=ep, ranks_per_node=rpn).num_nodes   # what the rebalancer passes
+    try:
+        check_topology(num_experts, num_experts + cfg.eplb.num_redundant_experts, groups, nodes, ep)
+    except ValueError as err:
+        name = str(err).split(":", 1)[0]
+        field = PLANNER_FIELDS.get(name, "parallel.ranks_per_node")
+        value = {"parallel.ranks_per_node": rpn, "eplb.num_groups": groups,
+                 "eplb.num_redundant_experts": cfg.eplb.num_redundant_experts}[field]
+        raise ConfigError(field, value, f"the planner refuses this layout ({ep} EP ranks on {nodes} node(s) of "
+                                        f"{rpn}): {err}") from None
 
 
 # ---------------------------------------------------------------- the work split

@@ -168,7 +168,7 @@ def error_on_any_rank(error: Optional[str], ctx: ParallelContext) -> Optional[st
     """This rank's error, else the first other rank's as "on rank R: ...", else None when every
     rank of the world is fine. Collective over the world: a check that every rank runs on its own
     files agrees on the outcome, and rank 0 (which prints) can name the real reason."""
-    if ctx.world_size == 1 or error is not None and not tdist.is_initialized():
+    if ctx.world_size == 1:
         return error
     errors: list = [None] * ctx.world_size
     tdist.all_gather_object(errors, error)

@@ -150,6 +150,11 @@ def import_function(field: str, spec: str) -> Callable:
     return fn
 
 
+# the fields check_paths reads: their files are this node's, so another node may see them differently
+PATH_FIELDS = ("output_dir", "model.checkpoint", "model.path", "model.text_encoder", "eplb.stats_file",
+               "eplb.placement_file")
+
+
 def check_paths(cfg: Config) -> None:
     """Every path of the config (raises ConfigError naming the first bad one)."""
     m, e = cfg.model, cfg.eplb

@@ -16,7 +16,7 @@ from ..checkpoint import CheckpointReader, inspect_checkpoint, load_checkpoint
 from ..config import Config, ConfigError
 from ..experts import init_expert_weights
 from ..images import decode_latents
-from ..parallel import ParallelContext, check_layout, derive_ep_size
+from ..parallel import ParallelContext, check_layout, derive_ep_size, launcher_local_world
 from .base import ExpertWeightSource, ForwardHooks, MoEShape, ServedModel
 
 
@@ -44,20 +44,22 @@ def preflight(cfg: Config, world_size: int) -> MoEShape:
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
+def slots_per_rank(cfg: Config, ep: int) -> int:
+    return (cfg.model.moe.num_experts + cfg.eplb.num_redundant_experts) // ep
+
+
 def expert_slot_bytes(cfg: Config, ep: int) -> int:
     """Bytes of one rank's expert slots: slots per rank x MoE layers x (w13 [H, 2F] + w2 [F, H]).
     A lower bound on what the rank holds (the dense weights and activations come on top)."""
     m = cfg.model
-    slots = (m.moe.num_experts + cfg.eplb.num_redundant_experts) // ep
-    return slots * moe_shape(cfg).num_layers * 3 * m.hidden_size * m.moe.expert_hidden_size * DTYPE_BYTES[m.dtype]
+    return slots_per_rank(cfg, ep) * moe_shape(cfg).num_layers * 3 * m.hidden_size * m.moe.expert_hidden_size \
+        * DTYPE_BYTES[m.dtype]
 
 
 def memory_per_rank(cfg: Config, world_size: int) -> Optional[tuple[int, str]]:
     """(bytes one rank may use, where) -- a GPU's memory, or this node's RAM shared by its ranks;
     None when it cannot be told."""
     import torch
-
-    from ..parallel import launcher_local_world
 
     if cfg.parallel.device != "cpu" and torch.cuda.is_available():
         return torch.cuda.get_device_properties(0).total_memory, "one GPU's memory"
@@ -82,7 +84,7 @@ def check_expert_memory(cfg: Config, ep: int, available: Optional[tuple[int, str
         gib = 2 ** 30
         raise ConfigError("model.moe.expert_hidden_size", cfg.model.moe.expert_hidden_size,
                           f"one rank's expert slots alone need {need / gib:.1f} GiB ({moe_shape(cfg).num_layers} "
-                          f"MoE layers x {(cfg.model.moe.num_experts + cfg.eplb.num_redundant_experts) // ep} slots "
+                          f"MoE layers x {slots_per_rank(cfg, ep)} slots "
                           f"x 3 x hidden {cfg.model.hidden_size} x {cfg.model.moe.expert_hidden_size}, "
                           f"{cfg.model.dtype}) and {where} is {have / gib:.1f} GiB: run more EP ranks, "
                           f"a smaller model, or bfloat16")
