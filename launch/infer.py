@@ -76,8 +76,10 @@ def error(err, who: str = "rank0") -> int:
     return 2
 
 
-def preflight_error(err: ConfigError) -> int:
-    return error(err, "node" if err.field_name in PATH_FIELDS else "rank0")
+def config_error(err: ConfigError) -> int:
+    """A bad config found before the process group: a file this node reads (the config itself,
+    a path of it) is reported per node, anything else by rank 0."""
+    return error(err, "node" if err.field_name == "--config" or err.field_name in PATH_FIELDS else "rank0")
 
 
 def main(argv=None) -> int:
@@ -85,7 +87,7 @@ def main(argv=None) -> int:
     try:
         cfg = config_mod.load(args.config, args.set)
     except ConfigError as err:
-        return error(err, "node")   # --config is a file on this node
+        return config_error(err)
     except (ValueError, TypeError, RecursionError, OSError) as err:  # a file config.load cannot parse
         return error(f"config file {args.config!r} cannot be read: {type(err).__name__}: {err}", "node")
     if args.print_launch_cmd:
@@ -98,7 +100,7 @@ def main(argv=None) -> int:
     try:
         preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as err:
-        return preflight_error(err)
+        return config_error(err)
     try:
         ctx = init_distributed(cfg.parallel)
     except ConfigError as err:   # this rank's device (e.g. no GPU of its own): it says so itself

@@ -227,9 +227,11 @@ def test_eplb_groups_of_a_diffusers_model_are_checked_against_its_experts():
                             "eplb": {"enabled": True, "num_groups": 3}})   # 3 does not divide 8: not refused here
     check_planner_topology(cfg, 6, 1, 1)
     cfg.eplb.num_groups = 4
-    with pytest.raises(ConfigError) as err:
-        check_planner_topology(cfg, 6, 1, 1)
-    assert err.value.field_name == "eplb.num_groups"
+    for enabled in (True, False):   # the config rule holds with eplb off too, as for the built-in model
+        cfg.eplb.enabled = enabled
+        with pytest.raises(ConfigError) as err:
+            check_planner_topology(cfg, 6, 1, 1)
+        assert err.value.field_name == "eplb.num_groups"
 
 
 def test_expert_slots_that_cannot_fit_a_rank_are_refused():

@@ -168,3 +168,23 @@ def test_bad_config_subprocess(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         proc.stderr.strip()] and proc.stderr.startswith("error: config field 'model.moe.num_expert' = 8: unknown key")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("rank,local,sets,printed", [
+    ("1", "0", ["model.checkpoint=\"/nonexistent/ckpt.safetensors\""], True),   # a path: this node's own view
+    ("1", "1", ["model.checkpoint=\"/nonexistent/ckpt.safetensors\""], False),  # its node's first rank says it
+    ("1", "0", ["model.moe.top_k=65"], False),                                  # the same on every node: rank 0
+])
+def test_who_prints_an_error_found_before_the_process_group(tmp_path, capsys, monkeypatch, rank, local, sets, printed):
+    """Rank 0 always prints; the first rank of another node prints path errors too (its files may
+    differ), prefixed with its rank; nobody else does. Exit 2 either way."""
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("LOCAL_RANK", local)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    rc = infer.main(["--config", QUICKSTART, "--set", f"output_dir={tmp_path / 'out'}", *sets])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    if printed:
+        assert len(err.splitlines()) == 1 and err.startswith("error: rank 1: config field 'model.checkpoint'"), err
+    else:
+        assert err == "", err
