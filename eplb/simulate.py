@@ -299,7 +299,7 @@ def simulate(windows, cfg: Config) -> dict:
                                               previous_phy2log=prev)
                 prev = p2l
                 plans.append(p2l.numpy())
-        ms, comp, comm, bal, moved, steady = [], [], [], [], [], []
+        ms, comp, comm, bal, moved = [], [], [], [], []
         for i, (src, dst) in enumerate(pairs):
             ev = step_load(wins[dst], cfg.model, P)
             t = layer_times(ev, plans[i], P, N, cfg.model, cfg.hw)

@@ -110,7 +110,7 @@ def run_mode(rank, world, a, mode: str) -> dict:
     total = warm + a.forwards
     if phases:
         total = warm + (a.forwards + steps - 1) // steps * steps
-    times, rows0, load0, ev_timed = [], None, None, []
+    times, rows0, load0 = [], None, None
     for f in range(total):
         t = ts[f % steps]
         if f == warm:

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -98,6 +97,8 @@ def timing_modes(fn, iters: int = 20) -> dict:
     after it (median); the host's wall clock around each (median, as launch/bench.py layer); all
     queued back to back (mean); and events around each with 5 ms of idle GPU before it (median)."""
     import time
+
+    from bench import back_to_back_ms
     for _ in range(3):
         fn()
     torch.cuda.synchronize()

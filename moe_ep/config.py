@@ -373,7 +373,7 @@ def check_fields(cfg: "Config") -> None:
 
 def validate(cfg: Config) -> Config:
     """Range and consistency checks that need no process group. Raises ConfigError."""
-    m, moe, p, e, s = cfg.model, cfg.model.moe, cfg.parallel, cfg.eplb, cfg.sampling
+    m, moe, e, s = cfg.model, cfg.model.moe, cfg.eplb, cfg.sampling
     check_fields(cfg)
     if m.type == "diffusers" and not m.path:
         raise ConfigError("model.path", m.path, "must name a diffusers model folder when model.type is 'diffusers'")

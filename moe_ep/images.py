@@ -8,7 +8,6 @@ but the number of channels, so the same latents always give the same pixels.
 """
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import torch

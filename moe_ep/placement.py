@@ -62,8 +62,7 @@ def replica_choices(placement: Placement, ep_rank: int, ep_size: int) -> tuple[t
     Returns (choices [E, max_replicas] int64, nchoices [E] int64): the replicas on this
     rank when it has any (no traffic at all), otherwise every replica (spread evenly).
     """
-    R, E = placement.num_slots, placement.num_experts
-    per_rank = R // ep_size
+    per_rank = placement.num_slots // ep_size
     log2phy = placement.log2phy
     valid = log2phy >= 0                                                       # [E, max_rep]
     local = valid & (log2phy // per_rank == ep_rank)

@@ -11,7 +11,6 @@ to seed planning before the first window closes.
 """
 from __future__ import annotations
 
-import json
 import math
 from collections import deque
 from typing import Optional, Sequence

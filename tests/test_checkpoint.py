@@ -2,7 +2,6 @@
 its experts, same outputs as seed initialisation; broken or mismatched files give clear errors."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
@@ -17,15 +16,10 @@ from moe_ep import config as config_mod
 from moe_ep.checkpoint import (CheckpointError, expected_tensors, inspect_checkpoint, load_checkpoint,
                                save_checkpoint, save_from_seed)
 from mp import run_ranks
+from tiny_job import QUICKSTART, TINY_MODEL_SET
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICKSTART = os.path.join(ROOT, "configs", "quickstart.json")
-# The model is pinned (seed-initialised, 3 MoE layers x 8 experts, top-2, no checkpoint), whatever the
-# quickstart's demo model is (tests/test_demo.py tests that one).
-TINY_MODEL = {"hidden_size": 64, "num_layers": 3, "num_heads": 4, "moe_every": 1, "dense_hidden_size": 128,
-              "in_channels": 4, "patch_size": 2, "text_dim": 64, "max_prompt_tokens": 32, "dtype": "float32",
-              "seed": 0, "moe": {"num_experts": 8, "top_k": 2, "expert_hidden_size": 64, "num_shared_experts": 1}}
-SMALL = [f"model={json.dumps(TINY_MODEL)}", "sampling.num_inference_steps=2", "sampling.height=16", "sampling.width=16", "telemetry.wandb=false",
+# the tiny model of tests/tiny_job.py, not the demo model
+SMALL = [TINY_MODEL_SET, "sampling.num_inference_steps=2", "sampling.height=16", "sampling.width=16", "telemetry.wandb=false",
          'sampling.prompts=["a red fox", "a blue lake"]', "sampling.batch_size=1", "eplb.enabled=false",
          "model.num_layers=2", "eplb.num_redundant_experts=2"]
 

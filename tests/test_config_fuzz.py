@@ -21,15 +21,10 @@ from hypothesis import strategies as st
 from moe_ep import config
 from moe_ep.config import ConfigError
 from moe_ep.model.run import preflight
+from tiny_job import ROOT, TINY_MODEL
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = json.load(open(os.path.join(ROOT, "configs", "quickstart.json")))
-# The model is pinned (seed-initialised, 3 MoE layers x 8 experts, top-2, no checkpoint), whatever the
-# quickstart's demo model is (tests/test_demo.py tests that one).
-TINY_MODEL = {"hidden_size": 64, "num_layers": 3, "num_heads": 4, "moe_every": 1, "dense_hidden_size": 128,
-              "in_channels": 4, "patch_size": 2, "text_dim": 64, "max_prompt_tokens": 32, "dtype": "float32",
-              "seed": 0, "moe": {"num_experts": 8, "top_k": 2, "expert_hidden_size": 64, "num_shared_experts": 1}}
-BASE["model"] = TINY_MODEL
+BASE["model"] = copy.deepcopy(TINY_MODEL)   # the tiny model (tests/tiny_job.py), not the demo model
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 

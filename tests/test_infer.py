@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -14,19 +13,14 @@ from PIL import Image
 
 from moe_ep import config as config_mod
 from mp import run_ranks
+from tiny_job import ROOT, QUICKSTART, TINY_MODEL_SET, free_port
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICKSTART = os.path.join(ROOT, "configs", "quickstart.json")
 sys.path.insert(0, os.path.join(ROOT, "launch"))
 import infer  # noqa: E402  (launch/infer.py)
 
-# small and fast; the quickstart's eplb settings (window 2, interval 2) rebalance mid-run. The model is
-# pinned (seed-initialised, 3 MoE layers x 8 experts, top-2, no checkpoint), whatever the quickstart's
-# demo model is (tests/test_demo.py tests that one).
-TINY_MODEL = {"hidden_size": 64, "num_layers": 3, "num_heads": 4, "moe_every": 1, "dense_hidden_size": 128,
-              "in_channels": 4, "patch_size": 2, "text_dim": 64, "max_prompt_tokens": 32, "dtype": "float32",
-              "seed": 0, "moe": {"num_experts": 8, "top_k": 2, "expert_hidden_size": 64, "num_shared_experts": 1}}
-SMALL = [f"model={json.dumps(TINY_MODEL)}", "sampling.num_inference_steps=4", "sampling.height=16", "sampling.width=16", "telemetry.wandb=false",
+# small and fast; the quickstart's eplb settings (window 2, interval 2) rebalance mid-run; the
+# tiny model of tests/tiny_job.py, not the demo model
+SMALL = [TINY_MODEL_SET, "sampling.num_inference_steps=4", "sampling.height=16", "sampling.width=16", "telemetry.wandb=false",
          'sampling.prompts=["a red fox", "a blue lake", "a green hill"]', "sampling.batch_size=2"]
 
 
@@ -34,11 +28,6 @@ def read_images(folder: str) -> dict[str, np.ndarray]:
     names = sorted(os.listdir(os.path.join(folder, "images")))
     return {n: np.asarray(Image.open(os.path.join(folder, "images", n))) for n in names}
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ranks_run(rank: int, world: int, overrides: list[str]) -> None:
@@ -62,7 +51,7 @@ def test_deepspeed_launcher_quickstart_and_ep_invariance(tmp_path):
     deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     sets = [s for s in SMALL if not s.startswith("telemetry")] + [f"output_dir={out2}"]
-    cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(_free_port()), "launch/infer.py",
+    cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), "launch/infer.py",
            "--config", QUICKSTART, "--no-progress", "--set", *sets]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -1,7 +1,6 @@
 """The MoE DiT, prompt encoders, sampler and decoder on one process."""
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -17,20 +16,12 @@ from moe_ep.model.sampler import FlowMatchEulerScheduler, MoEDiTPipeline, set_fl
 from moe_ep.model.text import PromptEncoder, tokenize
 from moe_ep.parallel import ParallelContext
 from moe_ep.stats import ExpertLoadStats
+from tiny_job import QUICKSTART, TINY_MODEL_SET
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICKSTART = os.path.join(ROOT, "configs", "quickstart.json")
-
-
-# The model is pinned (seed-initialised, 3 MoE layers x 8 experts, top-2, no checkpoint), whatever the
-# quickstart's demo model is (tests/test_demo.py tests that one).
-TINY_MODEL = {"hidden_size": 64, "num_layers": 3, "num_heads": 4, "moe_every": 1, "dense_hidden_size": 128,
-              "in_channels": 4, "patch_size": 2, "text_dim": 64, "max_prompt_tokens": 32, "dtype": "float32",
-              "seed": 0, "moe": {"num_experts": 8, "top_k": 2, "expert_hidden_size": 64, "num_shared_experts": 1}}
 
 
 def make(overrides=()):
-    cfg = config_mod.load(QUICKSTART, [f"model={json.dumps(TINY_MODEL)}", "sampling.height=16", "sampling.width=16", *overrides])
+    cfg = config_mod.load(QUICKSTART, [TINY_MODEL_SET, "sampling.height=16", "sampling.width=16", *overrides])
     model = MoEDiT(cfg.model, ParallelContext(), cfg.eplb.num_redundant_experts)
     model.init_from_seed()
     pipe = MoEDiTPipeline(model, PromptEncoder(cfg.model, model.text_encoder, torch.device("cpu"), model.dtype),
@@ -202,7 +193,7 @@ def test_compile_config_builds_a_compiled_model_and_keeps_compiling_out_of_the_s
     from moe_ep.job import build_summary
     from moe_ep.models.moedit import MoEDiTModel
 
-    cfg = config_mod.load(QUICKSTART, [f"model={json.dumps(TINY_MODEL)}", "sampling.height=16",
+    cfg = config_mod.load(QUICKSTART, [TINY_MODEL_SET, "sampling.height=16",
                                        "sampling.width=16", "model.compile=true"])
     served = MoEDiTModel.build(cfg, ParallelContext())
     assert served.transformer._compiled_call_impl is not None
@@ -213,7 +204,7 @@ def test_compile_config_builds_a_compiled_model_and_keeps_compiling_out_of_the_s
     assert summary["first_forward_ms"] == 9000.0
     assert summary["latency_ms"]["max"] == 30.0 and summary["latency_ms"]["mean"] == 20.0
     assert summary["tokens_per_s"] == pytest.approx(128 / 0.040)
-    eager = config_mod.load(QUICKSTART, [f"model={json.dumps(TINY_MODEL)}", "sampling.height=16", "sampling.width=16"])
+    eager = config_mod.load(QUICKSTART, [TINY_MODEL_SET, "sampling.height=16", "sampling.width=16"])
     eager_model = MoEDiTModel.build(eager, ParallelContext())
     assert build_summary(eager, ParallelContext(), eager_model, recorder, None, "", 9.04)["latency_ms"]["max"] == 30.0
     only = SimpleNamespace(steps=steps[:1], window_balance=[])   # a single forward is not left out

@@ -3,7 +3,6 @@ which routes, runs the experts and the shared experts itself from the definition
 and the layer in bfloat16 (CPU, EP = 1 and 2) against that float64 reference."""
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch

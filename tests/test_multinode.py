@@ -16,7 +16,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,25 +23,20 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_job import ROOT, QUICKSTART, TINY_MODEL_SET, free_port
 
 pytestmark = pytest.mark.slow   # spawned ranks or launchers
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICKSTART = os.path.join(ROOT, "configs", "quickstart.json")
 BINDIR = os.path.dirname(sys.executable)
 NODES, RANKS_PER_NODE = 2, 2
 WORLD = NODES * RANKS_PER_NODE
 GROUPS = 2                           # eplb.num_groups: one expert group per node
-# the model is pinned here (seed-initialised, 8 experts, no checkpoint), so the test stays small and
-# fast whatever the quickstart's demo model becomes
-TINY_MODEL = {"hidden_size": 64, "num_layers": 3, "num_heads": 4, "moe_every": 1, "dense_hidden_size": 128,
-              "in_channels": 4, "patch_size": 2, "text_dim": 64, "max_prompt_tokens": 32, "dtype": "float32",
-              "seed": 0, "moe": {"num_experts": 8, "top_k": 2, "expert_hidden_size": 64, "num_shared_experts": 1}}
+# the tiny model of tests/tiny_job.py keeps the test small and fast
 PROMPTS = ["a red fox in the snow", "a lighthouse at dusk", "a bowl of ramen", "a city of glass towers"]
 # 4 prompts, one per batch: one round of 4 forwards, one batch per rank (ranks 2 and 3 sample on
 # node 1); eplb windows of 2 forwards, a rebalance attempt after forwards 1 and 3 (min_gain 0: the
 # planned placement is installed whenever it is better); 8 experts + 4 redundant = 3 slots per rank
-SMALL = [f"model={json.dumps(TINY_MODEL)}", f"sampling.prompts={json.dumps(PROMPTS)}",
+SMALL = [TINY_MODEL_SET, f"sampling.prompts={json.dumps(PROMPTS)}",
          "sampling.num_inference_steps=4", "sampling.height=16", "sampling.width=16", "sampling.batch_size=1",
          "sampling.guidance_scale=4.0", "telemetry.wandb=false", "eplb.enabled=true", "eplb.num_redundant_experts=4",
          "eplb.window_size=2", "eplb.interval=2", f"eplb.num_groups={GROUPS}", "eplb.min_gain=0"]
@@ -50,11 +44,6 @@ SMALL = [f"model={json.dumps(TINY_MODEL)}", f"sampling.prompts={json.dumps(PROMP
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "CROSS_RANK", "CROSS_SIZE",
                  "MASTER_ADDR", "MASTER_PORT", "MOE_EP_TEST_DIE_AT_STEP")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(extra: dict | None = None) -> dict:
@@ -78,7 +67,7 @@ class Nodes:
     def __init__(self, tmp, out: str, sets=(), node_env: dict | None = None):
         hostfile = tmp / "hostfile"
         hostfile.write_text("".join(f"node{n} slots={RANKS_PER_NODE}\n" for n in range(NODES)))
-        port = _free_port()
+        port = free_port()
         self.logs = [str(tmp / f"node{n}.log") for n in range(NODES)]
         self.procs = []
         for n in range(NODES):
@@ -127,7 +116,7 @@ def runs(tmp_path_factory):
     assert rcs == [0, 0], "\n".join(log[-3000:] for log in logs)
 
     out1 = str(tmp_path_factory.mktemp("one_node") / "out")
-    cmd = [os.path.join(BINDIR, "deepspeed"), "--num_gpus", str(WORLD), "--master_port", str(_free_port()),
+    cmd = [os.path.join(BINDIR, "deepspeed"), "--num_gpus", str(WORLD), "--master_port", str(free_port()),
            "launch/infer.py", "--config", QUICKSTART, "--no-progress", "--set", *SMALL, f"output_dir={out1}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -10,7 +10,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,34 +23,23 @@ from moe_ep import config as config_mod
 from moe_ep.atomic import TMP_PREFIX, atomic_write, is_temp_file, write_json_atomic
 from moe_ep.stats import read_stats_file
 from mp import run_ranks
+from tiny_job import ROOT, QUICKSTART, TINY_MODEL_SET, free_port
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICKSTART = os.path.join(ROOT, "configs", "quickstart.json")
 sys.path.insert(0, os.path.join(ROOT, "launch"))
 import infer  # noqa: E402  (launch/infer.py)
 
-# 4 prompts, one per batch: 2 rounds of 4 forwards on 2 ranks; eplb windows of 2 forwards
-# The model is pinned (seed-initialised, 3 MoE layers x 8 experts, top-2, no checkpoint), whatever the
-# quickstart's demo model is (tests/test_demo.py tests that one).
-TINY_MODEL = {"hidden_size": 64, "num_layers": 3, "num_heads": 4, "moe_every": 1, "dense_hidden_size": 128,
-              "in_channels": 4, "patch_size": 2, "text_dim": 64, "max_prompt_tokens": 32, "dtype": "float32",
-              "seed": 0, "moe": {"num_experts": 8, "top_k": 2, "expert_hidden_size": 64, "num_shared_experts": 1}}
-SMALL = [f"model={json.dumps(TINY_MODEL)}", "sampling.num_inference_steps=4", "sampling.height=16", "sampling.width=16", "telemetry.wandb=false",
+# 4 prompts, one per batch: 2 rounds of 4 forwards on 2 ranks; eplb windows of 2 forwards; the tiny
+# model of tests/tiny_job.py
+SMALL = [TINY_MODEL_SET, "sampling.num_inference_steps=4", "sampling.height=16", "sampling.width=16", "telemetry.wandb=false",
          "sampling.batch_size=1"]
 TOKENS_PER_FORWARD = 2 * (16 // 2) ** 2 * 2        # 2 ranks x 64 tokens x 2 guidance branches
 L, E, TOP_K = 3, 8, 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(out: str, sets=(), env=None, timeout=120) -> tuple[subprocess.CompletedProcess, float]:
     """`deepspeed --num_gpus 2 launch/infer.py` as a user runs it; returns (process, seconds)."""
     bindir = os.path.dirname(sys.executable)
-    cmd = [os.path.join(bindir, "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+    cmd = [os.path.join(bindir, "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
            "launch/infer.py", "--config", QUICKSTART, "--no-progress", "--set", *SMALL, f"output_dir={out}", *sets]
     full_env = dict(os.environ, PATH=bindir + os.pathsep + os.environ.get("PATH", ""), **(env or {}))
     t0 = time.monotonic()

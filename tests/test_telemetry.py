@@ -13,19 +13,14 @@ import pytest
 
 from moe_ep import config as config_mod
 from mp import run_ranks
+from tiny_job import ROOT, QUICKSTART, TINY_MODEL_SET
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICKSTART = os.path.join(ROOT, "configs", "quickstart.json")
 DOCS = os.path.join(ROOT, "docs", "dashboards.md")
 
 # 2 prompts, one per rank, 4 steps: windows close after forwards 1 and 3, a rebalance at
 # forward 1 is measured at forward 3.
-# The model is pinned (seed-initialised, 3 MoE layers x 8 experts, top-2, no checkpoint), whatever the
-# quickstart's demo model is (tests/test_demo.py tests that one).
-TINY_MODEL = {"hidden_size": 64, "num_layers": 3, "num_heads": 4, "moe_every": 1, "dense_hidden_size": 128,
-              "in_channels": 4, "patch_size": 2, "text_dim": 64, "max_prompt_tokens": 32, "dtype": "float32",
-              "seed": 0, "moe": {"num_experts": 8, "top_k": 2, "expert_hidden_size": 64, "num_shared_experts": 1}}
-TINY = [f"model={json.dumps(TINY_MODEL)}", "sampling.num_inference_steps=4", "sampling.height=16", "sampling.width=16",
+# The tiny model of tests/tiny_job.py.
+TINY = [TINY_MODEL_SET, "sampling.num_inference_steps=4", "sampling.height=16", "sampling.width=16",
         'sampling.prompts=["a red fox", "a blue lake"]', "sampling.batch_size=1",
         "eplb.min_gain=-1", "telemetry.run_name=test-telemetry", 'telemetry.tags=["test"]']
 

@@ -21,7 +21,6 @@ import os
 import sys
 
 import numpy as np
-import torch
 
 
 def record_trace(cfg, prompts: list[str], seed: int, batch_size: int = 16) -> dict:
