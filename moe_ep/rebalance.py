@@ -237,7 +237,8 @@ class Rebalancer:
         replans per-timestep-bucket placements at the interval and switches placement
         when the bucket of `next_timestep` (default: this forward's `timestep`) has a
         placement whose predicted saving beats the cost of moving weights.
-        Returns the event dict of an attempt made now, else None.
+        Returns the event dict of an attempt made now, or of an asynchronous migration that
+        finished now (the same dict its start returned, now with its outcome), else None.
         """
         now = time.perf_counter()
         if self._last_after is not None:
@@ -249,7 +250,7 @@ class Rebalancer:
             self._on_window_closed()
         event = None
         if self.migration is not None:
-            self._step_migration()
+            event = self._step_migration()
         elif self.cfg.enabled:
             aware = self.cfg.timestep_aware and self.stats.timestep_buckets > 1
             if self._forwards % self.cfg.interval == 0:
@@ -367,10 +368,12 @@ class Rebalancer:
         self.events.append(ev)
         return ev
 
-    def _step_migration(self) -> None:
+    def _step_migration(self) -> Optional[dict]:
+        """Move the next layer of the migration in progress; -> its event once the migration has
+        ended (committed or failed), else None."""
         mig, ev = self.migration, self._migration_event
         if not mig.step():
-            return
+            return None
         st = mig.stats
         stall = mig.stall_s
         ev.update(layers_moved=len(mig.committed), stall_ms_per_forward=float(np.mean(stall)) * 1e3,
@@ -389,6 +392,7 @@ class Rebalancer:
             ev["_skip_windows"] = 1 if self.stats.window_open else 0
             self._pending_measure.append(ev)
         self.migration, self._migration_event = None, None
+        return ev
 
     def finish_migration(self) -> None:
         """Complete a migration in progress (collective; call before the run ends)."""

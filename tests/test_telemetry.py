@@ -272,3 +272,26 @@ def test_a_phase_nothing_times_is_left_out_not_reported_as_zero(tmp_path, timed_
     from moe_ep.telemetry import plot_latency
     labels = plot_latency([rec]).axes[0].get_legend_handles_labels()[1]
     assert ("attention" in labels) == timed_attention and "experts" in labels
+
+
+def test_async_migration_is_logged_when_it_ends(tmp_path):
+    """eplb.migration = "async": the record of the forward where a migration starts says so
+    (status "migrating", ok 0); the record of the forward where it ends carries its outcome (ok,
+    experts and bytes moved), and its measured balancedness follows once a window has run on it."""
+    out = tiny_run(str(tmp_path / "async"), ["telemetry.wandb=false", "sampling.num_inference_steps=10",
+                                             "eplb.migration=async"])
+    lines = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    reb = [r for r in lines if "rebalance/attempt" in r]
+    started = [r for r in reb if r["rebalance/status"] == "migrating"]
+    ended = [r for r in reb if r["rebalance/status"] == "ok"]
+    assert started and ended, [(r["forward"], r["rebalance/status"]) for r in reb]
+    first_start, first_end = started[0], ended[0]
+    assert first_start["rebalance/ok"] == 0 and first_start["rebalanced"] == 0
+    # 3 MoE layers, one per forward boundary: it ends 3 forwards after the one that started it
+    assert first_end["forward"] == first_start["forward"] + 3
+    assert first_end["rebalance/ok"] == 1 and first_end["rebalanced"] == 1
+    assert first_end["rebalance/experts_moved"] > 0 and first_end["rebalance/bytes_moved"] > 0
+    measured = [r for r in lines if r.get("rebalance/measured_forward") == first_start["forward"]]
+    assert measured and measured[0]["forward"] > first_end["forward"]
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert any(e["status"] == "ok" and e.get("migration") == "async" for e in summary["rebalances"])
