@@ -79,8 +79,10 @@ def combine(y: torch.Tensor, copies: RoutedCopies, plan: DispatchPlan, group) ->
     per_copy = back[plan.unsort]                                               # [N, H] in copy order
     if copies.token is None:
         k = copies.top_k
-        # Weighted sum over k as one batched product: [T, 1, k] @ [T, k, H] -> [T, 1, H].
-        return torch.bmm(copies.weight.to(y.dtype).view(T, 1, k), per_copy.view(T, k, H)).view(T, H)
+        # Weighted sum over k as one batched product: [T, 1, k] @ [T, k, H] -> [T, 1, H], in float32
+        # as every other combine (bf16 routed weights would round each weight before the sum).
+        w = copies.weight.float().view(T, 1, k)
+        return torch.bmm(w, per_copy.view(T, k, H).float()).view(T, H).to(y.dtype)
     # Any number of copies per token: weight each copy, add it into its token's row.
     # in float32: a token's copies add up in one buffer (bf16 atomics would round each addition)
     weighted = per_copy.float() * copies.weight.unsqueeze(1)                   # [N, H]

@@ -93,14 +93,9 @@ def triton_supported(device: torch.device, dtype: torch.dtype) -> bool:
 
 def default_backend(device: torch.device, dtype: torch.dtype, hidden: int, inner: int) -> str:
     """The fastest expert path that runs here: "quack", "triton", "grouped_mm" or "loop"."""
-    if PREFER_TRITON and triton_supported(device, dtype):
+    if triton_supported(device, dtype):   # the Triton kernels beat torch._grouped_mm (docs/benchmarks.md 1d)
         return "quack" if quack_supported(device, dtype, hidden, inner) else "triton"
     return "grouped_mm" if grouped_mm_supported(device, dtype, hidden, inner) else "loop"
-
-
-# Whether the Triton grouped GEMMs beat torch._grouped_mm where both run (set from the
-# H200 measurement in docs/benchmarks.md section 1d).
-PREFER_TRITON = True
 
 
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype, hidden: int, inner: int) -> bool:
@@ -179,15 +174,6 @@ class GroupedExperts(nn.Module):
         live weights, or (w13, when stored interleaved) a copy."""
         w13 = self.w13.data[slot]
         return (gate_up_blocks(w13) if self.paired else w13), self.w2.data[slot]
-
-    @property
-    def use_grouped_mm(self) -> bool:
-        """True when a grouped-GEMM path runs (QuACK, Triton or torch._grouped_mm), False for the loop."""
-        return self.backend != "loop"
-
-    @use_grouped_mm.setter
-    def use_grouped_mm(self, value: bool) -> None:
-        self.backend = "grouped_mm" if value else "loop"
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, row_scale: Optional[torch.Tensor] = None,
                 row_index: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -21,7 +21,6 @@ source per layer, `sample(prompts, seeds, hooks)`, per-forward hooks). Its parts
 """
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import re
@@ -226,14 +225,12 @@ class StatsWriter:
         self.every_s = STATS_SAVE_EVERY_S if every_s is None else every_s
         self.path = os.path.join(out_dir, "stats.json")
         self.last = clock()
-        self.writes = 0
 
     def save(self) -> None:
         if not self.ctx.is_main:
             return
         _write(self.ctx.rank, self.path, lambda: self.stats.save(self.path))
         self.last = self.clock()
-        self.writes += 1
 
     def window_closed(self) -> None:
         if self.clock() - self.last >= self.every_s:
@@ -248,7 +245,6 @@ class ImageWriter:
 
     def __init__(self, out_dir: str, rank: int):
         self.folder, self.rank = os.path.join(out_dir, "images"), rank
-        self.written: list[tuple[int, str]] = []
 
     @staticmethod
     def relpath(i: int) -> str:
@@ -260,7 +256,6 @@ class ImageWriter:
         for i, image in zip(indices, images):
             path = os.path.join(self.folder, f"{i:03d}.png")
             _write(self.rank, path, lambda: save_png(image, path))
-            self.written.append((i, path))
 
 
 # ---------------------------------------------------------------- per forward
@@ -281,16 +276,6 @@ def _test_die_at() -> Optional[tuple[int, int, str]]:
         return None
     forward, rank, *mode = raw.split(":")
     return int(forward), int(rank), (mode or ["exit"])[0]
-
-
-def _begin_forward_fn(stats: ExpertLoadStats) -> Callable[[float, ForwardInfo], None]:
-    """stats.begin_forward with the guidance branch of each row: `sample_branch` where the
-    statistics take it, else the legacy `cond_rows`."""
-    takes_branch = "sample_branch" in inspect.signature(stats.begin_forward).parameters
-    if takes_branch:
-        return lambda t, info: stats.begin_forward(t, cond_rows=info.get("cond_rows"),
-                                                   sample_branch=info.get("sample_branch"))
-    return lambda t, info: stats.begin_forward(t, info.get("cond_rows"))
 
 
 class ForwardRecorder:
@@ -320,7 +305,6 @@ class ForwardRecorder:
         self.steps: list[dict] = []
         self.window_balance: list[list[float]] = []      # [windows][L] balancedness per closed window
         self._t0 = 0.0
-        self._begin = _begin_forward_fn(stats)
         self._sync = (lambda: torch.cuda.synchronize(ctx.device)) if ctx.device.type == "cuda" else (lambda: None)
         self._snap_placements: Optional[list] = None
         self._snap_phy2log: Optional[torch.Tensor] = None
@@ -348,7 +332,7 @@ class ForwardRecorder:
     def on_forward_begin(self, step: int, t: float, info: ForwardInfo) -> None:
         self.state.phase = f"forward {self.forward} (round {self.round}, step {step})"
         self._maybe_die()
-        self._begin(t, info)
+        self.stats.begin_forward(t, cond_rows=info.get("cond_rows"), sample_branch=info.get("sample_branch"))
         self._sync()
         self._t0 = time.perf_counter()
 

@@ -43,7 +43,7 @@ class LayerByLayerMigration:
         for m in moves:
             by_layer.setdefault(m.layer, []).append(m)
         self.pending: list[tuple[int, list[Move]]] = sorted(by_layer.items())   # layers still to move
-        self.stats = summarize(moves, layers, ep_rank, ep_size)
+        self.stats = summarize(moves, layers, ep_size)
         self.inflight: Optional[tuple[int, Transfer, list]] = None
         self.committed: list[int] = []
         self.failed_reason = ""
@@ -96,11 +96,6 @@ class LayerByLayerMigration:
             self.pending = []
         self.stall_s.append(time.perf_counter() - t0)
         return self.done
-
-    def drain(self) -> None:
-        """Step until finished (collective): the end of a run must not leave an exchange in flight."""
-        while not self.done:
-            self.step()
 
 
 def _staging_bytes(transfer: Transfer) -> int:

@@ -412,7 +412,7 @@ class Rebalancer:
         transfer, st, t_p2p = None, None, 0.0
         if moving:
             moves = plan_transfers(old, new, self.ctx.ep_size)
-            st = summarize(moves, self.layers, self.ctx.ep_rank, self.ctx.ep_size)
+            st = summarize(moves, self.layers, self.ctx.ep_size)
             transfer = Transfer(self.layers, moves, self.ctx.ep_rank, self.ctx.ep_group,
                                 tag=1 + self._attempts % 30000, timeout_s=self.transfer_timeout_s,
                                 fault_hook=self.fault_hook)
@@ -575,7 +575,7 @@ class Rebalancer:
             # MoE time per forward ~ max GPU load ~ 1 / balancedness (mean load fixed)
             ratio = float(np.mean(bal_old / np.maximum(bal_new, 1e-12)))
             moves = plan_transfers(old, new, self.ctx.ep_size)
-            st = summarize(moves, self.layers, self.ctx.ep_rank, self.ctx.ep_size)
+            st = summarize(moves, self.layers, self.ctx.ep_size)
             terms = (old, new, bal_old, bal_new, ratio, st.max_rank_bytes)
         self._phase_cache[bucket] = ((plans, placements, self.stats.version), terms)
         return terms

@@ -83,12 +83,10 @@ class TransferStats:
     remote_moves: int = 0       # of those, copied from another rank
     local_copies: int = 0       # of those, copied within a rank
     bytes_moved: int = 0        # bytes sent between ranks (all ranks)
-    bytes_sent: int = 0         # this rank
-    bytes_received: int = 0     # this rank
     max_rank_bytes: int = 0     # max over ranks of sent + received
 
 
-def summarize(moves: list[Move], layers, ep_rank: int, ep_size: int) -> TransferStats:
+def summarize(moves: list[Move], layers, ep_size: int) -> TransferStats:
     st = TransferStats()
     per_rank = [0] * ep_size
     for m in moves:
@@ -102,10 +100,6 @@ def summarize(moves: list[Move], layers, ep_rank: int, ep_size: int) -> Transfer
         st.bytes_moved += nbytes
         per_rank[m.src_rank] += nbytes
         per_rank[m.dst_rank] += nbytes
-        if m.src_rank == ep_rank:
-            st.bytes_sent += nbytes
-        if m.dst_rank == ep_rank:
-            st.bytes_received += nbytes
     st.max_rank_bytes = max(per_rank) if per_rank else 0
     return st
 

@@ -169,3 +169,20 @@ def _ranks_dedup(rank, world, ep_size):
 @pytest.mark.parametrize("world", [2, 4])
 def test_token_dedup_matches_reference_and_sends_less(world):
     run_ranks(world, _ranks_dedup, world)
+
+
+def test_per_copy_combine_weights_in_float32():
+    """The combine of one row per routed copy multiplies in float32, as the other combines do: three
+    bf16 rows of 1.0 with weights 0.3 sum to bf16(0.9) = 0.8984375, where weights rounded to bf16
+    first (0.30078125 each) would give 0.90234375."""
+    from moe_ep.dispatch import DispatchPlan, combine
+    from moe_ep.router import RoutedCopies
+
+    T, k, H = 4, 3, 8
+    copies = RoutedCopies(expert=torch.zeros(T * k, dtype=torch.int64), weight=torch.full((T * k,), 0.3),
+                          num_tokens=T, top_k=k)
+    plan = DispatchPlan(unsort=torch.arange(T * k), send_splits=[T * k], recv_splits=[T * k], ungroup=None,
+                        local_counts=torch.tensor([T * k]))
+    out = combine(torch.ones(T * k, H, dtype=torch.bfloat16), copies, plan, group=None)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, torch.full((T, H), 0.9).to(torch.bfloat16)), out[0]
