@@ -43,15 +43,25 @@ def _check_out(path: str) -> None:
         raise ValueError(f"--out {path}: folder {folder} is not writable")
 
 
+def _named(flag: str, read, path: str):
+    """read(path), with the flag that named the file in front of any error (`--stats run.json: ...`)."""
+    try:
+        return read(path)
+    except ValueError as exc:
+        raise ValueError(f"{flag} {exc}") from None
+
+
 def _plan(args) -> int:
+    if args.max_moves is not None and not args.previous:
+        raise ValueError("--max-moves: needs --previous (the placement whose moves it limits)")
     if args.out:
         _check_out(args.out)
-    stats = load_stats(args.stats)
+    stats = _named("--stats", load_stats, args.stats)
     load = stats["load"]  # [L, E]
     L, E = load.shape
     prev = None
     if args.previous:
-        prev = load_placement(args.previous)
+        prev = _named("--previous", load_placement, args.previous)
         if prev.shape != (L, args.replicas):
             raise ValueError(f"--previous: phy2log shape {prev.shape} does not match ({L}, {args.replicas})")
     opts = dict(policy=args.policy, previous_phy2log=prev, max_moves=args.max_moves, drift_hedge=not args.no_drift_hedge)

@@ -144,8 +144,19 @@ def main(argv=None) -> int:
     if ctx.is_main:
         print(f"wrote {len(summary['images'])} images, stats.json and summary.json to {cfg.output_dir} "
               f"({summary['wall_s']:.1f} s sampling, {summary['tokens_per_s']:.0f} tokens/s, "
-              f"balancedness {summary['balancedness']['mean']:.3f}, {len(summary['rebalances'])} rebalances)")
+              f"balancedness {summary['balancedness']['mean']:.3f}, {rebalance_line(summary['rebalances'])})")
     return 0
+
+
+def rebalance_line(events: list[dict]) -> str:
+    """'3 of 8 rebalances moved experts (5 skipped)': what the attempts in summary.json did."""
+    moved = sum(1 for e in events if e.get("ok"))
+    others = {}
+    for e in events:
+        if not e.get("ok"):
+            others[str(e.get("status"))] = others.get(str(e.get("status")), 0) + 1
+    rest = ", ".join(f"{n} {status}" for status, n in sorted(others.items()))
+    return f"{moved} of {len(events)} rebalances moved experts" + (f" ({rest})" if rest else "")
 
 
 if __name__ == "__main__":

@@ -79,12 +79,15 @@ class OutputWriteError(Exception):
 
 
 EARLIER_OUTPUTS = ("summary.json", "stats.json")   # metrics.jsonl starts afresh when opened; wandb/ keeps every run
+# what launch/report.py writes into output_dir/report/: it describes one run, so it goes with that run
+REPORT_FILES = ("report.md", "report.html", "load_heatmap.png", "load_windows.png", "balancedness.png",
+                "latency.png", "latency_ranks.png")
 IMAGE_NAME = re.compile(r"^\d{3,}\.png$")               # images/000.png ... (save_png's names)
 
 
 def remove_earlier_outputs(out_dir: str, keep: Optional[str] = None) -> list[str]:
     """A run into a folder that holds an earlier run's outputs replaces them: its summary.json,
-    stats.json and numbered images are removed when this run starts, so a summary.json again
+    stats.json, numbered images and report (launch/report.py's files) are removed when this run starts, so a summary.json again
     means *this* run completed and no image of the earlier run passes for one of this run.
     `keep` (eplb.stats_file) stays when it is that stats.json: a resume in place that fails
     before its first window still has its input; this run's first write replaces it.
@@ -97,6 +100,7 @@ def remove_earlier_outputs(out_dir: str, keep: Optional[str] = None) -> list[str
     old = [n for n in EARLIER_OUTPUTS if os.path.isfile(os.path.join(out_dir, n)) and not kept(os.path.join(out_dir, n))]
     old += [os.path.join("images", n) for n in sorted(os.listdir(images)) if IMAGE_NAME.match(n)] \
         if os.path.isdir(images) else []
+    old += [os.path.join("report", n) for n in REPORT_FILES if os.path.isfile(os.path.join(out_dir, "report", n))]
     for name in old:
         os.remove(os.path.join(out_dir, name))
     if old:

@@ -207,3 +207,39 @@ def test_index_and_config_that_json_cannot_hold_as_diffusers_does(hidream):
     with open(os.path.join(hidream, "config.json"), "w") as f:
         f.write("[" * 100000)
     fails(hidream, "config.json", "nested too deeply")
+
+
+def test_pipeline_folder_missing_components_is_refused_in_preflight(saved, tmp_path):
+    """model.text_encoder = "builtin" samples through the folder's own pipeline: a folder whose
+    model_index.json class needs components it lacks (the tiny NucleusMoE folder holds only its
+    transformer; a partial download) is refused in preflight, naming them; null entries and
+    present subfolders pass; an unknown class or unreadable model_index.json is one line too."""
+    import json
+    import shutil
+
+    from moe_ep.models import preflight_model
+
+    cfg = Config()
+    cfg.model.type, cfg.model.path = "diffusers", saved["nucleus"]
+    with pytest.raises(ConfigError, match=r"lacks the NucleusMoEImagePipeline components processor, "
+                                          r"scheduler, text_encoder, vae") as err:
+        preflight_model(cfg, 2)
+    assert err.value.field_name == "model.path"
+    folder = tmp_path / "nucleus"
+    shutil.copytree(saved["nucleus"], folder)
+    index = json.load(open(folder / "model_index.json"))
+    for name in ("processor", "scheduler", "text_encoder"):
+        os.makedirs(folder / name)
+    index["vae"] = [None, None]
+    json.dump(index, open(folder / "model_index.json", "w"))
+    cfg.model.path = str(folder)
+    assert preflight_model(cfg, 2).num_experts == 8
+    os.rmdir(folder / "scheduler")
+    with pytest.raises(ConfigError, match=r"lacks the NucleusMoEImagePipeline components scheduler \("):
+        preflight_model(cfg, 2)
+    json.dump(dict(index, _class_name="NoSuchPipeline"), open(folder / "model_index.json", "w"))
+    with pytest.raises(ConfigError, match="names the pipeline class 'NoSuchPipeline'"):
+        preflight_model(cfg, 2)
+    (folder / "model_index.json").write_text("{")
+    with pytest.raises(ConfigError, match="model_index.json cannot be read"):
+        preflight_model(cfg, 2)

@@ -129,4 +129,4 @@ def test_cli_max_moves_needs_previous(tmp_path, capsys):
     path = tmp_path / "s.json"
     path.write_text(json.dumps({"load": [[1, 2, 3, 4]]}))
     assert main(["plan", "--stats", str(path), "--replicas", "4", "--gpus", "2", "--max-moves", "1"]) == 2
-    assert "max_moves" in capsys.readouterr().err
+    assert capsys.readouterr().err.strip() == "error: --max-moves: needs --previous (the placement whose moves it limits)"

@@ -162,7 +162,10 @@ def test_cli_file_problems_are_one_line(tmp_path, capsys):
     from eplb.cli import main
     good = tmp_path / "s.json"
     good.write_text(json.dumps({"load": [[1, 2, 3, 4]]}))
-    cases = [(["plan", "--stats", str(tmp_path), "--replicas", "4", "--gpus", "2"], "is a folder"),
+    cases = [(["plan", "--stats", str(tmp_path), "--replicas", "4", "--gpus", "2"], "--stats " + str(tmp_path) + ": is a folder"),
+             (["plan", "--stats", str(tmp_path / "nope.json"), "--replicas", "4", "--gpus", "2"], "--stats "),
+             (["plan", "--stats", str(good), "--replicas", "4", "--gpus", "2", "--previous", str(tmp_path / "p.json")],
+              "--previous " + str(tmp_path / "p.json") + ": file not found"),
              (["plan", "--stats", str(good), "--replicas", "4", "--gpus", "2", "--out", str(tmp_path)], "--out"),
              (["plan", "--stats", str(good), "--replicas", "4", "--gpus", "2", "--out",
                str(tmp_path / "no" / "o.json")], "does not exist"),

@@ -177,3 +177,13 @@ def test_who_prints_an_error_found_before_the_process_group(tmp_path, capsys, mo
         assert len(err.splitlines()) == 1 and err.startswith("error: rank 1: config field 'model.checkpoint'"), err
     else:
         assert err == "", err
+
+
+def test_last_line_counts_moves_not_attempts():
+    """The run's last line says how many rebalances moved experts, apart from the attempts that were
+    skipped or failed (at EP = 1 every attempt is skipped: one rank is always balanced)."""
+    events = [{"ok": True, "status": "ok"}, {"ok": False, "status": "skipped"}, {"ok": False, "status": "skipped"},
+              {"ok": False, "status": "failed"}]
+    assert infer.rebalance_line(events) == "1 of 4 rebalances moved experts (1 failed, 2 skipped)"
+    assert infer.rebalance_line([]) == "0 of 0 rebalances moved experts"
+    assert infer.rebalance_line(events[:1]) == "1 of 1 rebalances moved experts"

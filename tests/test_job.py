@@ -322,10 +322,14 @@ def test_a_resume_in_place_keeps_its_statistics_until_it_writes_its_own(tmp_path
     a stats.json to resume from; the earlier summary.json and images go."""
     out = tmp_path / "out"
     (out / "images").mkdir(parents=True)
-    for name in ("summary.json", "stats.json", "images/000.png", "images/001.png", "images/notes.txt"):
+    (out / "report").mkdir()
+    for name in ("summary.json", "stats.json", "images/000.png", "images/001.png", "images/notes.txt",
+                 "report/report.md", "report/latency.png", "report/mine.png"):
         (out / name).write_text("earlier")
     removed = job.remove_earlier_outputs(str(out), keep=str(out / "stats.json"))
-    assert sorted(removed) == ["images/000.png", "images/001.png", "summary.json"]
-    assert sorted(os.listdir(out)) == ["images", "stats.json"] and os.listdir(out / "images") == ["notes.txt"]
+    assert sorted(removed) == ["images/000.png", "images/001.png", "report/latency.png", "report/report.md",
+                               "summary.json"]
+    assert sorted(os.listdir(out)) == ["images", "report", "stats.json"] and os.listdir(out / "images") == ["notes.txt"]
+    assert os.listdir(out / "report") == ["mine.png"]              # not a file launch/report.py writes
     assert job.remove_earlier_outputs(str(out), keep=None) == ["stats.json"]
     assert job.remove_earlier_outputs(str(out), keep=str(tmp_path / "gone.json")) == []

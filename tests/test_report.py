@@ -40,6 +40,9 @@ def test_report_renders_from_a_real_run(run_dir, tmp_path):
         assert text in md and text in html
     assert "../images/000.png" in html and "a red fox" in html
     assert not [f for f in os.listdir(os.path.dirname(out["md"])) if f.endswith(".tmp") or f.startswith(".tmp")]
+    # a rerun into the run folder removes exactly these (moe_ep.job.remove_earlier_outputs)
+    from moe_ep.job import REPORT_FILES
+    assert sorted(os.listdir(os.path.dirname(out["md"]))) == sorted(REPORT_FILES)
 
 
 def test_report_cli_errors_on_a_folder_without_run_files(tmp_path):

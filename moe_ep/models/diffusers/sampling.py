@@ -40,7 +40,39 @@ def check_pipeline_source(cfg) -> Any:
         raise ConfigError("model.path", folder, "has no model_index.json: sampling needs a pipeline folder "
                                                 "(text encoders, scheduler, VAE), or set model.text_encoder to "
                                                 "'module:function' that builds the pipeline around the transformer")
+    check_pipeline_components(folder)
     return None
+
+
+def check_pipeline_components(folder: str) -> None:
+    """The folder holds every component its pipeline class needs besides the transformer (which
+    moe-ep passes in): each is a subfolder, or null in model_index.json. A partial download fails
+    here, in one line, instead of in DiffusionPipeline.from_pretrained after every expert was
+    read. Raises ConfigError."""
+    import json
+
+    import diffusers
+
+    try:
+        with open(os.path.join(folder, "model_index.json")) as f:
+            index = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ConfigError("model.path", folder, f"model_index.json cannot be read: {err}") from None
+    name = index.get("_class_name") if isinstance(index, dict) else None
+    cls = getattr(diffusers, str(name), None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.DiffusionPipeline)):
+        raise ConfigError("model.path", folder, f"model_index.json names the pipeline class {name!r}, which "
+                                                f"diffusers {diffusers.__version__} does not have")
+    needed, _ = cls._get_signature_keys(cls)                   # the pipeline's __init__ components
+    optional = set(getattr(cls, "_optional_components", []) or [])
+    missing = [k for k in sorted(set(needed) - optional - {"transformer"})
+               if not (isinstance(index.get(k), list) and index[k][:1] == [None])
+               and not os.path.isdir(os.path.join(folder, k))]
+    if missing:
+        raise ConfigError("model.path", folder, f"lacks the {name} components {', '.join(missing)} (a subfolder "
+                                                "each); sampling through the folder's own pipeline needs them, or "
+                                                "set model.text_encoder to 'module:function' that builds the "
+                                                "pipeline around the transformer")
 
 
 def load_pipeline(cfg, transformer: torch.nn.Module, dtype: torch.dtype) -> Any:
