@@ -15,7 +15,7 @@ run() {  # name, ranks, overrides...
 }
 mkdir -p "$out"
 run ep1_none 1 eplb.enabled=false
-run ep1_rebalance 1
+run ep1_rebalance 1 eplb.min_gain=-1   # at EP = 1 every placement is balanced: force the moves (local copies)
 run ep2_none 2 eplb.enabled=false
 run ep2_rebalance 2
 run ep2_timestep_aware 2 eplb.timestep_buckets=12 eplb.timestep_aware=true
