@@ -55,3 +55,24 @@ def _ranks_pipeline(rank, world, migration):
 @pytest.mark.parametrize("world,migration", [(1, "sync"), (2, "async"), (4, "sync")])
 def test_pipeline_api_matches_diffusers(world, migration):
     run_ranks(world, _ranks_pipeline, migration)
+
+
+def _ranks_partial_window(rank, world):
+    torch.set_num_threads(1)
+    ctx = context_for_tests(rank, world, world)
+    pipe = tiny_hidream_pipeline(0)
+    moe_ep.expert_parallel(pipe, ctx, eplb={"enabled": False, "window_size": 5})
+    handle = pipe.moe_ep
+    sample(pipe, hidream_embeddings(pipe, seed=1, batch=1), [7], steps=2)     # 2 forwards: no window closed
+    assert handle.summary()["windows"] == 0 and handle.summary()["balancedness_windows"] == []
+    handle.finish()
+    s = handle.summary()
+    assert s["windows"] == 1 and len(s["balancedness_windows"]) == 1
+    assert len(s["balancedness_windows"][0]) == len(handle.wrappers)
+    assert 0 < s["balancedness"] <= 1 and s["balancedness"] == pytest.approx(np.mean(s["balancedness_windows"][0]))
+
+
+def test_finish_counts_the_last_partial_window():
+    """finish() closes the last, partial statistics window and its balancedness enters summary(),
+    as the job's last window does (it was dropped before)."""
+    run_ranks(2, _ranks_partial_window)

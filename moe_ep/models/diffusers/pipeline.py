@@ -144,16 +144,22 @@ class ExpertParallel(ForwardHooks):
         else:
             self.stats.end_forward((self.ctx.ep_group, self.ctx.dp_group))
         if self.stats.num_windows > before:
-            load = self.stats.windows[-1].astype(np.float64)
-            self.window_balancedness.append(layer_balancedness(load, self._in_effect, self.ctx.ep_size).tolist())
+            self._window_closed()
         self.forwards += 1
 
+    def _window_closed(self) -> None:
+        """Balancedness of the window just closed, under the placement of its last forward."""
+        load = self.stats.windows[-1].astype(np.float64)                          # [L, E]
+        self.window_balancedness.append(layer_balancedness(load, self._in_effect, self.ctx.ep_size).tolist())
+
     def finish(self) -> None:
-        """Complete a migration in progress and close the last partial window (collective)."""
+        """Complete a migration in progress and close the last partial window (collective); its
+        balancedness counts in summary() as the job's does."""
         if self.rebalancer is not None:
             self.rebalancer.finish_migration()
         if self.stats.window_open:
             self.stats.close_window((self.ctx.ep_group, self.ctx.dp_group))
+            self._window_closed()
 
     def summary(self) -> dict:
         """Forwards, balancedness per closed window (placement in effect), rebalance events."""
