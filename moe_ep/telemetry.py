@@ -235,51 +235,10 @@ class Telemetry:
         t_in = time.perf_counter()
         rec = {k: v for k, v in data.items() if isinstance(v, (int, float, str, bool)) or v is None}
         rec["time_s"] = time.perf_counter() - self.t0
-        timed = per_rank[:, :len(PHASES)]
-        other = np.maximum(per_rank[:, -1] - timed.sum(1), 0.0)                      # [world]
-        full = np.concatenate([timed, other[:, None]], axis=1)                       # [world, 6]
-        shown = [(i, p) for i, p in enumerate(ALL_PHASES) if p in self.shown_phases]
-        for i, p in shown:
-            rec[f"phase_ms/{p}"] = float(full[:, i].mean())
-            rec[f"phase_ms_max/{p}"] = float(full[:, i].max())
-        for r in range(per_rank.shape[0]):
-            rec[f"rank{r}/latency_ms"] = float(per_rank[r, -1])
-            for i, p in shown:
-                rec[f"rank{r}/phase_ms/{p}"] = float(full[r, i])
-        self._phase_sum += full.mean(0)
-        self._phase_rank_sum = full if self._phase_rank_sum is None else self._phase_rank_sum + full
-        self._forwards += 1
-        for ev in self._pending_events:
-            rec.update(_rebalance_fields(ev))
-        self._pending_events.clear()
-        still = []
-        for ev in self._awaiting_measure:
-            m = ev.get("measured_balancedness")
-            if m is None:
-                still.append(ev)
-                continue
-            before = (ev.get("balancedness_before") or {}).get("mean")
-            rec["rebalance/measured_balancedness"] = float(m["mean"])
-            rec["rebalance/measured_forward"] = int(ev.get("forward_idx", -1))
-            if before is not None:
-                rec["rebalance/measured_gain"] = float(m["mean"]) - float(before)
-        self._awaiting_measure = still
-        window_load = None
-        if "balancedness" in data and self.stats is not None and self.stats.windows:
-            rec["window"] = self.stats.num_windows - 1
-            if self.run is not None and window_has_media(rec["window"]):
-                window_load = self.stats.windows[-1].copy()                            # [L, E] (a new array)
-        if self._metrics is not None:
-            try:
-                self._metrics.write(json.dumps(rec) + "\n")
-                self._metrics.flush()
-            except OSError as err:  # e.g. disk full: stop writing metrics.jsonl, keep sampling
-                warnings.warn(f"{METRICS_FILE}: write failed ({err}); no more records are written to it")
-                try:
-                    self._metrics.close()
-                except OSError:
-                    pass
-                self._metrics = None
+        rec.update(self._phase_fields(per_rank))
+        rec.update(self._rebalance_step_fields())
+        window_load = self._window_fields(rec, data)
+        self._write_metrics(rec)
         step = int(rec.get("forward", self._last_step + 1))
         self._last_step = max(self._last_step, step)
         if self.run is not None:
@@ -290,6 +249,72 @@ class Telemetry:
             self._flush_deferred()     # bounded memory: a stall of ~2 ms per item, once per DEFER_LIMIT forwards
             self._flush_s += time.perf_counter() - t_flush
             self._flushes += 1
+
+    def _phase_fields(self, per_rank: np.ndarray) -> dict:
+        """per_rank [world, P+1] (phase ms, then latency) -> the phase_ms/* and rank{r}/* keys of
+        this forward; adds it to the run's phase totals."""
+        out = {}
+        timed = per_rank[:, :len(PHASES)]
+        other = np.maximum(per_rank[:, -1] - timed.sum(1), 0.0)                      # [world]
+        full = np.concatenate([timed, other[:, None]], axis=1)                       # [world, 6]
+        shown = [(i, p) for i, p in enumerate(ALL_PHASES) if p in self.shown_phases]
+        for i, p in shown:
+            out[f"phase_ms/{p}"] = float(full[:, i].mean())
+            out[f"phase_ms_max/{p}"] = float(full[:, i].max())
+        for r in range(per_rank.shape[0]):
+            out[f"rank{r}/latency_ms"] = float(per_rank[r, -1])
+            for i, p in shown:
+                out[f"rank{r}/phase_ms/{p}"] = float(full[r, i])
+        self._phase_sum += full.mean(0)
+        self._phase_rank_sum = full if self._phase_rank_sum is None else self._phase_rank_sum + full
+        self._forwards += 1
+        return out
+
+    def _rebalance_step_fields(self) -> dict:
+        """rebalance/* keys: the attempts logged since the last record, and the measured
+        balancedness of earlier successful ones that became known since."""
+        out = {}
+        for ev in self._pending_events:
+            out.update(_rebalance_fields(ev))
+        self._pending_events.clear()
+        still = []
+        for ev in self._awaiting_measure:
+            m = ev.get("measured_balancedness")
+            if m is None:
+                still.append(ev)
+                continue
+            before = (ev.get("balancedness_before") or {}).get("mean")
+            out["rebalance/measured_balancedness"] = float(m["mean"])
+            out["rebalance/measured_forward"] = int(ev.get("forward_idx", -1))
+            if before is not None:
+                out["rebalance/measured_gain"] = float(m["mean"]) - float(before)
+        self._awaiting_measure = still
+        return out
+
+    def _window_fields(self, rec: dict, data: dict) -> Optional[np.ndarray]:
+        """When a statistics window closed at this forward: its number into `rec`; -> its load
+        [L, E] when wandb logs this window's media, else None."""
+        if "balancedness" not in data or self.stats is None or not self.stats.windows:
+            return None
+        rec["window"] = self.stats.num_windows - 1
+        if self.run is not None and window_has_media(rec["window"]):
+            return self.stats.windows[-1].copy()                                       # [L, E] (a new array)
+        return None
+
+    def _write_metrics(self, rec: dict) -> None:
+        """One line of metrics.jsonl; a failed write (e.g. disk full) stops the file, not the run."""
+        if self._metrics is None:
+            return
+        try:
+            self._metrics.write(json.dumps(rec) + "\n")
+            self._metrics.flush()
+        except OSError as err:
+            warnings.warn(f"{METRICS_FILE}: write failed ({err}); no more records are written to it")
+            try:
+                self._metrics.close()
+            except OSError:
+                pass
+            self._metrics = None
 
     def log_rebalance(self, event: dict) -> None:
         """A rebalance attempt (any rank may call it; rank 0 keeps it): merged into the next
