@@ -1,6 +1,9 @@
-"""MoE-layer throughput with and without online rebalancing, on spawned CPU ranks (gloo).
+"""MoE-layer throughput with and without online rebalancing: spawned CPU ranks (gloo), or one
+rank per GPU under a launcher (NCCL; the same code path).
 
     python launch/bench_rebalance.py --ranks 4            # the table in docs/benchmarks.md (section 3)
+    deepspeed --num_gpus 2 launch/bench_rebalance.py --device cuda --dtype bfloat16 --layers 2 \
+        --experts 64 --top-k 8 --hidden 4096 --expert-hidden 3072 --tokens 8192 --redundant 8
 
 A stack of MoE layers (moe_ep.layer.MoELayer) with a router skewed the way trained MoE
 routers are: channel 0 of every token is 1 and the gate's weights on that channel are a
@@ -42,7 +45,8 @@ from moe_ep.atomic import write_json_atomic  # noqa: E402
 from moe_ep.config import EplbConfig, MoEConfig  # noqa: E402
 from moe_ep.experts import init_expert_weights  # noqa: E402
 from moe_ep.layer import MoELayer  # noqa: E402
-from moe_ep.parallel import context_for_tests  # noqa: E402
+from moe_ep.config import ParallelConfig  # noqa: E402
+from moe_ep.parallel import ParallelContext, context_for_tests, init_distributed  # noqa: E402
 from moe_ep.rebalance import Rebalancer  # noqa: E402
 from moe_ep.stats import ExpertLoadStats  # noqa: E402
 
@@ -53,17 +57,24 @@ def zipf_bias_(gate_weight: torch.Tensor, channel: int, s: float, seed: int) -> 
     gate_weight[order, channel] = -s * torch.log(torch.arange(1, E + 1, dtype=torch.float32))
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 def build(ctx, a, redundant: int, phases: bool):
     layers = []
+    dtype = DTYPES[a.dtype]
     cfg = MoEConfig(num_experts=a.experts, top_k=a.top_k, expert_hidden_size=a.expert_hidden)
+    on_gpu = ctx.device if ctx.device.type == "cuda" else None     # 64 large experts are slow to make on a CPU
     for l in range(a.layers):
         torch.manual_seed(1000 + l)
-        layer = MoELayer(a.hidden, cfg, ctx, num_redundant=redundant, layer_idx=l)
+        layer = MoELayer(a.hidden, cfg, ctx, num_redundant=redundant, layer_idx=l, dtype=dtype)
         with torch.no_grad():
-            zipf_bias_(layer.router.gate.weight, 0, a.skew, seed=17 + l)
+            gate = layer.router.gate.weight.float()
+            zipf_bias_(gate, 0, a.skew, seed=17 + l)
             if phases:
-                zipf_bias_(layer.router.gate.weight, 1, a.skew, seed=5017 + l)
-        layer.load_expert_weights(lambda e, l=l: init_expert_weights(0, l, e, a.hidden, a.expert_hidden))
+                zipf_bias_(gate, 1, a.skew, seed=5017 + l)
+            layer.router.gate.weight.copy_(gate)
+        layer.load_expert_weights(lambda e, l=l: init_expert_weights(0, l, e, a.hidden, a.expert_hidden, dtype, on_gpu))
         rows = [0]
         layer.experts.register_forward_pre_hook(lambda m, args, rows=rows: rows.__setitem__(0, rows[0] + args[0].shape[0]))
         layer._rows = rows
@@ -71,13 +82,25 @@ def build(ctx, a, redundant: int, phases: bool):
     return layers
 
 
-def make_x(a, rank: int, fwd: int, t: float | None):
-    x = torch.randn(a.tokens, a.hidden, generator=torch.Generator().manual_seed(7919 * fwd + rank))
+def make_x(a, ctx, fwd: int, t: float | None):
+    x = torch.randn(a.tokens, a.hidden, generator=torch.Generator().manual_seed(7919 * fwd + ctx.rank))
     if t is None:
         x[:, 0] = 1.0
     else:
         x[:, 0], x[:, 1] = t, 1.0 - t
-    return x
+    return x.to(device=ctx.device, dtype=DTYPES[a.dtype])
+
+
+def max_over_ranks(ctx, seconds: float) -> float:
+    """The largest of every rank's value (a forward ends when its slowest rank ends)."""
+    t = torch.tensor([seconds], dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def sync(ctx) -> None:
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize(ctx.device)
 
 
 def forward(layers, x):
@@ -86,8 +109,8 @@ def forward(layers, x):
     return x
 
 
-def run_mode(rank, world, a, mode: str) -> dict:
-    ctx = context_for_tests(rank, world, world)
+def run_mode(ctx: ParallelContext, a, mode: str) -> dict:
+    world = ctx.world_size
     phases = mode.startswith("phase")
     red = 0 if mode == "none-R=E" else a.redundant
     layers = build(ctx, a, red, phases)
@@ -121,32 +144,34 @@ def run_mode(rank, world, a, mode: str) -> dict:
                 reb.plan_phases(f)
                 reb._maybe_switch_phase(f, stats.bucket_of(t))
             rows0 = [l._rows[0] for l in layers]
-            load0 = stats.total().sum(axis=(0, 1)) + stats.counts.sum(dim=(0, 1)).numpy()
+            load0 = stats.total().sum(axis=(0, 1)) + stats.counts.sum(dim=(0, 1)).cpu().numpy()
             n_events0 = len(reb.events) if reb else 0
-        x = make_x(a, rank, f, t)
+        x = make_x(a, ctx, f, t)
         stats.begin_forward(0.5 if t is None else t)
+        sync(ctx)
         dist.barrier()
         t0 = time.perf_counter()
         forward(layers, x)
-        dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-        dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+        sync(ctx)
+        dt = max_over_ranks(ctx, time.perf_counter() - t0)
         t_reb = time.perf_counter()
         if reb is not None:
             nxt = ts[(f + 1) % steps]
             reb.after_forward(f, 0.5 if t is None else t, next_timestep=None if nxt is None else nxt)
         else:
             stats.end_forward((ctx.ep_group, ctx.dp_group))
-        t_reb = torch.tensor([time.perf_counter() - t_reb], dtype=torch.float64)
-        dist.all_reduce(t_reb, op=dist.ReduceOp.MAX)
+        sync(ctx)
+        t_reb = max_over_ranks(ctx, time.perf_counter() - t_reb)
         if f >= warm:
-            times.append((float(dt), float(t_reb)))
+            times.append((dt, t_reb))
     # measured load of the timed forwards
-    rows = torch.tensor([l._rows[0] - r for l, r in zip(layers, rows0)], dtype=torch.float64)  # [L] this rank
+    rows = torch.tensor([l._rows[0] - r for l, r in zip(layers, rows0)], dtype=torch.float64,
+                        device=ctx.device)                               # [L] this rank
     allrows = [torch.zeros_like(rows) for _ in range(world)]
     dist.all_gather(allrows, rows)
-    per_rank = torch.stack(allrows, 1)                                   # [L, ranks]
+    per_rank = torch.stack(allrows, 1).cpu()                             # [L, ranks]
     bal = (per_rank.mean(1) / per_rank.max(1).values).numpy()
-    load = (stats.total().sum(axis=(0, 1)) + stats.counts.sum(dim=(0, 1)).numpy()) - load0  # [L, E]
+    load = (stats.total().sum(axis=(0, 1)) + stats.counts.sum(dim=(0, 1)).cpu().numpy()) - load0  # [L, E]
     fwd_t = [x for x, _ in times]
     med = statistics.median(fwd_t)
     events = reb.events[n_events0:] if reb else []
@@ -165,18 +190,23 @@ def run_mode(rank, world, a, mode: str) -> dict:
     return res
 
 
-def _entry(rank, world, port, a, out_path):
+def run_modes(ctx: ParallelContext, a) -> None:
+    results = []
+    for mode in a.modes:
+        results.append(run_mode(ctx, a, mode))
+        if ctx.rank == 0:
+            print(json.dumps(results[-1]), flush=True)
+    if ctx.rank == 0 and a.json:
+        write_json_atomic(a.json, {"args": vars(a), "ranks": ctx.world_size, "device": str(ctx.device),
+                                   "results": results})
+
+
+def _entry(rank, world, port, a):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
     try:
-        results = []
-        for mode in a.modes:
-            results.append(run_mode(rank, world, a, mode))
-            if rank == 0:
-                print(json.dumps(results[-1]), flush=True)
-        if rank == 0 and out_path:
-            write_json_atomic(out_path, {"args": vars(a), "results": results})
+        run_modes(context_for_tests(rank, world, world), a)
     finally:
         dist.destroy_process_group()
 
@@ -197,13 +227,25 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=8, help="forwards per sampling run (phase modes)")
     p.add_argument("--modes", default="none-R=E,none-R=E+r,online")
     p.add_argument("--json", default=None)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu",
+                   help="under a launcher: one rank per GPU with cuda (auto: a GPU when there is one)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)   # passed by the deepspeed launcher
     a = p.parse_args(argv)
-    a.redundant = 2 * a.ranks if a.redundant is None else a.redundant
     a.modes = a.modes.split(",")
+    if "RANK" in os.environ:        # under deepspeed / torchrun: the launcher's ranks, gloo or NCCL
+        ctx = init_distributed(ParallelConfig(device=a.device, timeout_s=600))
+        a.ranks = ctx.world_size
+        a.redundant = 2 * a.ranks if a.redundant is None else a.redundant
+        run_modes(ctx, a)
+        return
+    if a.device == "cuda":
+        p.error("--device cuda needs one rank per GPU: start it with `deepspeed --num_gpus N launch/bench_rebalance.py`")
+    a.redundant = 2 * a.ranks if a.redundant is None else a.redundant
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_entry, args=(a.ranks, port, a, a.json), nprocs=a.ranks, join=True)
+    mp.spawn(_entry, args=(a.ranks, port, a), nprocs=a.ranks, join=True)
 
 
 if __name__ == "__main__":

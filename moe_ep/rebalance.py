@@ -445,6 +445,7 @@ class Rebalancer:
             ev["status"], ev["ok"] = "ok", True
             ev["_skip_windows"] = 1 if self.stats.window_open else 0
             self._pending_measure.append(ev)
+            ev["transfer_ms"] = t_p2p * 1e3     # the point-to-point exchange alone (GPU: synchronised)
             if st.max_rank_bytes and t_p2p > 0:
                 self.bandwidth = 0.5 * self.bandwidth + 0.5 * st.max_rank_bytes / t_p2p
         else:
