@@ -45,3 +45,22 @@ def test_every_config_key_is_documented_with_its_default():
                 missing.append(f"{section}.{key} (default {shown!r} not shown)")
     assert "`output_dir`" in text
     assert not missing, f"undocumented config keys: {missing}"
+
+
+def test_launch_shell_scripts_parse_and_gpu_ep2_refuses_an_unknown_part(tmp_path):
+    """The GPU scripts run only on lent machines, where a syntax error costs device time: each
+    parses (`bash -n`), and launch/gpu_ep2.sh names its parts on a wrong one (its plumbing is
+    rehearsed on CPU ranks with REHEARSE=1, docs/benchmarks.md 1e)."""
+    import glob
+    import subprocess
+
+    root = os.path.dirname(DOCS)
+    scripts = sorted(glob.glob(os.path.join(root, "launch", "*.sh")))
+    assert os.path.join(root, "launch", "gpu_ep2.sh") in scripts
+    for path in scripts:
+        proc = subprocess.run(["bash", "-n", path], capture_output=True, text=True)
+        assert proc.returncode == 0, (path, proc.stderr)
+    proc = subprocess.run(["bash", os.path.join(root, "launch", "gpu_ep2.sh"), "nosuchpart"], capture_output=True,
+                          text=True, cwd=root, env=dict(os.environ, OUT=str(tmp_path), REHEARSE="1"))
+    assert "unknown part nosuchpart (layer, skew, migration, step, diffusers, simulate, all)" in proc.stdout
+    assert proc.returncode == 2
