@@ -77,7 +77,10 @@ def plan_candidates(weight: torch.Tensor, num_replicas: int, num_groups: int, nu
 
     ``mlog2log [S, L, E]``, ``item_expert [C, S, L, N, m]`` (node-local expert of each replica),
     ``idx [C, S, L, N, ppn, k]`` (replica ids per GPU), ``top [C, S, L, N]`` heaviest GPU of each
-    row (``inf`` for duplicate rows that were skipped), ``bound [S, L]`` (layer lower bound used to stop).
+    row (``inf`` for duplicate rows that were skipped), ``bound [S, L]`` (layer lower bound used to stop),
+    ``rules`` (the count rules, as given), ``idx0`` / ``top0`` (the same before the swap refinement;
+    rule 0 / option 0 is greedy's own plan), ``counts [C, S, L, N, n]`` (replicas of each node-local
+    expert) and ``dup [C, S, L, N]`` (rows skipped as duplicates of an earlier rule's).
     """
     L, E = weight.shape
     N, P = num_nodes, num_gpus
