@@ -118,7 +118,9 @@ class Transfer:
     # filled by prepare()
     staging: dict = field(default_factory=dict)   # (layer, local slot) -> (w13, w2)
     _send: dict = field(default_factory=dict)     # peer -> packed flat buffer
-    _recv: dict = field(default_factory=dict)     # peer -> (flat buffer, [(layer, local slot, w13 shape, w2 shape, w13)]); w13 (the slots' Parameter) gives the buffer's dtype and device
+    # peer -> (flat buffer, [(layer, local slot, w13 shape, w2 shape, w13)]); w13, the slots' Parameter,
+    # gives the buffer's dtype and device
+    _recv: dict = field(default_factory=dict)
     _ops: list = field(default_factory=list)      # the P2P ops run() posts
 
     def _local_slot(self, layer: int, slot: int) -> int:
