@@ -87,8 +87,9 @@ IMAGE_NAME = re.compile(r"^\d{3,}\.png$")               # images/000.png ... (sa
 
 def remove_earlier_outputs(out_dir: str, keep: Optional[str] = None) -> list[str]:
     """A run into a folder that holds an earlier run's outputs replaces them: its summary.json,
-    stats.json, numbered images and report (launch/report.py's files) are removed when this run starts, so a summary.json again
-    means *this* run completed and no image of the earlier run passes for one of this run.
+    stats.json, numbered images and report (launch/report.py's files) are removed when this run
+    starts, so a summary.json again means *this* run completed and no image of the earlier run
+    passes for one of this run.
     `keep` (eplb.stats_file) stays when it is that stats.json: a resume in place that fails
     before its first window still has its input; this run's first write replaces it.
     -> the removed paths (relative to out_dir). Rank 0."""
