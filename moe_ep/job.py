@@ -384,7 +384,10 @@ class ForwardRecorder:
     def close_last_window(self) -> None:
         """Close the last, partial window (collective; the same forward count on every rank)."""
         if self.stats.window_open:
-            self.stats.close_window(self.groups)
+            if self.rebalancer is not None:
+                self.rebalancer.close_window()       # also measures a rebalance waiting on this window
+            else:
+                self.stats.close_window(self.groups)
             self.window_balance.append(self._window_balancedness([l.placement for l in self.moe_layers]))
 
 

@@ -394,6 +394,13 @@ class Rebalancer:
         self.migration, self._migration_event = None, None
         return ev
 
+    def close_window(self) -> None:
+        """Close the statistics window now (the last, partial one when sampling ends; collective)
+        and measure the rebalances waiting for a window under their placement."""
+        if self.stats.window_open:
+            self.stats.close_window(self.groups)
+            self._on_window_closed()
+
     def finish_migration(self) -> None:
         """Complete a migration in progress (collective; call before the run ends)."""
         while self.migration is not None:

@@ -295,3 +295,15 @@ def test_async_migration_is_logged_when_it_ends(tmp_path):
     assert measured and measured[0]["forward"] > first_end["forward"]
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert any(e["status"] == "ok" and e.get("migration") == "async" for e in summary["rebalances"])
+
+
+def test_a_rebalance_before_the_last_partial_window_is_measured_on_it(tmp_path):
+    """3 forwards, windows of 2: the rebalance after forward 1 has only the last, partial window
+    (forward 2) under its placement; closing that window when sampling ends measures it, so
+    summary.json's event carries measured_balancedness (it stayed null before)."""
+    out = tiny_run(str(tmp_path / "partial"), ["telemetry.wandb=false", "sampling.num_inference_steps=3"])
+    events = json.load(open(os.path.join(out, "summary.json")))["rebalances"]
+    moved = [e for e in events if e["ok"]]
+    assert moved and moved[0]["forward_idx"] == 1, events
+    m = moved[0]["measured_balancedness"]
+    assert m is not None and 0 < m["min"] <= m["mean"] <= 1, moved[0]

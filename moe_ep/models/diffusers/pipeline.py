@@ -158,7 +158,10 @@ class ExpertParallel(ForwardHooks):
         if self.rebalancer is not None:
             self.rebalancer.finish_migration()
         if self.stats.window_open:
-            self.stats.close_window((self.ctx.ep_group, self.ctx.dp_group))
+            if self.rebalancer is not None:
+                self.rebalancer.close_window()
+            else:
+                self.stats.close_window((self.ctx.ep_group, self.ctx.dp_group))
             self._window_closed()
 
     def summary(self) -> dict:
