@@ -13,7 +13,6 @@ so here prompts become fixed pseudo-random embeddings.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
