@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-if [ -x .venv/bin/python ] && .venv/bin/python -c "import moe_ep, eplb, torch, deepspeed, pytest, hypothesis, diffusers, transformers" 2>/dev/null; then
+if [ -x .venv/bin/python ] && .venv/bin/python -c "import moe_ep, eplb, torch, deepspeed, pytest, hypothesis, diffusers, transformers" >/dev/null 2>&1; then
   exit 0
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
