@@ -86,4 +86,6 @@ if __name__ == "__main__":
     # (default outputs/tiny_models), the folders configs/hidream_tiny.json reads
     import sys
 
-    print(save_tiny_folders(sys.argv[1] if len(sys.argv) > 1 else "outputs/tiny_models"))
+    folders = save_tiny_folders(sys.argv[1] if len(sys.argv) > 1 else "outputs/tiny_models")
+    print(f"wrote a tiny HiDream-I1 transformer to {folders['hidream']} (configs/hidream_tiny.json reads it) "
+          f"and a tiny NucleusMoE-Image pipeline folder, its transformer only, to {folders['nucleus']}")
