@@ -199,6 +199,29 @@ class Rebalancer:
             dist.broadcast(t, src=self._ep_src, group=self.ctx.ep_group)
         return t.cpu()
 
+    def _decide_on_ep0(self, size: int, decide: Callable[[], tuple], what: str) -> tuple[int, torch.Tensor, str]:
+        """EP rank 0 runs `decide() -> (status, payload tensor of `size` numbers, reason)` (after the
+        "plan" fault hook); every rank of the EP group gets the status and payload [size] (int64,
+        on the device), and the reason when the status is not GO. A decide() that raises is FAILED,
+        with "<what> failed: <error>" as the reason."""
+        msg = self._ctl(1 + size)                               # [status, payload...]
+        reason = ""
+        if self.ctx.ep_rank == 0:
+            try:
+                if self.fault_hook is not None:
+                    self.fault_hook("plan")
+                status, payload, reason = decide()
+                msg[1:] = payload.flatten().to(msg.device)
+            except Exception as err:  # planning failed: keep the old placement
+                status, reason = FAILED, f"{what} failed: {type(err).__name__}: {err}"
+                traceback.print_exc()
+            msg[0] = status
+        msg = self._broadcast_from_ep0(msg)
+        status = int(msg[0])
+        if status != GO:
+            reason = self._broadcast_text(reason)
+        return status, msg[1:], reason
+
     def _broadcast_text(self, text: str) -> str:
         if self.ctx.ep_group is None:
             return text
@@ -285,35 +308,22 @@ class Rebalancer:
         ev = self._new_event(forward_idx, trigger)
         old = self.current_phy2log()
         L, R = old.shape
-        msg = self._ctl(1 + L * R)                              # [status, phy2log...]
-        reason = ""
-        if self.ctx.ep_rank == 0:
-            try:
-                if self.fault_hook is not None:
-                    self.fault_hook("plan")
-                new = self._plan(load, old)
-                before = layer_balancedness(load, old, self.ctx.ep_size).mean()
-                after = layer_balancedness(load, new, self.ctx.ep_size).mean()
-                if torch.equal(new, old):
-                    status, reason = SKIP, "placement unchanged"
-                elif self.force or after - before >= self.cfg.min_gain:
-                    status = GO
-                else:
-                    status = SKIP
-                    reason = f"predicted gain {after - before:.4f} < min_gain {self.cfg.min_gain}"
-                msg[1:] = new.flatten().to(msg.device)
-            except Exception as err:  # planning failed: keep the old placement
-                status, reason = FAILED, f"planning failed: {type(err).__name__}: {err}"
-                traceback.print_exc()
-            msg[0] = status
+
+        def decide():
+            new = self._plan(load, old)
+            before = layer_balancedness(load, old, self.ctx.ep_size).mean()
+            after = layer_balancedness(load, new, self.ctx.ep_size).mean()
+            if torch.equal(new, old):
+                return SKIP, new, "placement unchanged"
+            if self.force or after - before >= self.cfg.min_gain:
+                return GO, new, ""
+            return SKIP, new, f"predicted gain {after - before:.4f} < min_gain {self.cfg.min_gain}"
+
         # status is the same on every rank of this EP group; the P2P exchange and its go/no-go
         # vote stay inside the EP group, and every rank of the world meets again in the final vote
         # (a replica that failed or skipped proposes the old placement, so nobody swaps then).
-        msg = self._broadcast_from_ep0(msg)
-        status = int(msg[0])
-        if status != GO:
-            reason = self._broadcast_text(reason)
-        new = msg[1:].view(L, R).clone() if status != FAILED else old
+        status, payload, reason = self._decide_on_ep0(L * R, decide, "planning")
+        new = payload.view(L, R).clone() if status != FAILED else old
         ev["balancedness_before"] = _summary(layer_balancedness(load, old, self.ctx.ep_size))
         if status != FAILED:
             ev["balancedness_after"] = _summary(layer_balancedness(load, new, self.ctx.ep_size))
@@ -523,29 +533,19 @@ class Rebalancer:
         B = bl.shape[0]
         old = self.current_phy2log()
         L, R = old.shape
-        msg = self._ctl(1 + B * L * R)                          # [status, B x phy2log...]
-        reason = ""
-        if self.ctx.ep_rank == 0:
-            try:
-                if self.fault_hook is not None:
-                    self.fault_hook("plan")
-                plans, prev = [None] * B, old
-                total = bl.sum(0)
-                for b in reversed(range(B)):                   # sampling runs from t=1 down to t=0
-                    plans[b] = prev = self._plan(bl[b] if bl[b].sum() > 0 else total, prev)
-                msg[1:] = torch.stack(plans).flatten().to(msg.device)
-                msg[0] = GO
-            except Exception as err:
-                msg[0], reason = FAILED, f"phase planning failed: {type(err).__name__}: {err}"
-                traceback.print_exc()
-        msg = self._broadcast_from_ep0(msg)
-        ok_here = int(msg[0]) == GO
-        if not ok_here:
-            reason = self._broadcast_text(reason)
+
+        def decide():
+            plans, prev = [None] * B, old
+            total = bl.sum(0)
+            for b in reversed(range(B)):                       # sampling runs from t=1 down to t=0
+                plans[b] = prev = self._plan(bl[b] if bl[b].sum() > 0 else total, prev)
+            return GO, torch.stack(plans), ""
+
+        status, plans, reason = self._decide_on_ep0(B * L * R, decide, "phase planning")
+        ok_here = status == GO
         # Installed phase plans decide, at every forward, whether this rank enters the collectives
         # of _maybe_switch_phase, so every rank of the world must install exactly the same plans or
         # none: one all-reduce MAX of [failed, plans, -plans] over EP and DP.
-        plans = msg[1:]
         any_failed, same = self._agree(not ok_here, plans)
         if any_failed or not same:
             if not reason:
