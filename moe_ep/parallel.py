@@ -150,10 +150,7 @@ def build_context(cfg: ParallelConfig, rank: int, world: int, device: torch.devi
     timeout = datetime.timedelta(seconds=cfg.timeout_s)
     if world > 1:
         # new_group is collective over the whole world: every rank creates every group.
-        for d in range(dp):
-            g = tdist.new_group(list(range(d * ep, (d + 1) * ep)), timeout=timeout) if ep > 1 else None
-            if rank // ep == d:
-                ep_group = g
+        ep_group = _make_ep_group(world, ep, rank, timeout) if ep > 1 else None
         for e in range(ep):
             g = tdist.new_group(list(range(e, world, ep)), timeout=timeout) if dp > 1 else None
             if rank % ep == e:
@@ -162,6 +159,25 @@ def build_context(cfg: ParallelConfig, rank: int, world: int, device: torch.devi
     return ParallelContext(rank=rank, world_size=world, ep_size=ep, ep_rank=rank % ep, ep_group=ep_group,
                            dp_size=dp, dp_rank=rank // ep, dp_group=dp_group, ranks_per_node=max(1, rpn),
                            device=device, timeout_s=cfg.timeout_s)
+
+
+def _make_ep_group(world: int, ep: int, rank: int, timeout: datetime.timedelta):
+    """This rank's group among new groups of `ep` consecutive ranks (collective: every rank
+    creates every group)."""
+    mine = None
+    for d in range(world // ep):
+        g = tdist.new_group(list(range(d * ep, (d + 1) * ep)), timeout=timeout)
+        if rank // ep == d:
+            mine = g
+    return mine
+
+
+def new_ep_group(ctx: ParallelContext):
+    """A second group over this rank's EP ranks (the members of ctx.ep_group, its own
+    communicator), or None at EP = 1. Collective over the world."""
+    if ctx.ep_group is None:
+        return None
+    return _make_ep_group(ctx.world_size, ctx.ep_size, ctx.rank, datetime.timedelta(seconds=ctx.timeout_s))
 
 
 def error_on_any_rank(error: Optional[str], ctx: ParallelContext) -> Optional[str]:

@@ -37,7 +37,7 @@ import torch.distributed as dist
 import eplb
 
 from .config import EplbConfig
-from .parallel import ParallelContext, error_on_any_rank
+from .parallel import ParallelContext, error_on_any_rank, new_ep_group
 from .placement import make_placement
 from .stats import ExpertLoadStats
 from .migration import LayerByLayerMigration
@@ -143,19 +143,12 @@ class Rebalancer:
 
     def _make_migration_group(self):
         """A second group over this rank's EP ranks (collective: every rank makes every group)."""
-        ctx = self.ctx
-        if ctx.ep_group is None:
+        mine = new_ep_group(self.ctx)
+        if mine is None:
             return None
-        import datetime
-        timeout = datetime.timedelta(seconds=ctx.timeout_s)
-        mine = None
-        for d in range(ctx.world_size // ctx.ep_size):      # EP groups are consecutive ranks
-            g = dist.new_group(list(range(d * ctx.ep_size, (d + 1) * ctx.ep_size)), timeout=timeout)
-            if ctx.rank // ctx.ep_size == d:
-                mine = g
         # NCCL connects a group at its first call, and a first batch_isend_irecv needs every member:
         # warm it up now, so a layer whose moves involve only some ranks cannot hang the others
-        dist.all_reduce(torch.zeros(1, device=ctx.device), group=mine)
+        dist.all_reduce(torch.zeros(1, device=self.ctx.device), group=mine)
         return mine
 
     # ------------------------------------------------------------ small helpers
