@@ -68,8 +68,7 @@ def dispatch_pairs(x: torch.Tensor, slots: torch.Tensor, copies: RoutedCopies, e
 def combine_pairs(y: torch.Tensor, plan: PairPlan, group) -> torch.Tensor:
     """y [N_r, H] expert outputs (slot-grouped) -> [T, H] on the sender (zeros for unrouted tokens)."""
     H = y.shape[1]
-    sums = torch.zeros(sum(plan.recv_splits), H, dtype=torch.float32, device=y.device)   # [U_r, H]
-    sums.index_add_(0, plan.row_of_copy, y.float() * plan.weight.unsqueeze(1))           # per received row
+    sums = _sum_copies(y, plan.row_of_copy, plan.weight, sum(plan.recv_splits))            # [U_r, H] per received row
     back = y.new_empty(sum(plan.send_splits), H)                                          # [U, H]
     dist.all_to_all_single(back, sums.to(y.dtype), plan.send_splits, plan.recv_splits, group=group)
     out = torch.zeros(plan.num_tokens, H, dtype=torch.float32, device=y.device)
@@ -127,7 +126,13 @@ def _weighted_sums(rows_x: torch.Tensor, meta: torch.Tensor, chunk_counts: torch
     weighted sum of its copies' expert outputs, float32 [U_r, H]."""
     row, weight, slot_counts = _received_copies(meta, chunk_counts, slots_per_rank)
     y = experts(rows_x[row], slot_counts)                                                   # [N_r, H]
-    sums = torch.zeros(rows_x.shape[0], rows_x.shape[1], dtype=torch.float32, device=rows_x.device)
+    return _sum_copies(y, row, weight, rows_x.shape[0])
+
+
+def _sum_copies(y: torch.Tensor, row: torch.Tensor, weight: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Expert outputs of the copies y [N_r, H], each weighted (float32) and added into its received
+    row -> float32 [num_rows, H]: one row per (token, this rank) goes back."""
+    sums = torch.zeros(num_rows, y.shape[1], dtype=torch.float32, device=y.device)
     return sums.index_add_(0, row, y.float() * weight.unsqueeze(1))
 
 
