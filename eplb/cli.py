@@ -48,7 +48,8 @@ def _named(flag: str, read, path: str):
     try:
         return read(path)
     except ValueError as exc:
-        raise ValueError(f"{flag} {exc}") from None
+        msg = str(exc)
+        raise ValueError(f"{flag} {msg if msg.startswith(str(path)) else f'{path}: {msg}'}") from None
 
 
 def _plan(args) -> int:

@@ -69,7 +69,7 @@ def build(ctx, a, redundant: int, phases: bool):
         torch.manual_seed(1000 + l)
         layer = MoELayer(a.hidden, cfg, ctx, num_redundant=redundant, layer_idx=l, dtype=dtype)
         with torch.no_grad():
-            gate = layer.router.gate.weight.float()
+            gate = layer.router.gate.weight.detach().float().cpu()    # zipf_bias_ writes CPU values into it
             zipf_bias_(gate, 0, a.skew, seed=17 + l)
             if phases:
                 zipf_bias_(gate, 1, a.skew, seed=5017 + l)

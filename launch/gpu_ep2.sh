@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The two-GPU runs (closed issue 14, blocked while no machine with 2 GPUs was lent): EP = 2 over
+# The two-GPU runs (issue 14, blocked: no machine with 2 GPUs has been lent): EP = 2 over
 # NCCL, bf16, the anchor layer (8192 tokens per rank, 64 experts, top-8, hidden 4096 / 3072).
 # Each part prints its lines and writes JSON to ${OUT:-.}/; parts fit one device call each
 # (about 3-6 minutes), "all" runs them in order.
@@ -18,9 +18,10 @@
 # the plumbing is known to work before a GPU machine is held (about 2 minutes on 2 cores).
 set -u
 part=${1:-all}
-out=$(realpath "${OUT:-.}")
+mkdir -p "${OUT:-.}" && out=$(realpath "${OUT:-.}")
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-PY=${PYTHON:-python3}; DS=${DEEPSPEED:-deepspeed}
+venv=$([ -x .venv/bin/python ] && echo .venv/bin/ || true)     # the README's venv when there is one
+PY=${PYTHON:-${venv}python}; DS=${DEEPSPEED:-${venv}deepspeed}
 if [ "${REHEARSE:-0}" = 1 ]; then
   DEV="--device cpu"; DT="--dtype float32"
   SHAPE="--tokens 256 --hidden 128 --expert-hidden 96 --experts 16 --top-k 4"

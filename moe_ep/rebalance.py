@@ -195,7 +195,7 @@ class Rebalancer:
     def _decide_on_ep0(self, size: int, decide: Callable[[], tuple], what: str) -> tuple[int, torch.Tensor, str]:
         """EP rank 0 runs `decide() -> (status, payload tensor of `size` numbers, reason)` (after the
         "plan" fault hook); every rank of the EP group gets the status and payload [size] (int64,
-        on the device), and the reason when the status is not GO. A decide() that raises is FAILED,
+        on the host), and the reason when the status is not GO. A decide() that raises is FAILED,
         with "<what> failed: <error>" as the reason."""
         msg = self._ctl(1 + size)                               # [status, payload...]
         reason = ""

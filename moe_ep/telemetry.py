@@ -81,6 +81,7 @@ class Telemetry:
         self._last_step = -1
         self._pending_events: list[dict] = []     # rebalance attempts to merge into the next record
         self._awaiting_measure: list[dict] = []   # successful moves whose measured balancedness is not in yet
+        self._logged_events: dict[int, dict] = {}  # id -> every event logged so far
         self._phase_sum = np.zeros(len(ALL_PHASES))  # mean over ranks, summed over forwards
         # the phases a record gives: "attention" only where blocks time it (not under
         # model.compile, where it is fused with its neighbours, nor in diffusers models);
@@ -276,6 +277,9 @@ class Telemetry:
         out = {}
         for ev in self._pending_events:
             out.update(_rebalance_fields(ev))
+            if id(ev) in self._logged_events:     # an asynchronous migration's end: its start was the attempt
+                out["rebalance/attempt"] = 0
+            self._logged_events[id(ev)] = ev      # held, so an id is never reused for another event
         self._pending_events.clear()
         still = []
         for ev in self._awaiting_measure:

@@ -72,10 +72,27 @@ def _ranks_partial_window(rank, world):
     assert 0 < s["balancedness"] <= 1 and s["balancedness"] == pytest.approx(np.mean(s["balancedness_windows"][0]))
 
 
+def _ranks_partial_window_measures(rank, world):
+    torch.set_num_threads(1)
+    ctx = context_for_tests(rank, world, world)
+    pipe = tiny_hidream_pipeline(0)
+    moe_ep.expert_parallel(pipe, ctx, eplb={"enabled": True, "num_redundant_experts": world, "window_size": 2,
+                                            "interval": 2, "min_gain": -1.0})
+    pipe.moe_ep.rebalancer._planner, pipe.moe_ep.rebalancer.force = random_planner(5), True
+    sample(pipe, hidream_embeddings(pipe, seed=1, batch=1), [7], steps=3)     # rebalance after forward 1
+    moved = [e for e in pipe.moe_ep.rebalancer.events if e["ok"]]
+    assert moved and moved[0]["measured_balancedness"] is None               # forward 2: a partial window
+    pipe.moe_ep.finish()
+    m = pipe.moe_ep.summary()["rebalances"][0]["measured_balancedness"]
+    assert m is not None and 0 < m["min"] <= m["mean"] <= 1
+
+
 def test_finish_counts_the_last_partial_window():
-    """finish() closes the last, partial statistics window and its balancedness enters summary(),
-    as the job's last window does (it was dropped before)."""
+    """finish() closes the last, partial statistics window: its balancedness enters summary(), as
+    the job's last window does (it was dropped before), and a rebalance waiting for a window under
+    its placement is measured on it."""
     run_ranks(2, _ranks_partial_window)
+    run_ranks(2, _ranks_partial_window_measures)
 
 
 def _ranks_example(rank, world, folder, out):
@@ -117,5 +134,6 @@ def test_shipped_example_script_gives_diffusers_images(tmp_path):
         got = np.asarray(Image.open(os.path.join(out, "images", f"{i:03d}.png"))).astype(np.int16)
         assert got.shape == want.shape and np.abs(got - want).max() <= 1, (i, np.abs(got - want).max())
     summary = json.load(open(os.path.join(out, "summary.json")))
-    assert summary["forwards"] == 2 * 2 and summary["rebalances"]           # 2 rounds x 2 steps, every rank
+    assert summary["forwards"] == 2 * 2                                      # 2 rounds x 2 steps, every rank
+    assert any(e["ok"] and e.get("migration") == "async" and e["experts_moved"] for e in summary["rebalances"])
     assert os.path.isfile(os.path.join(out, "stats.json"))

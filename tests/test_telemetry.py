@@ -287,6 +287,7 @@ def test_async_migration_is_logged_when_it_ends(tmp_path):
     assert started and ended, [(r["forward"], r["rebalance/status"]) for r in reb]
     first_start, first_end = started[0], ended[0]
     assert first_start["rebalance/ok"] == 0 and first_start["rebalanced"] == 0
+    assert first_start["rebalance/attempt"] == 1 and first_end["rebalance/attempt"] == 0   # one attempt, two records
     # 3 MoE layers, one per forward boundary: it ends 3 forwards after the one that started it
     assert first_end["forward"] == first_start["forward"] + 3
     assert first_end["rebalance/ok"] == 1 and first_end["rebalanced"] == 1
