@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench import DTYPES  # noqa: E402  (launch/bench.py, beside this script)
 from moe_ep.atomic import write_json_atomic  # noqa: E402
 from moe_ep.config import EplbConfig, MoEConfig, ParallelConfig  # noqa: E402
 from moe_ep.experts import init_expert_weights  # noqa: E402
@@ -47,9 +48,6 @@ def random_planner(seed):
             rows.append(ids[torch.randperm(num_replicas, generator=gen)])
         return torch.stack(rows), None, None
     return plan
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def run_mode(ctx, a, mode):

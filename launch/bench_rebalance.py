@@ -41,6 +41,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench import DTYPES  # noqa: E402  (launch/bench.py, beside this script)
 from moe_ep.atomic import write_json_atomic  # noqa: E402
 from moe_ep.config import EplbConfig, MoEConfig  # noqa: E402
 from moe_ep.experts import init_expert_weights  # noqa: E402
@@ -55,9 +56,6 @@ def zipf_bias_(gate_weight: torch.Tensor, channel: int, s: float, seed: int) -> 
     E = gate_weight.shape[0]
     order = torch.randperm(E, generator=torch.Generator().manual_seed(seed))
     gate_weight[order, channel] = -s * torch.log(torch.arange(1, E + 1, dtype=torch.float32))
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def build(ctx, a, redundant: int, phases: bool):

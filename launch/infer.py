@@ -18,6 +18,7 @@ what was written before.
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import shlex
 import signal
@@ -150,12 +151,9 @@ def main(argv=None) -> int:
 
 def rebalance_line(events: list[dict]) -> str:
     """'3 of 8 rebalances moved experts (5 skipped)': what the attempts in summary.json did."""
-    moved = sum(1 for e in events if e.get("ok"))
-    others = {}
-    for e in events:
-        if not e.get("ok"):
-            others[str(e.get("status"))] = others.get(str(e.get("status")), 0) + 1
+    others = collections.Counter(str(e.get("status")) for e in events if not e.get("ok"))
     rest = ", ".join(f"{n} {status}" for status, n in sorted(others.items()))
+    moved = len(events) - sum(others.values())
     return f"{moved} of {len(events)} rebalances moved experts" + (f" ({rest})" if rest else "")
 
 

@@ -16,7 +16,6 @@ import argparse
 import os
 import sys
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -24,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import moe_ep  # noqa: E402
 from moe_ep.atomic import write_json_atomic  # noqa: E402
-from moe_ep.images import save_png  # noqa: E402
+from moe_ep.images import save_png, to_uint8  # noqa: E402
 from moe_ep.models.diffusers.tiny_pipeline import PromptEmbeddingPipeline, tiny_hidream_pipeline  # noqa: E402
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
@@ -62,7 +61,7 @@ def main(argv=None) -> int:
                     guidance_scale=4.0, output_type="np", generator=[torch.Generator().manual_seed(i)])
         if mine:
             image = prompt_pipe(**call).images[0]
-            save_png((np.clip(image, 0, 1) * 255).round().astype(np.uint8), os.path.join(a.out, "images", f"{i:03d}.png"))
+            save_png(to_uint8(image), os.path.join(a.out, "images", f"{i:03d}.png"))
         else:
             with pipe.moe_ep.idle():                   # no prompt left: join the exchanges with no rows
                 prompt_pipe(**call)

@@ -36,6 +36,11 @@ def decode_latents(latents: torch.Tensor, vae_scale_factor: int = 1) -> np.ndarr
     return img.permute(0, 2, 3, 1).contiguous().numpy()                    # [B, H, W, 3]
 
 
+def to_uint8(image) -> np.ndarray:
+    """A pipeline's float image in [0, 1] (diffusers' output_type="np") -> uint8 [H, W, 3]."""
+    return (np.clip(np.asarray(image, dtype=np.float32), 0, 1) * 255).round().astype(np.uint8)
+
+
 def save_png(image: np.ndarray, path: str) -> None:
     """Write [H, W, 3] uint8 to `path` atomically (moe_ep.atomic: temp file, fsync, os.replace)."""
     from PIL import Image

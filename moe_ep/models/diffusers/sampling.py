@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ...config import ConfigError
+from ...images import to_uint8
 from ...paths import import_function
 from ..base import ForwardHooks
 from .pipeline import CONVENTIONS, TransformerWatch
@@ -131,4 +132,4 @@ class PipelineSampler:
         if not prompts:
             return []
         images = out.images if hasattr(out, "images") else out[0]
-        return [(np.clip(np.asarray(im, dtype=np.float32), 0, 1) * 255).round().astype(np.uint8) for im in images]
+        return [to_uint8(im) for im in images]
