@@ -384,10 +384,7 @@ class ForwardRecorder:
     def close_last_window(self) -> None:
         """Close the last, partial window (collective; the same forward count on every rank)."""
         if self.stats.window_open:
-            if self.rebalancer is not None:
-                self.rebalancer.close_window()       # also measures a rebalance waiting on this window
-            else:
-                self.stats.close_window(self.groups)
+            self.stats.close_window(self.groups)     # the rebalancer measures a move waiting on it
             self.window_balance.append(self._window_balancedness([l.placement for l in self.moe_layers]))
 
 

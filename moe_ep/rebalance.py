@@ -111,6 +111,7 @@ class Rebalancer:
             raise ValueError(f"stats has {stats.num_layers} layers x {stats.num_experts} experts; "
                              f"the model has {len(layers)} x {self.num_experts}")
         self.ctx, self.cfg, self.stats = ctx, cfg, stats
+        stats.on_window_closed.append(self._on_window_closed)   # also the last, partial window
         for m in self.layers:
             if m.stats is None:
                 m.stats = stats
@@ -262,8 +263,7 @@ class Rebalancer:
             self._fwd_time = dt if self._fwd_time is None else 0.8 * self._fwd_time + 0.2 * dt
         self._track_bucket_runs(self.stats.bucket_of(timestep))
         self._forwards += 1
-        if self.stats.end_forward(self.groups):
-            self._on_window_closed()
+        self.stats.end_forward(self.groups)          # a closing window measures earlier moves
         event = None
         if self.migration is not None:
             event = self._step_migration()
@@ -396,13 +396,6 @@ class Rebalancer:
             self._pending_measure.append(ev)
         self.migration, self._migration_event = None, None
         return ev
-
-    def close_window(self) -> None:
-        """Close the statistics window now (the last, partial one when sampling ends; collective)
-        and measure the rebalances waiting for a window under their placement."""
-        if self.stats.window_open:
-            self.stats.close_window(self.groups)
-            self._on_window_closed()
 
     def finish_migration(self) -> None:
         """Complete a migration in progress (collective; call before the run ends)."""

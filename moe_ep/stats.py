@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -66,6 +66,9 @@ class ExpertLoadStats:
         self._bucket_forwards = np.zeros(timestep_buckets, dtype=np.int64)  # [B] open window
         self.seed_load: Optional[np.ndarray] = None                         # [L, E] from an earlier run
         self.seed_buckets: Optional[np.ndarray] = None                      # [B, L, E] from an earlier run
+        # called after every window closes, by end_forward or close_window (the rebalancer measures
+        # its moves there), so whoever closes the last, partial window needs no special case
+        self.on_window_closed: list[Callable[[], None]] = []
 
     # ------------------------------------------------------------ recording
     def bucket_of(self, timestep: float) -> int:
@@ -148,6 +151,8 @@ class ExpertLoadStats:
         self._bucket_forwards[:] = 0
         self.counts.zero_()
         self._forwards_in_window = 0
+        for listener in self.on_window_closed:
+            listener()
 
     @property
     def window_open(self) -> bool:

@@ -208,9 +208,6 @@ class MovingRebalancer:
             return {"ok": True, "trigger": "interval"}
         return None
 
-    def close_window(self):
-        self.stats.close_window(self.groups)
-
 
 def gpu_balancedness(load: np.ndarray, phy2log: list[int], ep: int) -> float:
     """mean / max GPU load; a GPU's load = sum over its slots of load[expert] / replicas[expert]."""

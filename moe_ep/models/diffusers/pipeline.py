@@ -158,10 +158,7 @@ class ExpertParallel(ForwardHooks):
         if self.rebalancer is not None:
             self.rebalancer.finish_migration()
         if self.stats.window_open:
-            if self.rebalancer is not None:
-                self.rebalancer.close_window()
-            else:
-                self.stats.close_window((self.ctx.ep_group, self.ctx.dp_group))
+            self.stats.close_window((self.ctx.ep_group, self.ctx.dp_group))
             self._window_closed()
 
     def summary(self) -> dict:
