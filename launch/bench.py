@@ -228,9 +228,9 @@ def bench_layer(args) -> list[dict]:
 def bench_step(args) -> dict:
     """Per-step latency of the whole transformer forward (CFG batched) and peak memory."""
     from moe_ep import config as config_mod
-    from moe_ep.model.dit import MoEDiT
-    from moe_ep.model.sampler import FlowMatchEulerScheduler, MoEDiTPipeline
-    from moe_ep.model.text import PromptEncoder
+    from moe_ep.models.moedit.dit import MoEDiT
+    from moe_ep.models.moedit.sampler import FlowMatchEulerScheduler, MoEDiTPipeline
+    from moe_ep.models.moedit.text import PromptEncoder
     from moe_ep.timing import PhaseTimer
 
     cfg = config_mod.load(args.config, args.set)
@@ -286,7 +286,7 @@ def eager_vs_cuda_graph(pipe, model, run, begin, end, times: list) -> dict:
     """Step time eager (no phase timers; the shared expert on its side stream, then inline) and with
     the transformer forward replayed from a CUDA graph, in one process, same prompts and seeds; and
     how far the final latents differ."""
-    from moe_ep.model.graphs import CudaGraphForward
+    from moe_ep.models.moedit.graphs import CudaGraphForward
 
     for layer in model.moe_layers():
         layer.timer = None

@@ -161,7 +161,7 @@ def layer_case():
 def hunyuan_case(batch: int = 4):
     """The transformer forward of configs/hunyuan_like.json on a CFG batch (2 * batch samples)."""
     from moe_ep import config as config_mod
-    from moe_ep.model.dit import MoEDiT
+    from moe_ep.models.moedit.dit import MoEDiT
     from moe_ep.parallel import ParallelContext
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

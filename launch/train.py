@@ -5,8 +5,8 @@
 One process, on the GPU when there is one (bf16 autocast), else the CPU (float32).
 - model: the `model` section of --config (its `checkpoint` is ignored), built as MoEDiT at EP = 1;
   each MoELayer is swapped for moe_ep/demo/train_moe.py's TrainMoE (same parameters, autograd)
-  and swapped back before saving, so the file is moe-ep's checkpoint format (moe_ep/checkpoint.py).
-- loss: flow matching in the sampler's convention (moe_ep/model/sampler.py): x_t = (1 - t) x0 + t noise,
+  and swapped back before saving, so the file is moe-ep's checkpoint format (moe_ep/models/moedit/checkpoint.py).
+- loss: flow matching in the sampler's convention (moe_ep/models/moedit/sampler.py): x_t = (1 - t) x0 + t noise,
   t ~ U(0, 1), target velocity v = noise - x0, MSE; plus `--aux-coef` x the mean over MoE layers of
   the Switch load-balancing term (1.0 when balanced). The built-in text encoder is trained jointly.
 - prompt dropout: a `--dropout` fraction of examples get the empty prompt "" (the sampler's default
@@ -35,12 +35,12 @@ import torch.nn.functional as F  # noqa: E402
 
 from moe_ep import config as config_mod  # noqa: E402
 from moe_ep.atomic import write_json_atomic  # noqa: E402
-from moe_ep.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from moe_ep.config import ConfigError  # noqa: E402
 from moe_ep.demo import shapes  # noqa: E402
 from moe_ep.demo.train_moe import swap_in, swap_out  # noqa: E402
-from moe_ep.model.dit import MoEDiT  # noqa: E402
-from moe_ep.model.text import BuiltinTextEncoder  # noqa: E402
+from moe_ep.models.moedit.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from moe_ep.models.moedit.dit import MoEDiT  # noqa: E402
+from moe_ep.models.moedit.text import BuiltinTextEncoder  # noqa: E402
 from moe_ep.parallel import ParallelContext  # noqa: E402
 
 

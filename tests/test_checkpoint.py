@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from moe_ep import config as config_mod
-from moe_ep.checkpoint import (CheckpointError, expected_tensors, inspect_checkpoint, load_checkpoint,
+from moe_ep.models.moedit.checkpoint import (CheckpointError, expected_tensors, inspect_checkpoint, load_checkpoint,
                                save_checkpoint, save_from_seed)
 from mp import run_ranks
 from tiny_job import QUICKSTART, TINY_MODEL_SET
@@ -29,8 +29,8 @@ def small_cfg(extra=()):
 
 
 def _ranks_load(rank: int, world: int, path: str, out: str) -> None:
-    from moe_ep.model.dit import MoEDiT
-    from moe_ep.model.run import run
+    from moe_ep.models.moedit.dit import MoEDiT
+    from moe_ep.job import run
     from moe_ep.parallel import context_for_tests
 
     cfg = small_cfg()
@@ -155,7 +155,7 @@ def test_field_added_after_saving_reads_as_its_default(ckpt, tmp_path):
 
 def test_qk_norm_round_trip(tmp_path):
     """A qk_norm model stores its q/k norm scales and loads them back."""
-    from moe_ep.model.dit import MoEDiT
+    from moe_ep.models.moedit.dit import MoEDiT
     from moe_ep.parallel import ParallelContext
 
     cfg = small_cfg(["model.qk_norm=true"]).model

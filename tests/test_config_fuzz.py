@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from moe_ep import config
 from moe_ep.config import ConfigError
-from moe_ep.model.run import preflight
+from moe_ep.job import preflight
 from tiny_job import ROOT, TINY_MODEL
 
 BASE = json.load(open(os.path.join(ROOT, "configs", "quickstart.json")))

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from moe_ep import config as config_mod
-from moe_ep.checkpoint import load_checkpoint
 from moe_ep.config import ModelConfig, MoEConfig
 from moe_ep.demo import adherence, shapes
 from moe_ep.demo.train_moe import TrainMoE, swap_in, swap_out
 from moe_ep.experts import interleave_gate_up
 from moe_ep.images import decode_latents
-from moe_ep.model.dit import MoEDiT
+from moe_ep.models.moedit.checkpoint import load_checkpoint
+from moe_ep.models.moedit.dit import MoEDiT
 from moe_ep.parallel import ParallelContext
 from tiny_job import ROOT, QUICKSTART
 

@@ -152,7 +152,7 @@ def test_cuda_graph_forward_refuses_ep_above_one_and_cpu(ep_size, device, field)
     from types import SimpleNamespace
 
     from moe_ep.config import ConfigError
-    from moe_ep.model.graphs import CudaGraphForward
+    from moe_ep.models.moedit.graphs import CudaGraphForward
     from moe_ep.parallel import ParallelContext
     model = SimpleNamespace(ctx=ParallelContext(ep_size=ep_size, device=torch.device(device)))
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

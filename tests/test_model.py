@@ -11,9 +11,9 @@ from moe_ep import config as config_mod
 from moe_ep.config import ConfigError
 from moe_ep.images import decode_latents, save_png
 from moe_ep.layer import MoELayer
-from moe_ep.model.dit import MoEDiT
-from moe_ep.model.sampler import FlowMatchEulerScheduler, MoEDiTPipeline, set_flux_timesteps
-from moe_ep.model.text import PromptEncoder, tokenize
+from moe_ep.models.moedit.dit import MoEDiT
+from moe_ep.models.moedit.sampler import FlowMatchEulerScheduler, MoEDiTPipeline, set_flux_timesteps
+from moe_ep.models.moedit.text import PromptEncoder, tokenize
 from moe_ep.parallel import ParallelContext
 from moe_ep.stats import ExpertLoadStats
 from tiny_job import QUICKSTART, TINY_MODEL_SET

@@ -28,9 +28,9 @@ import eplb
 from moe_ep import config as config_mod
 from moe_ep import paths
 from moe_ep.atomic import is_temp_file
-from moe_ep.checkpoint import save_from_seed
 import moe_ep.job
 from moe_ep.job import OutputWriteError, run
+from moe_ep.models.moedit.checkpoint import save_from_seed
 from moe_ep.parallel import ParallelContext
 from moe_ep.stats import read_stats_file
 from mp import run_ranks

@@ -30,11 +30,11 @@ def eval_prompts(n: int) -> list[str]:
 def sample_ep1(cfg, prompts: list[str], seed: int = 0, batch_size: int = 16, device: str = "cpu") -> np.ndarray:
     """Sample with cfg (a moe_ep Config, model.checkpoint set) at EP = 1 in this process:
     prompt i with seed `seed + i` -> images [n, H, W, 3] uint8 (what launch/infer.py writes)."""
-    from ..checkpoint import load_checkpoint
     from ..images import decode_latents
-    from ..model.dit import MoEDiT
-    from ..model.sampler import FlowMatchEulerScheduler, MoEDiTPipeline
-    from ..model.text import PromptEncoder
+    from ..models.moedit.checkpoint import load_checkpoint
+    from ..models.moedit.dit import MoEDiT
+    from ..models.moedit.sampler import FlowMatchEulerScheduler, MoEDiTPipeline
+    from ..models.moedit.text import PromptEncoder
     from ..parallel import ParallelContext
 
     ctx = ParallelContext(device=torch.device(device))

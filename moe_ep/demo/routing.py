@@ -26,10 +26,10 @@ import numpy as np
 def record_trace(cfg, prompts: list[str], seed: int, batch_size: int = 16) -> dict:
     """Sample `prompts` (prompt i with seed `seed + i`) with cfg at EP = 1 -> {"counts":
     [S, 2, L, E] int64 copies per step, branch (0 cond, 1 uncond), layer, expert; "timesteps": [S]}."""
-    from ..checkpoint import load_checkpoint
-    from ..model.dit import MoEDiT
-    from ..model.sampler import FlowMatchEulerScheduler, MoEDiTPipeline
-    from ..model.text import PromptEncoder
+    from ..models.moedit.checkpoint import load_checkpoint
+    from ..models.moedit.dit import MoEDiT
+    from ..models.moedit.sampler import FlowMatchEulerScheduler, MoEDiTPipeline
+    from ..models.moedit.text import PromptEncoder
     from ..parallel import ParallelContext
     from .train_moe import TrainMoE
 

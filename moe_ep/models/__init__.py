@@ -1,6 +1,6 @@
 """Model families behind one interface (moe_ep/models/base.py), chosen by `model.type`:
 
-    "moe_dit"    the built-in MoE-DiT (moe_ep/models/moedit.py)
+    "moe_dit"    the built-in MoE-DiT (moe_ep/models/moedit/)
     "diffusers"  a diffusers MoE transformer read from the folder `model.path`
                  (moe_ep/models/diffusers/: `build_served_model(cfg, ctx)`, `preflight(cfg, world_size)`)
 

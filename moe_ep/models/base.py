@@ -2,7 +2,7 @@
 
 The job loop (moe_ep/job.py), the rebalancer and telemetry see a model only through
 `ServedModel`: its MoE layers, a weight source per layer, one call that samples a batch,
-and two per-forward hooks. A model family (the built-in MoE-DiT in moe_ep/models/moedit.py,
+and two per-forward hooks. A model family (the built-in MoE-DiT in moe_ep/models/moedit/,
 diffusers' MoE transformers in moe_ep/models/diffusers/) implements this class; nothing in
 the runtime imports a model family directly (moe_ep/models/__init__.py dispatches on
 `model.type`).

@@ -26,11 +26,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ModelConfig
-from ..experts import DenseMLP, GroupedExperts, init_expert_weights
-from ..layer import MoELayer
-from ..parallel import ParallelContext
-from ..timing import PhaseTimer, maybe_phase
+from ...config import ModelConfig
+from ...experts import DenseMLP, GroupedExperts, init_expert_weights
+from ...layer import MoELayer
+from ...parallel import ParallelContext
+from ...timing import PhaseTimer, maybe_phase
 from .text import BuiltinTextEncoder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -27,9 +27,9 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.distributed as dist
 
-from .atomic import atomic_write
-from .config import ConfigError, ModelConfig
-from .parallel import ParallelContext
+from ...atomic import atomic_write
+from ...config import ConfigError, ModelConfig
+from ...parallel import ParallelContext
 
 FORMAT, VERSION = "moe-ep.checkpoint", "1"
 ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
@@ -53,7 +53,7 @@ def architecture(cfg: ModelConfig) -> dict:
 
 def _skeleton(cfg: ModelConfig, device: str = "meta"):
     """A MoEDiT holding one expert slot per layer (EP = num_experts, no process group)."""
-    from .model.dit import MoEDiT
+    from .dit import MoEDiT
 
     ctx = ParallelContext(ep_size=cfg.moe.num_experts, device=torch.device(device))
     return MoEDiT(cfg, ctx, num_redundant=0)
@@ -121,7 +121,7 @@ def save_from_seed(cfg: ModelConfig, path: str, seed: Optional[int] = None) -> N
 
     Non-expert weights come from a CPU skeleton holding one expert slot per layer; experts
     are made one at a time with `init_expert_weights` while they are written."""
-    from .experts import init_expert_weights
+    from ...experts import init_expert_weights
 
     seed = cfg.seed if seed is None else seed
     model = _skeleton(cfg, "cpu")
@@ -224,7 +224,7 @@ def inspect_checkpoint(path: str, cfg: ModelConfig) -> None:
     if diffs:
         raise CheckpointError(path, "was saved for a different model: " + "; ".join(diffs[:5]))
     file_dtype = meta.get("dtype", "float32")
-    from .model.dit import DTYPES
+    from .dit import DTYPES
     st_dtype = ST_DTYPES.get(DTYPES.get(file_dtype))
     for key, (shape, _) in expected_tensors(cfg).items():
         if key not in shapes:

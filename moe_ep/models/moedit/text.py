@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ConfigError, ModelConfig
-from ..paths import import_function
+from ...config import ConfigError, ModelConfig
+from ...paths import import_function
 
 BOS, PAD = 256, 257
 VOCAB = 258  # 256 byte values + BOS + PAD

@@ -1,4 +1,4 @@
-"""The built-in MoE-DiT (moe_ep/model/) behind the served-model interface.
+"""The built-in MoE-DiT (this folder: dit, text, sampler, graphs, checkpoint) behind the served-model interface.
 
 Built on every rank from `model.seed` or from a moe-ep checkpoint (`model.checkpoint`, each
 rank reading only its experts); sampled by MoEDiTPipeline (diffusers' flow-matching Euler
@@ -12,12 +12,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..checkpoint import CheckpointReader, inspect_checkpoint, load_checkpoint
-from ..config import Config, ConfigError
-from ..experts import init_expert_weights
-from ..images import decode_latents
-from ..parallel import ParallelContext, check_layout, derive_ep_size, launcher_local_world
-from .base import ExpertWeightSource, ForwardHooks, MoEShape, ServedModel
+from ...config import Config, ConfigError
+from ...experts import init_expert_weights
+from ...images import decode_latents
+from ...parallel import ParallelContext, check_layout, derive_ep_size, launcher_local_world
+from ..base import ExpertWeightSource, ForwardHooks, MoEShape, ServedModel
+from .checkpoint import CheckpointReader, inspect_checkpoint, load_checkpoint
 
 
 def moe_shape(cfg: Config) -> MoEShape:
@@ -29,7 +29,7 @@ def moe_shape(cfg: Config) -> MoEShape:
 def preflight(cfg: Config, world_size: int) -> MoEShape:
     """Checks that need no process group (raise ConfigError): the slot layout against the EP
     size, the checkpoint header against the model config, the user text encoder's import."""
-    from ..model.text import load_user_encoder
+    from .text import load_user_encoder
 
     ep = derive_ep_size(cfg.parallel, world_size)
     check_layout(cfg.model.moe.num_experts, cfg.eplb.num_redundant_experts, ep)
@@ -94,8 +94,8 @@ class MoEDiTModel(ServedModel):
     """MoEDiT + PromptEncoder + MoEDiTPipeline + decode_latents, as a ServedModel."""
 
     def __init__(self, cfg: Config, transformer, weight_source, reader: Optional[CheckpointReader] = None):
-        from ..model.sampler import FlowMatchEulerScheduler, MoEDiTPipeline, set_flux_timesteps
-        from ..model.text import PromptEncoder
+        from .sampler import FlowMatchEulerScheduler, MoEDiTPipeline, set_flux_timesteps
+        from .text import PromptEncoder
 
         self.cfg, self.transformer, self.reader = cfg, transformer, reader
         self._weight_source = weight_source
@@ -112,7 +112,7 @@ class MoEDiTModel(ServedModel):
     @classmethod
     def build(cls, cfg: Config, ctx: ParallelContext) -> "MoEDiTModel":
         """Seed-initialised, or loaded from `model.checkpoint` (header already checked by preflight)."""
-        from ..model.dit import MoEDiT
+        from .dit import MoEDiT
 
         model = MoEDiT(cfg.model, ctx, num_redundant=cfg.eplb.num_redundant_experts)
         if cfg.model.compile:
