@@ -139,8 +139,8 @@ class GroupedExperts(nn.Module):
         # one matmul pair per slot (CPU, fp32 on CUDA). See docs/benchmarks.md section 1d.
         self._backend = default_backend(dev, dtype, hidden, inner)   # the weights are zeros: no relayout
         # On a GPU the activation as separate kernels costs 1.25 ms per 65536 x 6144 bf16 rows
-        # (H200); one fused kernel from torch.compile takes 0.31 ms (launch/gpu_grouped_variants.py),
-        # 0.3 ms of the layer's 10 ms measured in place (launch/gpu_check.py).
+        # (H200); one fused kernel from torch.compile takes 0.31 ms (docs/benchmarks.md 1b),
+        # 0.3 ms of the layer's 10 ms measured in place (benchmarks/gpu_check.py).
         self.activation = torch.compile(silu_gate, dynamic=True) if dev.type == "cuda" else silu_gate
 
     @property

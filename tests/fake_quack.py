@@ -1,6 +1,7 @@
 """A CPU stand-in for QuACK's two varlen-M GEMMs (moe_ep/kernels/quack_gemm.py), written out from
 what QuACK computes, so the "quack" expert path (w13 stored with its columns interleaved) runs
-in CPU tests. launch/gpu_check.py and launch/gpu_quack_probe.py check the real kernels on a GPU.
+in CPU tests. benchmarks/gpu_check.py checks the real kernels on a GPU against float64 (the QuACK probe
+of docs/benchmarks.md 1d, rounds 6 and 7, checked them against the Triton kernels, bit for bit).
 """
 from __future__ import annotations
 

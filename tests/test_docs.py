@@ -47,20 +47,21 @@ def test_every_config_key_is_documented_with_its_default():
     assert not missing, f"undocumented config keys: {missing}"
 
 
-def test_launch_shell_scripts_parse_and_gpu_ep2_refuses_an_unknown_part(tmp_path):
+def test_benchmark_shell_scripts_parse_and_gpu_runs_refuses_an_unknown_part(tmp_path):
     """The GPU scripts run only on lent machines, where a syntax error costs device time: each
-    parses (`bash -n`), and launch/gpu_ep2.sh names its parts on a wrong one (its plumbing is
-    rehearsed on CPU ranks with REHEARSE=1, docs/benchmarks.md 1e)."""
+    parses (`bash -n`), and benchmarks/gpu_runs.sh names its parts on a wrong one (its EP = 2
+    plumbing is rehearsed on CPU ranks with REHEARSE=1, docs/benchmarks.md 1e)."""
     import glob
     import subprocess
 
     root = os.path.dirname(DOCS)
-    scripts = sorted(glob.glob(os.path.join(root, "launch", "*.sh")))
-    assert os.path.join(root, "launch", "gpu_ep2.sh") in scripts
+    scripts = sorted(glob.glob(os.path.join(root, "benchmarks", "*.sh")) + glob.glob(os.path.join(root, "launch", "*.sh")))
+    assert os.path.join(root, "benchmarks", "gpu_runs.sh") in scripts
     for path in scripts:
         proc = subprocess.run(["bash", "-n", path], capture_output=True, text=True)
         assert proc.returncode == 0, (path, proc.stderr)
-    proc = subprocess.run(["bash", os.path.join(root, "launch", "gpu_ep2.sh"), "nosuchpart"], capture_output=True,
+    proc = subprocess.run(["bash", os.path.join(root, "benchmarks", "gpu_runs.sh"), "nosuchpart"], capture_output=True,
                           text=True, cwd=root, env=dict(os.environ, OUT=str(tmp_path), REHEARSE="1"))
-    assert "unknown part nosuchpart (layer, skew, migration, step, diffusers, simulate, all)" in proc.stdout
+    assert ("unknown part nosuchpart (checks, layer, step, rebalance, diffusers, ep1, demo-sweep, ep2-layer, ep2-skew, "
+            "ep2-migration, ep2-step, ep2-diffusers, simulate, ep2)") in proc.stdout
     assert proc.returncode == 2

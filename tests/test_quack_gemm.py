@@ -1,8 +1,8 @@
 """The optional QuACK GEMMs: when it is chosen, and the fingerprint shim it needs.
 
-QuACK's kernels need a Hopper GPU (launch/gpu_check.py checks them there against float64 and
-launch/gpu_quack_probe.py against the Triton kernels, bit for bit). Here: the selection never
-picks QuACK where it cannot run, and the shim keys what quack-kernels 0.6.5's fingerprint
+QuACK's kernels need a Hopper GPU (benchmarks/gpu_check.py checks them there against float64; the
+QuACK probe of docs/benchmarks.md 1d checked them against the Triton kernels, bit for bit). Here: the
+selection never picks QuACK where it cannot run, and the shim keys what quack-kernels 0.6.5's fingerprint
 refuses under nvidia-cutlass-dsl 4.8.1 while leaving every other key as it was.
 """
 from __future__ import annotations

@@ -55,7 +55,7 @@ class GemmConfig:
                                # runs with A not gathered on load (else ignored), never warp-specialised
 
 
-# Chosen on one H200 (launch/gpu_kernel_variants.py, docs/benchmarks.md section 1d): TMA for the
+# Chosen on one H200 (kernel variants, docs/benchmarks.md section 1d): TMA for the
 # weights (and for A where it is not gathered); on GPUs before Hopper the pointer-load kernel runs.
 # Gate/up: copying the gathered rows first and loading A by TMA (4.99 ms) beat gathering A by
 # pointer loads inside the kernel (5.15-5.52 ms) although the copy costs 0.27 ms.

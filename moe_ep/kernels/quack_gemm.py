@@ -95,7 +95,7 @@ def _kernels():
     from quack.gemm_interface import gemm_act
     scaled = norm_act_mod(None, gated=False, has_c=False, has_rowvec=False, has_colvec=True)
     # 128 x 192 ping-pong tiles in 2-CTA clusters: the fastest sustained tiles measured on the
-    # H200 (launch/gpu_quack_probe.py; 128 x 256 is refused). Gate/up pairs the CTAs along M
+    # H200 (docs/benchmarks.md 1d, round 6; 128 x 256 is refused). Gate/up pairs the CTAs along M
     # (they share each weight tile), down along N (they share each h tile).
     gate_up_config = GemmConfig(tile_m=128, tile_n=192, pingpong=True, cluster_m=2, cluster_n=1,
                                 is_dynamic_persistent=False)

@@ -2,7 +2,7 @@
 reference (each expert path, token and expert choice, with a shared expert), where the time of
 one forward goes (CUDA events per phase), and the layer captured in a CUDA graph.
 
-    python launch/gpu_check.py            # needs a CUDA GPU; world of one
+    python benchmarks/gpu_check.py            # needs a CUDA GPU; world of one
 """
 from __future__ import annotations
 

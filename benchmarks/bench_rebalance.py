@@ -1,8 +1,8 @@
 """MoE-layer throughput with and without online rebalancing: spawned CPU ranks (gloo), or one
 rank per GPU under a launcher (NCCL; the same code path).
 
-    python launch/bench_rebalance.py --ranks 4            # the table in docs/benchmarks.md (section 3)
-    deepspeed --num_gpus 2 launch/bench_rebalance.py --device cuda --dtype bfloat16 --layers 2 \
+    python benchmarks/bench_rebalance.py --ranks 4            # the table in docs/benchmarks.md (section 3)
+    deepspeed --num_gpus 2 benchmarks/bench_rebalance.py --device cuda --dtype bfloat16 --layers 2 \
         --experts 64 --top-k 8 --hidden 4096 --expert-hidden 3072 --tokens 8192 --redundant 8
 
 A stack of MoE layers (moe_ep.layer.MoELayer) with a router skewed the way trained MoE
@@ -41,7 +41,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import DTYPES  # noqa: E402  (launch/bench.py, beside this script)
+from bench import DTYPES  # noqa: E402  (benchmarks/bench.py, beside this script)
 from moe_ep.atomic import write_json_atomic  # noqa: E402
 from moe_ep.config import EplbConfig, MoEConfig  # noqa: E402
 from moe_ep.experts import init_expert_weights  # noqa: E402
@@ -238,7 +238,7 @@ def main(argv=None):
         run_modes(ctx, a)
         return
     if a.device == "cuda":
-        p.error("--device cuda needs one rank per GPU: start it with `deepspeed --num_gpus N launch/bench_rebalance.py`")
+        p.error("--device cuda needs one rank per GPU: start it with `deepspeed --num_gpus N benchmarks/bench_rebalance.py`")
     a.redundant = 2 * a.ranks if a.redundant is None else a.redundant
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

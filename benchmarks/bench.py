@@ -2,12 +2,12 @@
 sizes, the same gate weights and the same expert weights, in one run.
 
     # 2 CPU ranks (the table in docs/benchmarks.md)
-    deepspeed --num_gpus 2 launch/bench.py layer --tokens 2048 --hidden 256 --expert-hidden 192
+    deepspeed --num_gpus 2 benchmarks/bench.py layer --tokens 2048 --hidden 256 --expert-hidden 192
     # one GPU, the HunyuanImage-like shape
-    python launch/bench.py layer --device cuda --dtype bfloat16 --tokens 8192 --hidden 4096 --expert-hidden 3072
+    python benchmarks/bench.py layer --device cuda --dtype bfloat16 --tokens 8192 --hidden 4096 --expert-hidden 3072
     # a full sampling step of a model preset: time per step, MoE share, memory per GPU
     # (--cuda-graph: also eager vs the forward replayed from a CUDA graph, EP = 1)
-    python launch/bench.py step --config configs/hunyuan_like.json --set sampling.batch_size=4 --cuda-graph
+    python benchmarks/bench.py step --config configs/hunyuan_like.json --set sampling.batch_size=4 --cuda-graph
 
 Prints one table row per system (median forward time, max over ranks per iteration), and
 checks that both systems compute the same function (relative error of the outputs).

@@ -4,9 +4,9 @@
 #            runs without it diverged);
 #   stage 2: from stage 1's EMA weights, lr 7e-4 with a fresh warm-up and cosine decay;
 #   stage 3: from stage 2, lr 3e-4, batch 512 (fine-tuning at a lower rate and less gradient noise).
-# Usage: OUT=runs/demo bash launch/train_demo.sh [STAGE2_BUDGET_S] [STAGE3_BUDGET_S]
-# The shipped weights: `bash launch/train_demo.sh 340 420` (stage 3 shared the GPU with two other
-# variants, launch/gpu_demo_sweep.sh; alone it runs faster).
+# Usage: OUT=runs/demo bash benchmarks/train_demo.sh [STAGE2_BUDGET_S] [STAGE3_BUDGET_S]
+# The shipped weights: `bash benchmarks/train_demo.sh 340 420` (stage 3 shared the GPU with two other
+# variants, `bash benchmarks/gpu_runs.sh demo-sweep`; alone it runs faster).
 set -eu
 out=${OUT:-runs/demo}
 budget2=${1:-400}

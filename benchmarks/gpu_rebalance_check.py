@@ -1,9 +1,9 @@
 """GPU self-check of online rebalancing: every control message and weight move of
 `moe_ep.rebalance.Rebalancer` through NCCL, with bf16 MoE layers on the GPU.
 
-    python launch/gpu_rebalance_check.py                       # one GPU: world of one, NCCL groups
-    torchrun --nproc_per_node 2 launch/gpu_rebalance_check.py  # optional: EP over 2 GPUs (real P2P moves)
-    python launch/gpu_rebalance_check.py --device cpu          # the same checks over gloo (no GPU needed)
+    python benchmarks/gpu_rebalance_check.py                       # one GPU: world of one, NCCL groups
+    torchrun --nproc_per_node 2 benchmarks/gpu_rebalance_check.py  # optional: EP over 2 GPUs (real P2P moves)
+    python benchmarks/gpu_rebalance_check.py --device cpu          # the same checks over gloo (no GPU needed)
 
 The EP and DP groups are made with `dist.new_group` even for a world of one, so the
 rebalancer's broadcasts and all-reduces really go through NCCL. Checks: forced rebalances,

@@ -1,9 +1,9 @@
 """Synchronous vs asynchronous (layer-by-layer) migration: the stall a rebalance adds to the
 sampling loop, and the staging memory, on CPU gloo ranks (or one rank per GPU under a launcher).
 
-    deepspeed --num_gpus 2 launch/bench_migration.py --layers 8 --experts 16 --hidden 512 --expert-hidden 1024
+    deepspeed --num_gpus 2 benchmarks/bench_migration.py --layers 8 --experts 16 --hidden 512 --expert-hidden 1024
     # 2 GPUs, experts of the anchor size (75 MB in bf16): the point-to-point rate of the moves
-    deepspeed --num_gpus 2 launch/bench_migration.py --device cuda --dtype bfloat16 --layers 4 --experts 32 \
+    deepspeed --num_gpus 2 benchmarks/bench_migration.py --device cuda --dtype bfloat16 --layers 4 --experts 32 \
         --hidden 4096 --expert-hidden 3072 --tokens 8192 --forwards 20 --interval 5
 
 Every rank builds the same stack of MoE layers; a random placement (every expert's slot moves with
@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import DTYPES  # noqa: E402  (launch/bench.py, beside this script)
+from bench import DTYPES  # noqa: E402  (benchmarks/bench.py, beside this script)
 from moe_ep.atomic import write_json_atomic  # noqa: E402
 from moe_ep.config import EplbConfig, MoEConfig, ParallelConfig  # noqa: E402
 from moe_ep.experts import init_expert_weights  # noqa: E402

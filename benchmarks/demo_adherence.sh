@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prompt-adherence table of docs/quickstart.md: the 64 evaluation prompts sampled at EP = 1 and 2,
 # with and without rebalancing, each run scored by moe_ep/demo/classify.py. CPU (gloo) by default.
-# Usage: bash launch/demo_adherence.sh [OUT_DIR] [extra --set overrides...]
+# Usage: bash benchmarks/demo_adherence.sh [OUT_DIR] [extra --set overrides...]
 set -eu
 out=${1:-outputs/adherence}; shift || true
 py=${PYTHON:-.venv/bin/python}; ds=${DEEPSPEED:-.venv/bin/deepspeed}

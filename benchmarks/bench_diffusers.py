@@ -1,9 +1,9 @@
 """diffusers' own MoE blocks vs the same blocks served by moe-ep, same weights, one run.
 
     # one H200, bf16, the real sizes (docs/benchmarks.md, "diffusers MoE layers")
-    python launch/bench_diffusers.py --device cuda --dtype bfloat16
+    python benchmarks/bench_diffusers.py --device cuda --dtype bfloat16
     # CPU: EP = 2 ranks against diffusers' own module in one process (tokens/s)
-    deepspeed --num_gpus 2 launch/bench_diffusers.py --device cpu --small
+    deepspeed --num_gpus 2 benchmarks/bench_diffusers.py --device cpu --small
 
 HiDream-I1: `MOEFeedForwardSwiGLU` (hidden 2560, expert hidden 6912, 4 experts, top-2, shared
 expert) at 4096 / 8192 / 16384 tokens. NucleusMoE-Image: `NucleusMoELayer` (hidden 2048, expert

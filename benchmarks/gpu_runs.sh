@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# The GPU runs behind docs/benchmarks.md, one named part per call. Each part prints its lines and
+# writes its logs and JSON to ${OUT:-.}/; a part fits one device call (about 3-6 minutes).
+#
+# One GPU (EP = 1; the anchor layer: 8192 tokens, 64 experts, top-8, hidden 4096 / 3072, bf16):
+#   bash benchmarks/gpu_runs.sh checks      # benchmarks/gpu_check.py: every experts backend in bf16 vs
+#                                           #   float64, phase times, the layer in a CUDA graph (section 1d)
+#   bash benchmarks/gpu_runs.sh layer       # moe-ep vs DeepSpeed-MoE, random and Zipf 1.2 gates (1b, 1d)
+#   bash benchmarks/gpu_runs.sh step        # hunyuan_like step, batch 4, eager vs CUDA graph,
+#                                           #   model.compile off and on (1c, 1d)
+#   bash benchmarks/gpu_runs.sh rebalance   # benchmarks/gpu_rebalance_check.py: forced rebalances,
+#                                           #   injected faults, outputs bit-identical (1b)
+#   bash benchmarks/gpu_runs.sh diffusers   # HiDream-I1 / NucleusMoE blocks, moe-ep vs diffusers (docs/diffusers.md)
+#   bash benchmarks/gpu_runs.sh ep1         # checks, layer and step in order
+#   bash benchmarks/gpu_runs.sh demo-sweep BUDGET_S "name|train args" ["name|train args" ...]
+#                                           # train several demo-model recipes at once on one GPU (each
+#                                           #   run is launch-bound, so they share it well), then score each
+#                                           #   one's prompt adherence (moe_ep/demo/adherence.py, 64 prompts);
+#                                           #   logs, checkpoints, grids in ${OUT}/<name>/ (docs/quickstart.md;
+#                                           #   fine-tuning variants: put --init-from CHECKPOINT in the train args)
+# Two GPUs (EP = 2 over NCCL, issue 14; section 1e):
+#   bash benchmarks/gpu_runs.sh ep2-layer       # moe-ep (send once per rank + own rows during the exchange,
+#                                               #   exchange then compute, one row per copy) vs DeepSpeed-MoE,
+#                                               #   random and Zipf 1.2 gates; the same layer on one GPU
+#   bash benchmarks/gpu_runs.sh ep2-skew        # Zipf 1.2: no redundant slots / 8 redundant, no rebalancing /
+#                                               #   online rebalancing; the uniform gate beside it
+#   bash benchmarks/gpu_runs.sh ep2-migration   # sync vs async moves of 75 MB experts: P2P rate, stall
+#   bash benchmarks/gpu_runs.sh ep2-step        # hunyuan_like step at EP = 2 vs EP = 1 on one GPU
+#   bash benchmarks/gpu_runs.sh ep2-diffusers   # HiDream-I1 / NucleusMoE layers at EP = 2 vs diffusers on one GPU
+#   bash benchmarks/gpu_runs.sh simulate        # the simulator's 1- and 2-GPU check (no GPU needed)
+#   bash benchmarks/gpu_runs.sh ep2             # the six above in order
+#
+# REHEARSE=1 runs the ep2-* parts and simulate (and layer) on CPU ranks (gloo) at tiny sizes: the
+# same scripts and flags, so the plumbing is known to work before a GPU machine is held (ep2: about
+# 2 minutes on 2 cores).
+# The kernel probes of issue 13 (kernel variants, power, QuACK, profile) were one-off scripts; their
+# figures and the commits that hold them are in docs/benchmarks.md.
+set -u
+part=${1:-}; shift || true
+mkdir -p "${OUT:-.}" && out=$(realpath "${OUT:-.}")
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+venv=$([ -x .venv/bin/python ] && echo .venv/bin/ || true)     # the README's venv when there is one
+PY=${PYTHON:-${venv}python3}; DS=${DEEPSPEED:-${venv}deepspeed}
+if [ "${REHEARSE:-0}" = 1 ]; then
+  DEV="--device cpu"; DT="--dtype float32"
+  SHAPE="--tokens 256 --hidden 128 --expert-hidden 96 --experts 16 --top-k 4"
+  RB_SHAPE="--layers 2 --experts 16 --top-k 4 --hidden 64 --expert-hidden 64 --tokens 128 --forwards 4 --window 2"
+  MIG="--layers 2 --experts 8 --hidden 128 --expert-hidden 128 --tokens 64 --forwards 8 --interval 3"
+  STEP_SET="--config configs/quickstart.json --set model.num_layers=2 --set sampling.batch_size=1"
+  DIFF="--device cpu --dtype float32 --small --reps 2"; ITERS=3; GPU1=""
+else
+  DEV="--device cuda"; DT="--dtype bfloat16"
+  SHAPE="--tokens 8192 --hidden 4096 --expert-hidden 3072 --experts 64 --top-k 8"
+  RB_SHAPE="--layers 2 --experts 64 --top-k 8 --hidden 4096 --expert-hidden 3072 --tokens 8192 --forwards 16 --window 4"
+  MIG="--layers 4 --experts 32 --hidden 4096 --expert-hidden 3072 --tokens 8192 --forwards 20 --interval 5"
+  STEP_SET="--config configs/hunyuan_like.json --set sampling.batch_size=4"
+  DIFF="--device cuda --dtype bfloat16 --reps 20"; ITERS=20; GPU1="CUDA_VISIBLE_DEVICES=0"
+fi
+PARTS="checks, layer, step, rebalance, diffusers, ep1, demo-sweep, ep2-layer, ep2-skew, ep2-migration, ep2-step, ep2-diffusers, simulate, ep2"
+two() { $DS --num_gpus 2 --master_port $((29500 + RANDOM % 1000)) "$@"; }
+one() { env $GPU1 $PY "$@"; }
+show() { grep -E "$2" "$1" | cut -c1-400; }
+
+demo_sweep() {  # BUDGET_S "name|train args" ...
+  local budget=$1; shift
+  for spec in "$@"; do
+    local name=${spec%%|*} args=${spec#*|}
+    mkdir -p "$out/$name"
+    $PY launch/train.py --config configs/quickstart.json --out "$out/$name" --time-budget-s "$budget" \
+      --log-every 500 $args > "$out/$name/train.log" 2>&1 &
+  done
+  wait
+  # Scoring samples through diffusers' scheduler; where the GPU image lacks diffusers, score the
+  # checkpoints on the CPU instead (python -m moe_ep.demo.adherence --set model.checkpoint=...).
+  local score=1
+  $PY -c "import diffusers" 2>/dev/null || { echo "no diffusers here: not scoring"; score=0; }
+  for spec in "$@"; do
+    local name=${spec%%|*} args=${spec#*|}
+    [ "$score" = 0 ] && { tail -2 "$out/$name/train.log" | cut -c1-300; continue; }
+    local qk
+    qk=$(echo "$args" | grep -o 'model.qk_norm=[a-z]*' || echo model.qk_norm=false)
+    tail -2 "$out/$name/train.log" | cut -c1-300
+    for steps in 12 24; do
+      echo "$name steps=$steps $($PY -m moe_ep.demo.adherence --device cuda --prompts 64 \
+        --set model.checkpoint="$out/$name/shapes_demo.safetensors" $qk sampling.num_inference_steps=$steps \
+        --grid "$out/$name/grid_$steps.png" 2>&1 | tail -1)"
+    done
+  done
+}
+
+run_part() {
+  case $1 in
+  checks)
+    timeout 200 $PY benchmarks/gpu_check.py > "$out/check.log" 2>&1
+    echo "check rc=$?"; grep -vE '^ |^\{|^\}' "$out/check.log" | tail -24 | cut -c1-200;;
+  layer)
+    for skew in 0 1.2; do
+      timeout 200 $PY benchmarks/bench.py layer $DEV $DT $SHAPE --iters $ITERS --skew $skew \
+        --json "$out/layer_skew$skew.json" > "$out/layer_skew$skew.log" 2>&1
+      echo "layer skew=$skew rc=$?"; tail -6 "$out/layer_skew$skew.log" | cut -c1-200
+    done;;
+  step)
+    for c in false true; do
+      timeout 240 $PY benchmarks/bench.py step $STEP_SET --set telemetry.wandb=false --set model.compile=$c \
+        --steps 5 --cuda-graph --json "$out/step_compile_$c.json" > "$out/step_compile_$c.log" 2>&1
+      echo "step compile=$c rc=$?"; grep step_ms_median "$out/step_compile_$c.log" | cut -c1-900
+    done;;
+  rebalance)
+    timeout 300 $PY benchmarks/gpu_rebalance_check.py > "$out/rebalance_check.log" 2>&1
+    echo "rebalance check rc=$?"; tail -12 "$out/rebalance_check.log" | cut -c1-300;;
+  diffusers)
+    one benchmarks/bench_diffusers.py $DIFF --out "$out/diffusers.json" > "$out/diffusers.log" 2>&1
+    echo "diffusers rc=$?"; tail -12 "$out/diffusers.log" | cut -c1-300;;
+  ep1)
+    for p in checks layer step; do run_part $p; done;;
+  demo-sweep)
+    shift; [ $# -ge 2 ] || { echo "demo-sweep needs BUDGET_S and at least one \"name|train args\""; return 2; }
+    demo_sweep "$@";;
+  ep2-layer)
+    for skew in 0 1.2; do
+      two benchmarks/bench.py layer $DEV $DT $SHAPE --iters $ITERS --skew $skew --json "$out/ep2_layer_skew$skew.json" \
+        > "$out/ep2_layer_skew$skew.log" 2>&1; echo "ep2 layer skew=$skew rc=$?"; show "$out/ep2_layer_skew$skew.log" "^(system|moe-ep|DeepSpeed)"
+      one benchmarks/bench.py layer $DEV $DT $SHAPE --iters $ITERS --skew $skew --skip-deepspeed \
+        --json "$out/ep1_layer_skew$skew.json" > "$out/ep1_layer_skew$skew.log" 2>&1
+      echo "ep1 layer skew=$skew rc=$?"; show "$out/ep1_layer_skew$skew.log" "^(system|moe-ep|DeepSpeed)"
+    done;;
+  ep2-skew)
+    two benchmarks/bench_rebalance.py $DEV $DT $RB_SHAPE --redundant 8 --skew 1.2 --modes none-R=E,none-R=E+r,online \
+      --json "$out/ep2_skew.json" > "$out/ep2_skew.log" 2>&1; echo "ep2 skew rc=$?"; show "$out/ep2_skew.log" "^\{"
+    two benchmarks/bench_rebalance.py $DEV $DT $RB_SHAPE --redundant 8 --skew 0 --modes none-R=E \
+      --json "$out/ep2_uniform.json" > "$out/ep2_uniform.log" 2>&1; echo "ep2 uniform rc=$?"; show "$out/ep2_uniform.log" "^\{";;
+  ep2-migration)
+    two benchmarks/bench_migration.py $DEV $DT $MIG --json "$out/ep2_migration.json" > "$out/ep2_migration.log" 2>&1
+    echo "ep2 migration rc=$?"; show "$out/ep2_migration.log" "^\{";;
+  ep2-step)
+    two benchmarks/bench.py step $STEP_SET --set telemetry.wandb=false --steps 5 --json "$out/ep2_step.json" \
+      > "$out/ep2_step.log" 2>&1; echo "ep2 step rc=$?"; show "$out/ep2_step.log" "step_ms_median"
+    one benchmarks/bench.py step $STEP_SET --set telemetry.wandb=false --steps 5 --json "$out/ep1_step.json" \
+      > "$out/ep1_step.log" 2>&1; echo "ep1 step rc=$?"; show "$out/ep1_step.log" "step_ms_median";;
+  ep2-diffusers)
+    two benchmarks/bench_diffusers.py $DIFF --out "$out/ep2_diffusers.json" > "$out/ep2_diffusers.log" 2>&1
+    echo "ep2 diffusers rc=$?"; tail -12 "$out/ep2_diffusers.log" | cut -c1-300;;
+  simulate)
+    $PY -m eplb simulate --check > "$out/simulate_check.log" 2>&1; echo "simulate rc=$?"; show "$out/simulate_check.log" "^check";;
+  ep2)
+    for p in ep2-layer ep2-skew ep2-migration ep2-step ep2-diffusers simulate; do run_part $p; done;;
+  *) echo "unknown part ${1:-(none)} ($PARTS)"; return 2;;
+  esac
+}
+run_part "$part" "$@"
