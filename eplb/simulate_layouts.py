@@ -199,6 +199,8 @@ class Rates(Hardware):
     routing_passes: int = 4         # passes over the routed copies (permute, un-permute, weighted sum): assumption
     shared_overlap: bool = True     # the shared expert runs on a side stream (moe_ep/layer.py) and hides that much comm
     ring_overlap: bool = True       # ring K/V passes overlap the attention of the block in hand
+    dedup_tokens: bool = True       # moe-ep sends one row per (token, destination rank) (moe_ep/token_exchange.py)
+    overlap_own_rows: bool = True   # ... and computes its own rows while the dispatch is in flight
 
 
 def _t(x) -> float:
@@ -519,13 +521,20 @@ def _moe(model: DiT, lay: Layout, rates: Rates, routing: Routing, b: BlockKind, 
         copies = g.max(1)
         mm = g.max(1) / g.mean(1)
         if lay.kind == "moe-ep":
-            nodes = ep // ppn_of(ep, rates)
-            # bytes per rank and link (routed copies that leave their rank): eplb.simulate's closed form
-            t = layer_times(load, p2l, ep, nodes, replace(m, tokens_per_gpu=rows), rates)
-            a2a = np.maximum(nvlink(t["intra_bytes"], rates), net_time(t["inter_bytes"], rates)).max(1)  # [n]
+            ppn = ppn_of(ep, rates)
+            if rates.dedup_tokens:
+                intra_b, inter_b = pair_bytes(g, rows, k, ppn, H * BYTES)  # [n, ep] one row per (token, rank)
+            else:  # one row per routed copy: eplb.simulate's closed form
+                t = layer_times(load, p2l, ep, ep // ppn, replace(m, tokens_per_gpu=rows), rates)
+                intra_b, inter_b = t["intra_bytes"], t["inter_bytes"]
+            a2a = np.maximum(nvlink(intra_b, rates), net_time(inter_b, rates)).max(1)  # [n] slowest rank
             counts = a2a_time(1.0, ep, 1, rates)                       # split sizes before dispatch (latency only)
-            comm = a2a + a2a + counts                                  # dispatch, combine (the same rows back)
-            moved = (t["intra_bytes"] + t["inter_bytes"]).max(1)        # [n] busiest rank, one direction
+            dispatch, combine = a2a + counts, a2a                      # combine: the same rows back
+            if rates.dedup_tokens and rates.overlap_own_rows:
+                own = routed / ep                                      # this rank's own rows, computed meanwhile
+                dispatch = np.maximum(dispatch - own, 0.0)
+            comm = a2a + a2a + counts
+            moved = (intra_b + inter_b).max(1)                         # [n] busiest rank, one direction
             bytes_["ep_dispatch"] = float(moved.sum())
             bytes_["ep_combine"] = float(moved.sum())
         else:
@@ -541,14 +550,32 @@ def _moe(model: DiT, lay: Layout, rates: Rates, routing: Routing, b: BlockKind, 
                 bytes_["tp_allreduce"] = n * 2 * shard_b * (tp - 1) / tp
     routing_t = rates.routing_passes * copies * H * BYTES / rates.hbm_bw
     comp = routed + routing_t
-    if rates.shared_overlap:
-        exposed = np.maximum(comm - shared, 0.0)
+    if lay.kind == "moe-ep" and ep > 1:
+        comm_left = dispatch + combine                                  # after the own-rows overlap
     else:
-        exposed = comm
+        comm_left = comm
+    exposed = np.maximum(comm_left - shared, 0.0) if rates.shared_overlap else comm_left
     gathered = rows * (ep // tp) if lay.kind == "vllm-omni" and ep > 1 else rows
     act = float(np.max(copies)) * (3 * F + 2 * H) * BYTES + 2 * gathered * H * BYTES
     return dict(compute=float(comp.sum() + n * shared), comm=float(np.sum(comm)), exposed=float(np.sum(exposed)),
                 bytes=bytes_, max_over_mean=float(np.mean(mm)), act=act)
+
+
+def pair_bytes(g: np.ndarray, rows: float, top_k: int, ppn: int, row_bytes: float):
+    """Per-rank bytes of a (token, destination rank) exchange: ``(intra, inter)`` ``[n, ep]``, the larger of
+    send and receive. ``g [n, ep]``: routed copies each rank computes; tokens start evenly (``rows`` each).
+
+    A token reaches rank ``d`` at least once with probability ``q_d = 1 - (1 - share_d)^k``, ``share_d`` =
+    ``d``'s share of the copies (copies taken as independent: exact for k = 1, a slight over-count of the
+    distinct ranks otherwise). Source ``s`` sends ``rows x q_d`` rows to every other rank ``d``."""
+    n, ep = g.shape
+    share = g / np.maximum(g.sum(1, keepdims=True), 1e-300)
+    q = 1.0 - (1.0 - share) ** top_k                                   # [n, ep]
+    nodes = ep // ppn
+    node_q = np.repeat(q.reshape(n, nodes, ppn).sum(2), ppn, axis=1)   # [n, ep] sum of q over my node
+    recv_intra, recv_inter = rows * q * (ppn - 1), rows * q * (ep - ppn)
+    send_intra, send_inter = rows * (node_q - q), rows * (q.sum(1, keepdims=True) - node_q)
+    return np.maximum(send_intra, recv_intra) * row_bytes, np.maximum(send_inter, recv_inter) * row_bytes
 
 
 def ppn_of(ep: int, rates: Rates) -> int:
@@ -643,6 +670,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--hbm-tbps", type=float, default=3.0, help="effective HBM bandwidth (assumption)")
     s.add_argument("--no-shared-overlap", action="store_true", help="do not hide all-to-alls under the shared expert")
     s.add_argument("--no-ring-overlap", action="store_true", help="ring K/V passes do not overlap attention")
+    s.add_argument("--copies", action="store_true",
+                   help="moe-ep sends one row per routed copy (no per-rank dedup, no own-rows overlap)")
     s.add_argument("--breakdown", action="store_true", help="also print where the time goes")
     return s
 
@@ -669,13 +698,15 @@ def run_cli(args) -> int:
         raise ValueError(f"--redundant-per-gpu: must be >= 0, got {args.redundant_per_gpu}")
     model = load_model(args.model, args.size)
     rates = Rates(net_bw=args.net_gbps * 1e9, attn_flops=args.attn_tflops * 1e12, hbm_bw=args.hbm_tbps * 1e12,
-                  shared_overlap=not args.no_shared_overlap, ring_overlap=not args.no_ring_overlap)
+                  shared_overlap=not args.no_shared_overlap, ring_overlap=not args.no_ring_overlap,
+                  dedup_tokens=not args.copies, overlap_own_rows=not args.copies)
     routing = Routing(skew, args.seed, args.redundant_per_gpu)
     print(f"# {model.name} {args.size}x{args.size}: {model.image_tokens} image + {model.text_tokens} text tokens, batch {model.batch} "
           f"(CFG), {sum(b.count for b in model.blocks)} blocks, hidden {model.hidden}, {model.heads} heads, {model.experts} experts "
           f"top-{model.top_k} (width {model.expert_hidden}, shared {model.shared_hidden}), {model.params() / 1e9:.1f} B params; "
           f"routing zipf:{skew} seed {args.seed}; net {args.net_gbps} GB/s/GPU; attention {args.attn_tflops} TFLOP/s; "
-          f"HBM {args.hbm_tbps} TB/s; shared-expert overlap {rates.shared_overlap}; ring overlap {rates.ring_overlap}")
+          f"HBM {args.hbm_tbps} TB/s; shared-expert overlap {rates.shared_overlap}; ring overlap {rates.ring_overlap}; "
+          f"moe-ep exchange: {'one row per copy' if args.copies else 'one row per (token, rank), own rows overlapped'}")
     rows = rows_for(model, gpus, rates, routing)
     one = forward(model, Layout("replicated"), rates, routing).total
     print(format_table(rows, one))

@@ -73,27 +73,44 @@ def _toy(layers=3, rows=8192, hidden=2048):
                   image_tokens=rows, text_tokens=0)
 
 
-def test_comm_bytes_and_times_match_hand_computation(monkeypatch):
-    """3 layers, 8192 rows per sample, hidden 2048, batch 2, 2 GPUs on one node, exactly uniform routing.
+def _nvlink_by_hand(nbytes):
+    """Anchors 16 MB at 111 GB/s and 64 MB at 215 GB/s (MB = 2^20), bandwidth linear in log(size) between."""
+    assert 16 * MiB <= nbytes <= 64 * MiB
+    return nbytes / (111e9 + (215e9 - 111e9) * math.log(nbytes / (16 * MiB)) / math.log(4))
 
-    moe-ep u2 ep2 (no EPLB): each rank holds 8192 rows -> 16384 copies; experts 0,1 on rank 0, 2,3 on
-    rank 1, so half the copies leave: 8192 x 2048 x 2 B = 32 MiB per all-to-all, dispatch and combine.
-    At 32 MiB the NVLink rate is halfway (in log size) between 111 (16 MB) and 215 GB/s (64 MB): 163 GB/s.
+
+def test_comm_bytes_and_times_match_hand_computation(monkeypatch):
+    """3 layers, 8192 rows per sample, hidden 2048 (4 KiB a row), batch 2, 2 GPUs on one node, exactly
+    uniform routing over 4 experts, top-2; experts 0,1 on rank 0 and 2,3 on rank 1 (no EPLB).
+
+    moe-ep u2 ep2: each rank holds 8192 rows -> 16384 copies, half of them for the other rank.
+      one row per copy: 8192 rows = 32 MiB per all-to-all (dispatch, and combine the same back);
+      one row per (token, rank): a token skips the other rank only if both its copies stay,
+      (1/2)^2, so 8192 x 3/4 = 6144 rows = 24 MiB.
     Ulysses: q,k,v buffer 3 x 32 MiB and output 32 MiB, half of each leaves: 64 MiB per layer.
     vLLM-Omni tp1 u2: all-gather and reduce-scatter each move the peer's 32 MiB shard.
     Ring u1 r2: one pass of K and V, 2 x 32 MiB."""
     uniform = lambda skew, layers, experts, top_k, tokens, seed: (np.ones((layers, experts)), np.ones((layers, experts)))
     monkeypatch.setattr(SL, "_trace", uniform)
     model = _toy()
-    t32 = 32 * MiB / 163e9
     floor = SL.Rates().nvlink_anchors[0][0] / SL.Rates().nvlink_anchors[0][1]   # 62.5 us: the counts exchange
+    t24, t32 = _nvlink_by_hand(24 * MiB), _nvlink_by_hand(32 * MiB)
+
+    copies = SL.forward(model, SL.Layout("moe-ep", 2, 1, 1, 1, 2, False), SL.Rates(dedup_tokens=False, overlap_own_rows=False))
+    assert copies.comm_bytes["ep_dispatch"] == pytest.approx(3 * 32 * MiB)
+    assert copies.comm_bytes["ep_combine"] == pytest.approx(3 * 32 * MiB)
+    assert copies.comm_bytes["ulysses"] == pytest.approx(3 * 64 * MiB)
+    assert copies.moe_comm == pytest.approx(3 * (2 * t32 + floor))
+    assert copies.moe_exposed == pytest.approx(copies.moe_comm)   # no shared expert to hide under
+    assert copies.max_over_mean == pytest.approx(1.0)
 
     ep = SL.forward(model, SL.Layout("moe-ep", 2, 1, 1, 1, 2, False))
-    assert ep.comm_bytes["ep_dispatch"] == pytest.approx(3 * 32 * MiB)
-    assert ep.comm_bytes["ep_combine"] == pytest.approx(3 * 32 * MiB)
-    assert ep.comm_bytes["ulysses"] == pytest.approx(3 * 64 * MiB)
-    assert ep.moe_comm == pytest.approx(3 * (2 * t32 + floor))
-    assert ep.max_over_mean == pytest.approx(1.0)
+    assert ep.comm_bytes["ep_dispatch"] == pytest.approx(3 * 24 * MiB)
+    assert ep.comm_bytes["ep_combine"] == pytest.approx(3 * 24 * MiB)
+    assert ep.moe_comm == pytest.approx(3 * (2 * t24 + floor))
+    # own rows (half of this rank's 16384 copies x 6 x 2048 x 128 FLOPs at 579 TFLOP/s) run during the dispatch
+    own = 16384 * 6 * 2048 * 128 / 579e12 / 2
+    assert ep.moe_exposed == pytest.approx(3 * (t24 + floor - own + t24))
 
     vl = SL.forward(model, SL.Layout("vllm-omni", 2, 1, 1, 1, 2))
     assert vl.comm_bytes["ag_dispatch"] == pytest.approx(3 * 32 * MiB)
