@@ -1,4 +1,5 @@
-"""Command line: ``python -m eplb plan ...``, ``python -m eplb bench [--quick]`` and ``python -m eplb simulate ...``."""
+"""Command line: ``python -m eplb plan ...``, ``python -m eplb bench [--quick]``, ``python -m eplb simulate ...``
+and ``python -m eplb simulate-layouts ...``."""
 from __future__ import annotations
 
 import argparse
@@ -29,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--seeds", type=int, nargs="+", help="seed offsets of the synthetic loads (default: 0)")
     from .simulate import add_parser as add_simulate_parser
     add_simulate_parser(sub)
+    from .simulate_layouts import add_parser as add_layouts_parser
+    add_layouts_parser(sub)
     return p
 
 
@@ -92,6 +95,9 @@ def main(argv=None) -> int:
         if args.cmd == "simulate":
             from .simulate import run_cli
             return run_cli(args)
+        if args.cmd == "simulate-layouts":
+            from .simulate_layouts import run_cli as run_layouts
+            return run_layouts(args)
         from .bench import main as bench_main
         return bench_main(quick=args.quick, seeds=args.seeds)
     except (ValueError, OSError) as exc:
