@@ -1,0 +1,233 @@
+"""Speed options for a whole diffusers MoE transformer served by moe-ep (one GPU, EP = 1).
+
+Each option is small and opt-in; `accelerate(model, ...)` applies the chosen ones and returns a
+callable used in place of the transformer (attributes read through to it):
+
+  remove_host_syncs(model)    exact. Per-family fixes for the host syncs of diffusers' own forward
+                              that are not in its MoE blocks: HiDream's `patchify` makes
+                              `img_sizes` a CUDA tensor (one host-to-device copy) that `unpatchify`
+                              slices by (a device-to-host read per sample); here square latents get
+                              python-int sizes. NucleusMoE's rotary table is copied to the device on
+                              every forward; here its output is cached per (image shapes, text length).
+                              A forward with no host sync is what CUDA-graph capture needs.
+  compile_blocks(model)       regional `torch.compile` of the repeated transformer blocks (the
+                              model's `_repeated_blocks`, else `_no_split_modules`); the MoE layers
+                              inside stay eager (`MoELayer.forward` is `torch.compiler.disable`d), so
+                              inductor fuses the norms, modulation, rotary and residual arithmetic
+                              around them. Not bit-exact: inductor rounds once per fused kernel.
+  attention="cudnn"|...       the scaled-dot-product-attention kernel (torch's `sdpa_kernel`) for
+                              every forward; None leaves torch's own choice. Not bit-exact.
+  cuda_graph=True             `CudaGraphTransformer`: the forward captured once per input signature
+                              and replayed (needs EP = 1, stats and phase timers off, no host sync:
+                              use with remove_host_syncs).
+
+docs/benchmarks.md ("Whole transformer on one GPU") says which of these paid on an H100.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+from torch.utils import _pytree as pytree
+
+ATTENTION_BACKENDS = ("flash", "cudnn", "efficient", "math")
+
+
+# ---------------------------------------------------------------- host syncs
+
+def _hidream_patchify(model: nn.Module) -> Callable:
+    """HiDream's `patchify` for square latents without a CUDA `img_sizes` tensor: the same
+    hidden states [B, h*w, p*p*C], masks None, img_ids [B, h*w, 3]; img_sizes as [(h, w)] * B
+    python ints (unpatchify then slices without reading the device). Non-square: diffusers' own."""
+    original = model.patchify
+
+    def patchify(hidden_states: torch.Tensor):
+        B, C, H, W = hidden_states.shape
+        if H != W:
+            return original(hidden_states)
+        p = model.config.patch_size
+        h, w = H // p, W // p
+        dev = hidden_states.device
+        img_ids = torch.zeros(h, w, 3, device=dev)                                  # float32, as diffusers
+        img_ids[..., 1] = img_ids[..., 1] + torch.arange(h, device=dev)[:, None]
+        img_ids[..., 2] = img_ids[..., 2] + torch.arange(w, device=dev)[None, :]
+        img_ids = img_ids.reshape(h * w, -1).unsqueeze(0).repeat(B, 1, 1)           # [B, h*w, 3]
+        x = hidden_states.reshape(B, C, h, p, w, p).permute(0, 2, 4, 3, 5, 1).reshape(B, h * w, p * p * C)
+        return x, None, [(h, w)] * B, img_ids
+
+    return patchify
+
+
+def _cached_rope(rope: nn.Module) -> Callable:
+    """NucleusMoE's rotary embedding, computed once per (image shapes, text length, device)."""
+    original, cache = rope.forward, {}
+
+    def forward(video_fhw, device=None, max_txt_seq_len=None):
+        key = (repr(video_fhw), str(device), repr(max_txt_seq_len))   # an int text length (no mask)
+        if key not in cache:
+            cache[key] = original(video_fhw, device=device, max_txt_seq_len=max_txt_seq_len)
+        return cache[key]
+
+    return forward
+
+
+def remove_host_syncs(model: nn.Module) -> list[str]:
+    """Apply the exact host-sync fixes known for the model's family, in place (instance
+    attributes; the class is untouched). -> what was changed (empty: nothing known)."""
+    done = []
+    name = type(model).__name__
+    if name == "HiDreamImageTransformer2DModel" and "patchify" not in vars(model):
+        model.patchify = _hidream_patchify(model)
+        done.append("patchify: python-int img_sizes for square latents")
+    if name == "NucleusMoEImageTransformer2DModel" and "forward" not in vars(model.pos_embed):
+        model.pos_embed.forward = _cached_rope(model.pos_embed)
+        done.append("pos_embed: cached per (image shapes, text length)")
+    return done
+
+
+# ---------------------------------------------------------------- regional compile
+
+def block_classes(model: nn.Module) -> list[str]:
+    """Class names of the model's repeated transformer blocks."""
+    return list(getattr(model, "_repeated_blocks", None) or getattr(model, "_no_split_modules", None) or [])
+
+
+def compile_blocks(model: nn.Module, classes: Optional[list[str]] = None, **compile_kwargs) -> list[str]:
+    """`torch.compile` every module whose class is in `classes` (default: block_classes(model)),
+    in place (nn.Module.compile). The blocks of one class share their compiled code. MoE layers
+    inside run eagerly between the compiled pieces. -> the compiled modules' paths."""
+    classes = classes or block_classes(model)
+    paths = [path for path, mod in model.named_modules() if type(mod).__name__ in classes]
+    if not paths:
+        raise ValueError(f"{type(model).__name__} has no module of class {classes} to compile")
+    for path in paths:
+        model.get_submodule(path).compile(**compile_kwargs)
+    return paths
+
+
+def uncompile_blocks(model: nn.Module, paths: list[str]) -> None:
+    """Undo compile_blocks: the modules at `paths` run eagerly again."""
+    for path in paths:
+        model.get_submodule(path)._compiled_call_impl = None
+
+
+# ---------------------------------------------------------------- attention kernel
+
+def attention_context(backend: Optional[str]):
+    """A context in which F.scaled_dot_product_attention uses `backend` (None: torch's choice)."""
+    if backend is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kinds = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    if backend not in kinds:
+        raise ValueError(f"attention backend {backend!r}: must be one of {ATTENTION_BACKENDS} or None")
+    return sdpa_kernel([kinds[backend]])
+
+
+# ---------------------------------------------------------------- CUDA graph
+
+@dataclass
+class _Captured:
+    graph: Any                              # torch.cuda.CUDAGraph
+    inputs: list[torch.Tensor]              # static copies the graph reads (flattened args)
+    output: Any                             # the static output structure the graph writes
+
+
+def _moe_layers(model: nn.Module) -> list:
+    from ...layer import MoELayer
+
+    return [m for m in model.modules() if isinstance(m, MoELayer)]
+
+
+class CudaGraphTransformer:
+    """Callable like the transformer; one CUDA graph per input signature (tensor shapes, dtypes,
+    devices and the values of non-tensor arguments). Each call copies its tensors into the
+    graph's static inputs, replays, and returns the output with fresh tensors."""
+
+    def __init__(self, model: nn.Module, warmup: int = 2, context: Optional[Callable] = None):
+        for layer in _moe_layers(model):
+            if layer.ctx.ep_size != 1:
+                raise ValueError("CUDA-graph capture needs EP = 1 (EP > 1 reads split sizes back to the host)")
+            if layer.stats is not None or layer.timer is not None:
+                raise ValueError(f"MoE layer {layer.layer_idx}: expert-load stats and phase timers must be off "
+                                 "(None) to capture the forward in a CUDA graph")
+        self.model, self.warmup = model, warmup
+        self.context = context or contextlib.nullcontext
+        self._graphs: dict[tuple, _Captured] = {}
+        self._pool = None
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    @staticmethod
+    def _signature(leaves: list) -> tuple:
+        return tuple((tuple(x.shape), x.dtype, str(x.device)) if isinstance(x, torch.Tensor) else repr(x)
+                     for x in leaves)
+
+    def _capture(self, leaves: list, spec) -> _Captured:
+        static = [x.clone() if isinstance(x, torch.Tensor) else x for x in leaves]
+        args, kwargs = pytree.tree_unflatten(static, spec)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), self.context():     # warm-up: kernels compiled, handles made
+            for _ in range(self.warmup):
+                self.model(*args, **kwargs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with self.context(), torch.cuda.graph(graph, pool=self._pool):
+            out = self.model(*args, **kwargs)
+        return _Captured(graph, [x for x in static if isinstance(x, torch.Tensor)], out)
+
+    def __call__(self, *args, **kwargs):
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        key = (self._signature(leaves), str(spec))
+        cap = self._graphs.get(key)
+        if cap is None:
+            cap = self._graphs[key] = self._capture(leaves, spec)
+        for dst, src in zip(cap.inputs, (x for x in leaves if isinstance(x, torch.Tensor))):
+            dst.copy_(src)
+        cap.graph.replay()
+        return pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, cap.output)
+
+
+# ---------------------------------------------------------------- all together
+
+class AcceleratedTransformer:
+    """The transformer called under the chosen attention kernel (and through a CUDA graph if one
+    is given); attributes read through to the transformer."""
+
+    def __init__(self, model: nn.Module, attention: Optional[str] = None, cuda_graph: bool = False):
+        attention_context(attention)   # fail early on a wrong name
+        self.model, self.attention = model, attention
+        self.graph = (CudaGraphTransformer(model, context=lambda: attention_context(attention))
+                      if cuda_graph else None)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, *args, **kwargs):
+        if self.graph is not None:
+            return self.graph(*args, **kwargs)
+        with attention_context(self.attention):
+            return self.model(*args, **kwargs)
+
+
+def accelerate(model: nn.Module, *, compile: bool = False, cuda_graph: bool = False,
+               attention: Optional[str] = None, host_syncs: bool = True, **compile_kwargs) -> AcceleratedTransformer:
+    """Apply the chosen options to a (wrapped) diffusers transformer in place and return the
+    callable to use instead of it. host_syncs: apply remove_host_syncs (exact; needed by cuda_graph).
+    Compilation happens on the first call, under the chosen attention kernel."""
+    if cuda_graph and not host_syncs:
+        raise ValueError("cuda_graph needs host_syncs=True: a forward that reads the device cannot be captured")
+    if host_syncs:
+        remove_host_syncs(model)
+    if compile:
+        compile_blocks(model, **compile_kwargs)
+    return AcceleratedTransformer(model, attention=attention, cuda_graph=cuda_graph)
