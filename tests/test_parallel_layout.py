@@ -38,6 +38,9 @@ def test_groups_of_cfg2_ring2_ulysses2_on_eight_ranks():
     assert lay.groups("ep") == ((0, 1, 2, 3), (4, 5, 6, 7))
     assert lay.groups("ep_replica") == ((0, 4), (1, 5), (2, 6), (3, 7))
     assert lay.members("ring", 5) == (5, 7) and lay.index("ring", 7) == 1
+    for axis in ("dp", "cfg", "sp", "ring", "ulysses", "ep", "ep_replica"):   # members: arithmetic, not a search
+        for r in range(8):
+            assert r in lay.members(axis, r) and lay.members(axis, r) in lay.groups(axis), (axis, r)
     assert [lay.size(a) for a in ("dp", "cfg", "sp", "ring", "ulysses", "ep", "ep_replica")] == [1, 2, 4, 2, 2, 4, 2]
 
 

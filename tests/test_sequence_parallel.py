@@ -68,6 +68,7 @@ def _two_ranks(rank, world):
 def _four_ranks(rank, world):
     _check(rank, world, ulysses=2, ring=2)
     _check(rank, world, ulysses=1, ring=2)      # dp 2 x ring 2: two images' rings side by side
+    _check(rank, world, ulysses=1, ring=4)      # a ring longer than a swap: blocks travel one way
     # every axis's process group holds the ranks the layout says it does
     ctx = build_context(ParallelConfig(cfg_parallel_size=2, ring_degree=2, ep_size=2, timeout_s=30), rank, world,
                         torch.device("cpu"))
