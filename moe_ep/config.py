@@ -76,10 +76,14 @@ class ModelConfig:
 class ParallelConfig:
     ep_size: Optional[int] = None        # expert-parallel ranks; None: derived (see docs/config.md)
     enable_expert_parallel: bool = False
-    tensor_parallel_size: int = 1
-    sequence_parallel_size: int = 1
-    cfg_parallel_size: int = 1
-    data_parallel_size: int = 1
+    tensor_parallel_size: int = 1        # only 1: tensor parallelism is not implemented
+    # sequence parallel ranks per image = ulysses_degree x ring_degree (docs/parallelism.md);
+    # None: the product of the two degrees given, 1 when neither is
+    sequence_parallel_size: Optional[int] = None
+    ulysses_degree: Optional[int] = None  # None: sequence_parallel_size / ring_degree (all-Ulysses)
+    ring_degree: Optional[int] = None     # None: sequence_parallel_size / ulysses_degree, else 1
+    cfg_parallel_size: int = 1           # ranks that split the guidance branches of one image
+    data_parallel_size: Optional[int] = None  # prompt-splitting ranks; None: world / (cfg x sp)
     ranks_per_node: Optional[int] = None  # None: LOCAL_WORLD_SIZE from the launcher
     timeout_s: float = 300.0             # every collective fails after this long
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -298,8 +302,10 @@ FIELDS: dict[str, Allowed] = {
     "model.moe.topk_group": POSITIVE_INT,
     "model.moe.capacity_factor": POSITIVE,
     "parallel.ep_size": POSITIVE_INT,
-    "parallel.tensor_parallel_size": POSITIVE_INT,
+    "parallel.tensor_parallel_size": Allowed(lo=1, hi=1, text="1 (tensor parallelism is not implemented)"),
     "parallel.sequence_parallel_size": POSITIVE_INT,
+    "parallel.ulysses_degree": POSITIVE_INT,
+    "parallel.ring_degree": POSITIVE_INT,
     "parallel.cfg_parallel_size": POSITIVE_INT,
     "parallel.data_parallel_size": POSITIVE_INT,
     "parallel.ranks_per_node": POSITIVE_INT,
@@ -371,10 +377,35 @@ def check_fields(cfg: "Config") -> None:
             raise ConfigError(name, value, f"must be {allowed.describe()}".replace("`", ""))
 
 
+def sequence_parallel_degrees(p: ParallelConfig) -> tuple[int, int]:
+    """(ulysses, ring) degrees of `parallel`; raises ConfigError naming the keys that disagree.
+
+    sequence_parallel_size = ulysses_degree x ring_degree. A missing degree is what the others
+    leave: sequence_parallel_size alone is all-Ulysses (ring 1, as diffusers' and xDiT's default
+    is Ulysses); neither size nor degrees: no sequence parallelism.
+    """
+    sp, u, r = p.sequence_parallel_size, p.ulysses_degree, p.ring_degree
+    if sp is None:
+        return (u or 1), (r or 1)
+    if u is None and r is None:
+        return sp, 1
+    if u is not None and r is not None:
+        if u * r != sp:
+            raise ConfigError("parallel.sequence_parallel_size", sp,
+                              f"must equal parallel.ulysses_degree x parallel.ring_degree ({u} x {r} = {u * r})")
+        return u, r
+    given, value, other = ("parallel.ulysses_degree", u, "ring") if u is not None else ("parallel.ring_degree", r, "ulysses")
+    if sp % value:
+        raise ConfigError(given, value, f"must divide parallel.sequence_parallel_size ({sp}); the {other} degree "
+                                        f"is their quotient")
+    return (u, sp // u) if u is not None else (sp // r, r)
+
+
 def validate(cfg: Config) -> Config:
     """Range and consistency checks that need no process group. Raises ConfigError."""
     m, moe, e, s = cfg.model, cfg.model.moe, cfg.eplb, cfg.sampling
     check_fields(cfg)
+    sequence_parallel_degrees(cfg.parallel)
     if m.type == "diffusers" and not m.path:
         raise ConfigError("model.path", m.path, "must name a diffusers model folder when model.type is 'diffusers'")
     if m.compile and m.type != "moe_dit":

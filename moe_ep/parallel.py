@@ -1,9 +1,11 @@
-"""Distributed start through DeepSpeed, and the expert-parallel / data-parallel groups.
+"""Distributed start through DeepSpeed, the parallel layout and its process groups.
 
-World layout: `world = ep_size x dp_replicas`. Ranks `[d*ep_size, (d+1)*ep_size)` form EP
-group `d` (consecutive ranks, so an EP group stays inside a node when it fits); the
-ranks with the same EP rank form a data-parallel group. Everything a layer needs is
-carried by a `ParallelContext`; there are no module-level process-group globals.
+World layout (moe_ep/parallel_layout.py, docs/parallelism.md): `world = dp x cfg x sp`,
+`sp = ring x ulysses`, Ulysses innermost. Expert parallelism lies over the same ranks: ranks
+`[d*ep_size, (d+1)*ep_size)` form EP group `d` (consecutive ranks, so an EP group stays inside
+a node when it fits); the ranks with the same EP rank form an EP-replica group, which
+`ParallelContext.dp_group` has always named (world = ep_size x dp_size replicas). Everything a
+layer needs is carried by a `ParallelContext`; there are no module-level process-group globals.
 """
 from __future__ import annotations
 
@@ -16,12 +18,20 @@ from typing import Any, Optional
 import torch
 import torch.distributed as tdist
 
-from .config import ConfigError, ParallelConfig
+from .config import ConfigError, ParallelConfig, sequence_parallel_degrees
+from .parallel_layout import ParallelLayout
 
 
 @dataclass
 class ParallelContext:
-    """Who this process is and the groups it talks in. `ep_group` None means EP = 1."""
+    """Who this process is and the groups it talks in. `ep_group` None means EP = 1.
+
+    `dp_size`/`dp_rank`/`dp_group` are the EP replicas (world = ep_size x dp_size; the ranks
+    with the same EP rank), not the prompt-splitting axis: that one is `layout.dp`.
+    `layout` holds every axis's size and group (sequence, ulysses, ring, cfg, dp, ep); left
+    out, it is the data-parallel layout of this world with no process groups (a context made
+    by hand); build_context fills it in.
+    """
 
     rank: int = 0
     world_size: int = 1
@@ -34,6 +44,11 @@ class ParallelContext:
     ranks_per_node: int = 1
     device: torch.device = torch.device("cpu")
     timeout_s: float = 300.0
+    layout: Optional[ParallelLayout] = None
+
+    def __post_init__(self):
+        if self.layout is None:
+            self.layout = ParallelLayout.data_parallel(self.world_size, self.rank, self.ep_size)
 
     @property
     def num_nodes(self) -> int:
@@ -46,18 +61,22 @@ class ParallelContext:
 
 
 def derive_ep_size(cfg: ParallelConfig, world_size: int) -> int:
-    """EP size from the config and the world size; raises ConfigError if impossible.
+    """EP size from the config and the world size; raises ConfigError if impossible, or if the
+    rest of the layout is (resolve_layout): every preflight that derives the EP size checks
+    the whole layout before any process group starts."""
+    return resolve_layout(cfg, world_size).ep
 
-    Explicit `ep_size` wins. Otherwise, with `enable_expert_parallel`, EP spans the
-    tensor x sequence x cfg x data parallel degrees (vLLM-Omni's diffusion EP rule);
-    without it, EP spans the whole world.
-    """
+
+def _ep_size_rule(cfg: ParallelConfig, world_size: int) -> int:
+    """Explicit `ep_size` wins. Otherwise, with `enable_expert_parallel`, EP spans the
+    tensor x sequence x cfg x data parallel degrees (vLLM-Omni's diffusion EP rule; a
+    data_parallel_size left out counts 1); without it, EP spans the whole world."""
     if cfg.ep_size is not None:
         ep = cfg.ep_size
         name = "parallel.ep_size"
     elif cfg.enable_expert_parallel:
-        ep = (cfg.tensor_parallel_size * cfg.sequence_parallel_size
-              * cfg.cfg_parallel_size * cfg.data_parallel_size)
+        ulysses, ring = sequence_parallel_degrees(cfg)
+        ep = cfg.tensor_parallel_size * ulysses * ring * cfg.cfg_parallel_size * (cfg.data_parallel_size or 1)
         name = "parallel.enable_expert_parallel (tensor x sequence x cfg x data parallel sizes)"
     else:
         ep = world_size
@@ -65,6 +84,35 @@ def derive_ep_size(cfg: ParallelConfig, world_size: int) -> int:
     if ep < 1 or world_size % ep:
         raise ConfigError(name, ep, f"EP size must divide the world size ({world_size})")
     return ep
+
+
+def resolve_layout(cfg: ParallelConfig, world_size: int, rank: int = 0) -> ParallelLayout:
+    """The layout of `world_size` ranks the config asks for (no process groups yet); raises
+    ConfigError naming the key when the sizes do not fit the world.
+
+    dp = data_parallel_size when given (then dp x cfg x sp must be the world), else
+    world / (cfg x sp); sp = ulysses_degree x ring_degree (config.sequence_parallel_degrees).
+    """
+    ep = _ep_size_rule(cfg, world_size)
+    if cfg.tensor_parallel_size != 1:
+        raise ConfigError("parallel.tensor_parallel_size", cfg.tensor_parallel_size,
+                          "must be 1 (tensor parallelism is not implemented)")
+    ulysses, ring = sequence_parallel_degrees(cfg)
+    sp, cfgp = ulysses * ring, cfg.cfg_parallel_size
+    if cfg.data_parallel_size is not None:
+        dp = cfg.data_parallel_size
+        if dp * cfgp * sp != world_size:
+            raise ConfigError("parallel.data_parallel_size", dp,
+                              f"data x cfg x sequence parallel sizes ({dp} x {cfgp} x {sp}) must equal the world "
+                              f"size ({world_size}); leave data_parallel_size out to use world / (cfg x sequence)")
+    else:
+        if world_size % (cfgp * sp):
+            name, value = (("parallel.sequence_parallel_size", sp) if cfgp == 1 else
+                           ("parallel.cfg_parallel_size", cfgp))
+            raise ConfigError(name, value, f"cfg x sequence parallel sizes ({cfgp} x {sp} = {cfgp * sp}; sequence = "
+                                           f"ulysses_degree x ring_degree) must divide the world size ({world_size})")
+        dp = world_size // (cfgp * sp)
+    return ParallelLayout(world_size=world_size, dp=dp, cfg=cfgp, ring=ring, ulysses=ulysses, ep=ep, rank=rank)
 
 
 def check_layout(num_experts: int, num_redundant: int, ep_size: int) -> None:
@@ -143,41 +191,32 @@ def init_distributed(cfg: ParallelConfig) -> ParallelContext:
 
 
 def build_context(cfg: ParallelConfig, rank: int, world: int, device: torch.device) -> ParallelContext:
-    """Create the EP and DP groups (collective: every rank must call it)."""
-    ep = derive_ep_size(cfg, world)
-    dp = world // ep
-    ep_group = dp_group = None
-    timeout = datetime.timedelta(seconds=cfg.timeout_s)
+    """Create every group of the layout (collective: every rank must call it)."""
+    layout = resolve_layout(cfg, world, rank)
     if world > 1:
         # new_group is collective over the whole world: every rank creates every group.
-        ep_group = _make_ep_group(world, ep, rank, timeout) if ep > 1 else None
-        for e in range(ep):
-            g = tdist.new_group(list(range(e, world, ep)), timeout=timeout) if dp > 1 else None
-            if rank % ep == e:
-                dp_group = g
+        layout = layout.with_process_groups(datetime.timedelta(seconds=cfg.timeout_s))
+    ep = layout.ep
     rpn = cfg.ranks_per_node or launcher_local_world(world)
-    return ParallelContext(rank=rank, world_size=world, ep_size=ep, ep_rank=rank % ep, ep_group=ep_group,
-                           dp_size=dp, dp_rank=rank // ep, dp_group=dp_group, ranks_per_node=max(1, rpn),
-                           device=device, timeout_s=cfg.timeout_s)
-
-
-def _make_ep_group(world: int, ep: int, rank: int, timeout: datetime.timedelta):
-    """This rank's group among new groups of `ep` consecutive ranks (collective: every rank
-    creates every group)."""
-    mine = None
-    for d in range(world // ep):
-        g = tdist.new_group(list(range(d * ep, (d + 1) * ep)), timeout=timeout)
-        if rank // ep == d:
-            mine = g
-    return mine
+    return ParallelContext(rank=rank, world_size=world, ep_size=ep, ep_rank=layout.index("ep"),
+                           ep_group=layout.group("ep"), dp_size=layout.size("ep_replica"),
+                           dp_rank=layout.index("ep_replica"), dp_group=layout.group("ep_replica"),
+                           ranks_per_node=max(1, rpn), device=device, timeout_s=cfg.timeout_s, layout=layout)
 
 
 def new_ep_group(ctx: ParallelContext):
     """A second group over this rank's EP ranks (the members of ctx.ep_group, its own
-    communicator), or None at EP = 1. Collective over the world."""
+    communicator), or None at EP = 1. Collective over the world: every rank creates every
+    EP group, in the layout's order."""
     if ctx.ep_group is None:
         return None
-    return _make_ep_group(ctx.world_size, ctx.ep_size, ctx.rank, datetime.timedelta(seconds=ctx.timeout_s))
+    timeout = datetime.timedelta(seconds=ctx.timeout_s)
+    mine = None
+    for ranks in ctx.layout.groups("ep"):
+        g = tdist.new_group(list(ranks), timeout=timeout)
+        if ctx.rank in ranks:
+            mine = g
+    return mine
 
 
 def error_on_any_rank(error: Optional[str], ctx: ParallelContext) -> Optional[str]:
