@@ -196,15 +196,15 @@ def main() -> int:
     def kept(stage: str, planner=None, want="failed"):
         def check():
             fault["stage"] = stage
-            saved = reb._planner
+            saved = reb.decider.planner
             if planner is not None:
-                reb._planner = planner
+                reb.decider.planner = planner
             try:
                 before = reb.current_phy2log()
                 forward(stats, 0.5, f"before {stage or 'skip'}")
                 ev = reb.after_forward(fwd[0] - 1, 0.5)
             finally:
-                fault["stage"], reb._planner = None, saved
+                fault["stage"], reb.decider.planner = None, saved
             assert ev is not None and ev["status"] == want and not ev["ok"], ev
             assert torch.equal(reb.current_phy2log(), before), "placement changed"
             assert weights_follow_placement(ctx, live)

@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
+from moe_ep import plots as P  # noqa: E402
 from moe_ep import telemetry as T  # noqa: E402
 from moe_ep.atomic import atomic_write  # noqa: E402
 
@@ -55,23 +56,23 @@ def make_plots(summary: dict, stats: dict, records: list[dict], out_dir: str) ->
     load = np.asarray(stats.get("load", []), dtype=np.float64)
     if load.ndim == 2 and load.size:
         files["load_heatmap"] = "load_heatmap.png"
-        T.save_figure(T.plot_load_heatmap(load, "Expert load over the run (share of each layer's tokens)"),
+        P.save_figure(P.plot_load_heatmap(load, "Expert load over the run (share of each layer's tokens)"),
                       os.path.join(out_dir, files["load_heatmap"]))
     windows = [w.get("load") for w in stats.get("windows", []) if isinstance(w, dict)]
     if windows:
         files["load_windows"] = "load_windows.png"
-        T.save_figure(T.plot_layer_windows(np.asarray(windows, dtype=np.float64),
+        P.save_figure(P.plot_layer_windows(np.asarray(windows, dtype=np.float64),
                                            first_window=int(stats.get("first_window", 0) or 0)),
                       os.path.join(out_dir, files["load_windows"]))
     files["balancedness"] = "balancedness.png"
-    T.save_figure(T.plot_balancedness(records, summary.get("rebalances", [])),
+    P.save_figure(P.plot_balancedness(records, summary.get("rebalances", [])),
                   os.path.join(out_dir, files["balancedness"]))
     files["latency"] = "latency.png"
-    T.save_figure(T.plot_latency(records), os.path.join(out_dir, files["latency"]))
+    P.save_figure(P.plot_latency(records), os.path.join(out_dir, files["latency"]))
     per_rank = (summary.get("phase_ms") or {}).get("per_rank_mean_per_forward")
     if per_rank:
         files["latency_ranks"] = "latency_ranks.png"
-        T.save_figure(T.plot_rank_phases(per_rank), os.path.join(out_dir, files["latency_ranks"]))
+        P.save_figure(P.plot_rank_phases(per_rank), os.path.join(out_dir, files["latency_ranks"]))
     return files
 
 

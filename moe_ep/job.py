@@ -10,8 +10,9 @@ source per layer, `sample(prompts, seeds, hooks)`, per-forward hooks). Its parts
                                  round j // world; every rank runs the same number of rounds (a
                                  rank with no batch left samples zero prompts), so the EP
                                  all-to-alls and the statistics all-reduces always line up
-    ForwardRecorder              the per-forward hooks: statistics, latency, tokens/s, window
-                                 balancedness under the placement in effect, rebalances, telemetry
+    ForwardRecorder              the per-forward driver (moe_ep/driver.py: statistics, rebalances,
+                                 window balancedness under the placement in effect) plus latency,
+                                 tokens/s, telemetry and the test die hook
     StatsWriter                  rank 0's stats.json: after every round and, at most every
                                  STATS_SAVE_EVERY_S, when a window closes
     ImageWriter                  images/NNN.png as each batch finishes
@@ -38,12 +39,13 @@ import torch.distributed as dist
 from eplb.checks import check_topology
 
 from .config import Config, ConfigError
+from .driver import ForwardDriver
 from .images import save_png
 from .models import build_served_model, preflight_model
 from .models.base import ForwardInfo, MoEShape, ServedModel
 from .parallel import ParallelContext, check_layout, derive_ep_size, error_on_any_rank, launcher_local_world
 from .paths import check_paths
-from .rebalance import Rebalancer, layer_balancedness, read_placement_file
+from .rebalance import Rebalancer, read_placement_file
 from .stats import ExpertLoadStats, read_stats_file
 from .telemetry import Telemetry
 
@@ -283,47 +285,39 @@ def _test_die_at() -> Optional[tuple[int, int, str]]:
     return int(forward), int(rank), (mode or ["exit"])[0]
 
 
-class ForwardRecorder:
-    """The hooks the served model calls around every transformer forward (every rank).
-
-    Before: statistics timestep bucket and guidance branches, start the clock. After: stop it,
-    close the statistics window / rebalance (collective), and record one step:
-    {forward, round, step, t, latency_ms, tokens (rows of the round on all ranks), tokens_per_s,
-    and when a window closed balancedness (+ per layer) under the placement in effect during
-    that window, rebalanced when an attempt was made}; log it to telemetry (collective)."""
+class ForwardRecorder(ForwardDriver):
+    """The per-forward driver (moe_ep/driver.py) with what the job adds (every rank): the rank's
+    test die hook and the error path's phase before a forward, its latency around it, and after
+    it one step record: {forward, round, step, t, latency_ms, tokens (rows of the round on all
+    ranks), tokens_per_s, and when a window closed balancedness (+ per layer) under the placement
+    in effect during that window, rebalanced when an attempt was made}, logged to telemetry
+    (collective) with the rebalance record, and stats.json when a window closed."""
 
     def __init__(self, ctx: ParallelContext, stats: ExpertLoadStats, moe_layers: list,
                  timesteps: Sequence[float] | Callable[[], Sequence[float]], split: WorkSplit, rows_per_prompt: int,
                  rebalancer: Optional[Rebalancer] = None, telemetry: Optional[Telemetry] = None,
                  stats_writer: Optional[StatsWriter] = None, state: Optional[RunState] = None,
                  on_step: Callable[[], None] = lambda: None, die_at: Optional[tuple[int, int, str]] = None):
-        self.ctx, self.stats, self.moe_layers = ctx, stats, moe_layers
+        super().__init__(ctx, stats, moe_layers, rebalancer, next_timestep=self._next_timestep)
         # a list, or a callable read at every forward (a diffusers pipeline's schedule is known
         # only once it ran)
         self._timesteps = timesteps if callable(timesteps) else (lambda ts=list(timesteps): ts)
         self.split, self.rows_per_prompt = split, rows_per_prompt
-        self.rebalancer, self.telemetry, self.stats_writer = rebalancer, telemetry, stats_writer
+        self.telemetry, self.stats_writer = telemetry, stats_writer
         self.state = state if state is not None else RunState()
         self.on_step, self.die_at = on_step, die_at
-        self.groups = (ctx.ep_group, ctx.dp_group)
-        self.forward, self.round = 0, 0
+        self.round = 0
         self.steps: list[dict] = []
-        self.window_balance: list[list[float]] = []      # [windows][L] balancedness per closed window
         self._t0 = 0.0
         self._sync = (lambda: torch.cuda.synchronize(ctx.device)) if ctx.device.type == "cuda" else (lambda: None)
-        self._snap_placements: Optional[list] = None
-        self._snap_phy2log: Optional[torch.Tensor] = None
 
     def start_round(self, round_idx: int) -> None:
         self.round = round_idx
 
-    def stacked(self, placements: list) -> torch.Tensor:
-        """[L, R] phy2log of these Placement objects, stacked again only when one of them is a new
-        object (set_placement installs a new Placement; none is changed in place)."""
-        prev = self._snap_placements
-        if prev is None or not all(a is b for a, b in zip(prev, placements)):
-            self._snap_placements, self._snap_phy2log = placements, torch.stack([p.phy2log for p in placements])
-        return self._snap_phy2log
+    def _next_timestep(self, step: int, t: float) -> float:
+        """The next forward's t: the next step's, wrapping to the first at the end of a batch."""
+        ts = self._timesteps()
+        return ts[step + 1] if step + 1 < len(ts) else (ts[0] if ts else t)
 
     def _maybe_die(self) -> None:
         if self.die_at is not None and self.die_at[:2] == (self.forward, self.ctx.rank):
@@ -337,55 +331,33 @@ class ForwardRecorder:
     def on_forward_begin(self, step: int, t: float, info: ForwardInfo) -> None:
         self.state.phase = f"forward {self.forward} (round {self.round}, step {step})"
         self._maybe_die()
-        self.stats.begin_forward(t, cond_rows=info.get("cond_rows"), sample_branch=info.get("sample_branch"))
+        super().on_forward_begin(step, t, info)
         self._sync()
         self._t0 = time.perf_counter()
-
-    def _window_balancedness(self, placements: list) -> list[float]:
-        """[L] balancedness of the last closed window under `placements` (the ones in effect during it)."""
-        load = self.stats.windows[-1].astype(np.float64)                         # [L, E]
-        return layer_balancedness(load, self.stacked(placements), self.ctx.ep_size).tolist()
 
     def on_forward_end(self, step: int, t: float, info: ForwardInfo) -> None:
         self._sync()
         latency = time.perf_counter() - self._t0
-        windows_before = self.stats.num_windows
-        in_effect = [l.placement for l in self.moe_layers]   # placement during this forward
-        event = None
         self.state.phase = f"the statistics window / rebalance after forward {self.forward}"
-        if self.rebalancer is not None:  # it closes the statistics windows itself
-            ts = self._timesteps()
-            next_t = ts[step + 1] if step + 1 < len(ts) else (ts[0] if ts else t)
-            event = self.rebalancer.after_forward(self.forward, t, next_timestep=next_t)
-        else:
-            self.stats.end_forward(self.groups)
-        closed = self.stats.num_windows > windows_before
+        out = self.end_forward(step, t)
         rows = self.split.prompts_in_round(self.round) * self.rows_per_prompt
-        rec = {"forward": self.forward, "round": self.round, "step": step, "t": t,
+        rec = {"forward": out.forward, "round": self.round, "step": step, "t": t,
                "latency_ms": latency * 1e3, "tokens": rows, "tokens_per_s": rows / latency if latency > 0 else 0.0}
-        if closed:
-            bal = self._window_balancedness(in_effect)       # the placement before any rebalance now
-            self.window_balance.append(bal)
+        bal = out.window_balancedness                     # under the placement before any rebalance now
+        if bal is not None:
             rec["balancedness"] = float(np.mean(bal)) if bal else 1.0
             rec.update({f"balancedness/layer{i}": b for i, b in enumerate(bal)})
-        if event is not None:
+        if out.record is not None:
             if self.telemetry is not None:
-                self.telemetry.log_rebalance(event)
-            rec["rebalanced"] = int(bool(event.get("ok", True)))
+                self.telemetry.log_rebalance(out.record)
+            rec["rebalanced"] = int(out.record.ok)
         self.steps.append(rec)
-        self.state.phase = f"the telemetry gather after forward {self.forward}"
+        self.state.phase = f"the telemetry gather after forward {out.forward}"
         if self.telemetry is not None:
             self.telemetry.log_step(rec)
-        if closed and self.stats_writer is not None:
+        if bal is not None and self.stats_writer is not None:
             self.stats_writer.window_closed()
-        self.forward += 1
         self.on_step()
-
-    def close_last_window(self) -> None:
-        """Close the last, partial window (collective; the same forward count on every rank)."""
-        if self.stats.window_open:
-            self.stats.close_window(self.groups)     # the rebalancer measures a move waiting on it
-            self.window_balance.append(self._window_balancedness([l.placement for l in self.moe_layers]))
 
 
 # ---------------------------------------------------------------- eplb at start-up
@@ -475,7 +447,7 @@ def build_summary(cfg: Config, ctx: ParallelContext, model: ServedModel, recorde
         "balancedness": {"per_layer": bal, "mean": float(np.mean(bal)) if bal else 1.0, "windows": wb},
         "placement": [l.placement.phy2log.tolist() for l in model.moe_layers()],
         "eplb": {"enabled": cfg.eplb.enabled, "rebalancer": rebalancer_note},
-        "rebalances": [{k: v for k, v in ev.items() if not str(k).startswith("_")} for ev in events],
+        "rebalances": [ev.as_dict() for ev in events],
         "checkpoint": cfg.model.checkpoint,
         "model": model.describe(),
     }
@@ -569,8 +541,10 @@ def _run(cfg: Config, ctx: ParallelContext, progress: bool, state: RunState) -> 
         _write(ctx.rank, out_dir, lambda: remove_earlier_outputs(out_dir, keep=cfg.eplb.stats_file))
     telemetry = state.telemetry = Telemetry(cfg, ctx, out_dir)
     telemetry.attach(model, stats)  # phase timers on the attention blocks and MoE layers; window loads for heatmaps
-    for ev in (rebalancer.events if rebalancer is not None else []):   # stats_file / placement_file
-        telemetry.log_rebalance(ev)
+    if rebalancer is not None:
+        for ev in rebalancer.events:             # stats_file / placement_file
+            telemetry.log_rebalance(ev)
+        rebalancer.on_measured.append(telemetry.log_measured)   # rebalance/measured_* in a later step
 
     prompts = list(s.prompts)
     split = WorkSplit.of(len(prompts), s.batch_size, ctx.world_size)
@@ -592,9 +566,8 @@ def _run(cfg: Config, ctx: ParallelContext, progress: bool, state: RunState) -> 
         stats_writer.round_done()
     wall = time.perf_counter() - t_start
     bar.close()
-    if rebalancer is not None and rebalancer.migration is not None:
-        state.phase = "the migration in progress"
-        rebalancer.finish_migration()   # collective: every rank has the same migration in flight
+    state.phase = "the migration in progress"
+    recorder.finish_migration()   # collective: every rank has the same migration in flight
     state.phase = "the last statistics window"
     recorder.close_last_window()
     state.phase = "the final barrier"

@@ -1,11 +1,12 @@
-"""Run telemetry: per-step records (metrics.jsonl), wandb (offline by default, rank 0 only),
-summary.json, and the plots shared with `launch/report.py`.
+"""Run telemetry: per-step records (metrics.jsonl), wandb (offline by default, rank 0 only) and
+summary.json; the matplotlib plots it logs at the end are moe_ep/plots.py's.
 
 The runner calls one object at fixed points (docs/dashboards.md lists every key):
 
     telemetry = Telemetry(cfg, ctx, out_dir)     # every rank; rank 0 opens metrics.jsonl and wandb
     telemetry.attach(model, stats)               # one PhaseTimer on every MoE layer and attention block
-    ... per forward, on every rank:  telemetry.log_rebalance(event)  (when there was an attempt)
+    ... per forward, on every rank:  telemetry.log_rebalance(record)  (when there was an attempt)
+                                     telemetry.log_measured(record)   (rebalancer.on_measured, rank 0)
                                      telemetry.log_step(record)      (collective: one all_gather)
     telemetry.log_images(paths, captions)        # rank 0
     telemetry.finish(summary)                    # every rank; rank 0 writes summary.json
@@ -29,16 +30,16 @@ import queue
 import threading
 import time
 import warnings
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
 from .atomic import write_json_atomic
 from .config import Config
 from .parallel import ParallelContext
+from .plots import fig_to_array, plot_balancedness, plot_latency, plot_load_heatmap
+from .timing import ALL_PHASES, PHASES
 
-PHASES = ("attention", "router", "dispatch", "experts", "combine")   # timed by PhaseTimer
-ALL_PHASES = PHASES + ("other",)                                   # other = step latency - timed phases
 METRICS_FILE = "metrics.jsonl"
 HEATMAP_CELL_PX = 12                                               # inline heatmap: pixels per cell
 MEDIA_WINDOWS_ALL = 16      # windows 0..15 all get load/heatmap + load/table ...
@@ -79,9 +80,8 @@ class Telemetry:
         self.t0 = time.perf_counter()
         self._metrics = None
         self._last_step = -1
-        self._pending_events: list[dict] = []     # rebalance attempts to merge into the next record
-        self._awaiting_measure: list[dict] = []   # successful moves whose measured balancedness is not in yet
-        self._logged_events: dict[int, dict] = {}  # id -> every event logged so far
+        self._rebalances: list = []               # RebalanceRecords of attempts, for the next record
+        self._measured: list = []                 # RebalanceRecords of moves measured since the last record
         self._phase_sum = np.zeros(len(ALL_PHASES))  # mean over ranks, summed over forwards
         # the phases a record gives: "attention" only where blocks time it (not under
         # model.compile, where it is fused with its neighbours, nor in diffusers models);
@@ -272,27 +272,15 @@ class Telemetry:
         return out
 
     def _rebalance_step_fields(self) -> dict:
-        """rebalance/* keys: the attempts logged since the last record, and the measured
-        balancedness of earlier successful ones that became known since."""
+        """rebalance/* keys: the records of attempts logged since the last step record, and the
+        measured balancedness of earlier successful moves that became known since."""
         out = {}
-        for ev in self._pending_events:
-            out.update(_rebalance_fields(ev))
-            if id(ev) in self._logged_events:     # an asynchronous migration's end: its start was the attempt
-                out["rebalance/attempt"] = 0
-            self._logged_events[id(ev)] = ev      # held, so an id is never reused for another event
-        self._pending_events.clear()
-        still = []
-        for ev in self._awaiting_measure:
-            m = ev.get("measured_balancedness")
-            if m is None:
-                still.append(ev)
-                continue
-            before = (ev.get("balancedness_before") or {}).get("mean")
-            out["rebalance/measured_balancedness"] = float(m["mean"])
-            out["rebalance/measured_forward"] = int(ev.get("forward_idx", -1))
-            if before is not None:
-                out["rebalance/measured_gain"] = float(m["mean"]) - float(before)
-        self._awaiting_measure = still
+        for record in self._rebalances:
+            out.update(_rebalance_fields(record))
+        for record in self._measured:
+            out.update(_measured_fields(record))
+        self._rebalances.clear()
+        self._measured.clear()
         return out
 
     def _window_fields(self, rec: dict, data: dict) -> Optional[np.ndarray]:
@@ -320,14 +308,18 @@ class Telemetry:
                 pass
             self._metrics = None
 
-    def log_rebalance(self, event: dict) -> None:
-        """A rebalance attempt (any rank may call it; rank 0 keeps it): merged into the next
-        step record as rebalance/* keys; its measured balancedness follows once known."""
-        if not self.ctx.is_main or not event:
-            return
-        self._pending_events.append(event)
-        if event.get("ok") and event.get("measured_balancedness") is None:
-            self._awaiting_measure.append(event)
+    def log_rebalance(self, record) -> None:
+        """A rebalance attempt's record (moe_ep.rebalance.RebalanceRecord; any rank may call it,
+        rank 0 keeps it), or an asynchronous migration's end record: merged into the next step
+        record as rebalance/* keys."""
+        if self.ctx.is_main and record is not None:
+            self._rebalances.append(record)
+
+    def log_measured(self, record) -> None:
+        """The record of a successful move whose balancedness was just measured (the rebalancer's
+        `on_measured`): rebalance/measured_* keys in the next step record."""
+        if self.ctx.is_main:
+            self._measured.append(record)
 
     def log_images(self, paths: list[str], captions: list[str]) -> None:
         if self.run is not None and self.cfg.telemetry.log_images and paths:
@@ -443,25 +435,35 @@ class Telemetry:
         figs["plots/balancedness"] = plot_balancedness(records, summary.get("rebalances", []))
         figs["plots/latency_breakdown"] = plot_latency(records)
         self._last_step += 1
-        self.run.log({k: wandb.Image(_fig_to_array(f)) for k, f in figs.items() if f is not None},
+        self.run.log({k: wandb.Image(fig_to_array(f)) for k, f in figs.items() if f is not None},
                      step=self._last_step)
 
 
-def _rebalance_fields(ev: dict) -> dict:
-    before = (ev.get("balancedness_before") or {}).get("mean")
-    after = (ev.get("balancedness_after") or {}).get("mean")
-    out = {"rebalance/attempt": 1, "rebalance/ok": int(bool(ev.get("ok"))),
-           "rebalance/status": str(ev.get("status")), "rebalance/trigger": str(ev.get("trigger")),
-           "rebalance/experts_moved": int(ev.get("experts_moved") or 0),
-           "rebalance/remote_moves": int(ev.get("remote_moves") or 0),
-           "rebalance/bytes_moved": int(ev.get("bytes_moved") or 0),
-           "rebalance/time_ms": float(ev.get("time_ms") or 0.0)}
+def _rebalance_fields(record) -> dict:
+    """rebalance/* keys of an attempt's record (an asynchronous migration's end: attempt 0, its
+    start counted it, so the column sums to the attempts)."""
+    before, after = record.balancedness_before, record.balancedness_after
+    out = {"rebalance/attempt": 0 if record.ends_migration else 1, "rebalance/ok": int(record.ok),
+           "rebalance/status": str(record.status), "rebalance/trigger": str(record.trigger),
+           "rebalance/experts_moved": int(record.experts_moved),
+           "rebalance/remote_moves": int(record.remote_moves),
+           "rebalance/bytes_moved": int(record.bytes_moved),
+           "rebalance/time_ms": float(record.time_ms)}
     if before is not None:
-        out["rebalance/predicted_balancedness_before"] = float(before)
+        out["rebalance/predicted_balancedness_before"] = before.mean
     if after is not None:
-        out["rebalance/predicted_balancedness_after"] = float(after)
+        out["rebalance/predicted_balancedness_after"] = after.mean
     if before is not None and after is not None:
-        out["rebalance/predicted_gain"] = float(after) - float(before)
+        out["rebalance/predicted_gain"] = after.mean - before.mean
+    return out
+
+
+def _measured_fields(record) -> dict:
+    """rebalance/measured_* keys of a move's record that carries its measured balancedness."""
+    m, before = record.measured_balancedness, record.balancedness_before
+    out = {"rebalance/measured_balancedness": m.mean, "rebalance/measured_forward": int(record.forward_idx)}
+    if before is not None:
+        out["rebalance/measured_gain"] = m.mean - before.mean
     return out
 
 
@@ -498,194 +500,3 @@ def read_metrics(path: str) -> list[dict]:
             except json.JSONDecodeError:
                 continue
     return out
-
-
-# ---------------------------------------------------------------- plots (matplotlib, Agg)
-# Used by `finish` (logged to wandb) and by launch/report.py (written as PNG files).
-
-PHASE_COLORS = {"attention": "#4C72B0", "router": "#DD8452", "dispatch": "#55A868", "experts": "#C44E52",
-                "combine": "#8172B3", "other": "#B0B0B0"}
-
-
-def _figure(w: float, h: float):
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(w, h), dpi=110, layout="constrained")
-
-
-def _fig_to_array(fig) -> np.ndarray:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    canvas = FigureCanvasAgg(fig)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
-
-
-def save_figure(fig, path: str) -> None:
-    """PNG, atomically (moe_ep.atomic: temp file in the same folder, fsync, os.replace)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    from .atomic import atomic_write
-
-    with atomic_write(path, "wb") as f:
-        FigureCanvasAgg(fig).print_png(f)
-
-
-def _ticks(n: int, max_labels: int = 32) -> list[int]:
-    step = max(1, math.ceil(n / max_labels))
-    return list(range(0, n, step))
-
-
-def plot_load_heatmap(load: np.ndarray, title: str):
-    """load [L, E] -> heatmap of each expert's share of its layer's tokens (1/E = even)."""
-    load = np.asarray(load, dtype=np.float64)
-    L, E = load.shape
-    share = load / np.maximum(load.sum(1, keepdims=True), 1.0)
-    fig = _figure(min(14.0, 3.0 + 0.42 * E), min(12.0, 1.9 + 0.42 * L))
-    ax = fig.add_subplot()
-    im = ax.imshow(share, aspect="auto", cmap="viridis", vmin=0.0, interpolation="nearest")
-    ax.set_xticks(_ticks(E))
-    ax.set_yticks(_ticks(L))
-    ax.set_xlabel("logical expert")
-    ax.set_ylabel("MoE layer")
-    ax.set_title(title)
-    if L * E <= 256:
-        top = share.max() if share.size else 0.0
-        for l in range(L):
-            for e in range(E):
-                ax.text(e, l, f"{share[l, e]:.2f}", ha="center", va="center", fontsize=7,
-                        color="black" if share[l, e] > 0.6 * top else "white")
-    cb = fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02)
-    cb.set_label(f"share of layer's tokens\n(even: 1/{E} = {1 / E:.3f})")
-    return fig
-
-
-def plot_layer_windows(windows: np.ndarray, max_layers: int = 12, first_window: int = 0, max_windows: int = 48):
-    """windows [W, L, E] -> one heatmap per layer (rows = windows in time order), at most
-    `max_layers` layers (evenly spaced) so a 60-layer model stays readable, and the last
-    `max_windows` windows; rows are labelled with run-wide window numbers (`first_window` is
-    the number of windows[0], stats.json's `first_window`)."""
-    windows = np.asarray(windows, dtype=np.float64)
-    if windows.shape[0] > max_windows:
-        first_window += windows.shape[0] - max_windows
-        windows = windows[-max_windows:]
-    W, L, E = windows.shape
-    layers = list(range(L)) if L <= max_layers else sorted({round(i * (L - 1) / (max_layers - 1))
-                                                           for i in range(max_layers)})
-    cols = min(3, len(layers))
-    rows = math.ceil(len(layers) / cols)
-    fig = _figure(min(16.0, 1.5 + cols * (1.4 + 0.3 * E)), 1.0 + rows * (0.9 + 0.22 * W))
-    share = windows / np.maximum(windows.sum(2, keepdims=True), 1.0)                 # [W, L, E]
-    vmax = float(share[:, layers].max()) if share.size else 1.0
-    axes = fig.subplots(rows, cols, squeeze=False)
-    im = None
-    for k, ax in enumerate(axes.flat):
-        if k >= len(layers):
-            ax.set_visible(False)
-            continue
-        l = layers[k]
-        im = ax.imshow(share[:, l], aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
-        ax.set_title(f"layer {l}", fontsize=9)
-        ax.set_xticks(_ticks(E, 16))
-        ax.set_yticks(_ticks(W, 12))
-        ax.set_yticklabels([str(first_window + t) for t in _ticks(W, 12)])
-        ax.tick_params(labelsize=7)
-        if k % cols == 0:
-            ax.set_ylabel("window", fontsize=8)
-        if k // cols == rows - 1 or k + cols >= len(layers):
-            ax.set_xlabel("expert", fontsize=8)
-    extra = "" if len(layers) == L else f" ({len(layers)} of {L} layers shown)"
-    fig.suptitle(f"Expert load per window (windows {first_window}-{first_window + W - 1}), per layer{extra}",
-                 fontsize=11)
-    if im is not None:
-        cb = fig.colorbar(im, ax=axes, fraction=0.03, pad=0.02)
-        cb.set_label("share of layer's tokens", fontsize=8)
-    return fig
-
-
-def plot_balancedness(records: Sequence[dict], rebalances: Sequence[dict]):
-    """Balancedness (mean over layers, and per layer) at each window close, with rebalance
-    attempts as vertical lines (solid green: moved; dotted grey: skipped or failed)."""
-    pts = [r for r in records if "balancedness" in r]
-    fig = _figure(8.0, 4.0)
-    ax = fig.add_subplot()
-    if pts:
-        x = [r["forward"] for r in pts]
-        layer_keys = sorted({k for r in pts for k in r if k.startswith("balancedness/layer")},
-                            key=lambda k: int(k.rsplit("layer", 1)[1]))
-        for k in layer_keys[:16]:
-            ax.plot(x, [r.get(k, np.nan) for r in pts], lw=0.9, alpha=0.45, marker=".", ms=3,
-                    label=k.split("/")[1])
-        ax.plot(x, [r["balancedness"] for r in pts], color="black", lw=2.2, marker="o", ms=5, label="mean")
-    moved = skipped = False
-    for ev in rebalances:
-        f = ev.get("forward_idx", -1)
-        if f is None or f < 0:
-            continue
-        if ev.get("ok"):
-            ax.axvline(f + 0.5, color="tab:green", lw=1.5, label=None if moved else "rebalance (moved)")
-            moved = True
-        else:
-            ax.axvline(f + 0.5, color="grey", lw=1.0, ls=":", label=None if skipped else "rebalance skipped/failed")
-            skipped = True
-    ax.set_ylim(min(0.5, min([r["balancedness"] for r in pts], default=1.0) - 0.05), 1.02)
-    last = max([r.get("forward", 0) for r in records] + [ev.get("forward_idx") or 0 for ev in rebalances] + [0])
-    ax.set_xlim(-0.5, last + 1.0)
-    ax.set_xlabel("forward pass (window closes after it)")
-    ax.set_ylabel("balancedness (mean / max GPU load)")
-    ax.set_title("Balancedness per statistics window")
-    ax.grid(alpha=0.3)
-    if pts or moved or skipped:
-        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
-    return fig
-
-
-def plot_latency(records: Sequence[dict]):
-    """Stacked bars per forward: mean over ranks of attention, router, dispatch, experts,
-    combine and other (rest of the step); line: slowest rank's step latency."""
-    recs = [r for r in records if "forward" in r]
-    fig = _figure(8.0, 4.0)
-    ax = fig.add_subplot()
-    if not recs:
-        ax.text(0.5, 0.5, "no step records", ha="center", va="center", transform=ax.transAxes)
-        return fig
-    x = np.array([r["forward"] for r in recs])
-    bottom = np.zeros(len(recs))
-    has_phases = any(k.startswith("phase_ms/") for r in recs for k in r)
-    if has_phases:
-        for p in (p for p in ALL_PHASES if any(f"phase_ms/{p}" in r for r in recs)):   # the timed ones
-            v = np.array([r[f"phase_ms/{p}"] for r in recs])
-            ax.bar(x, v, bottom=bottom, color=PHASE_COLORS[p], label=p, width=0.8)
-            bottom += v
-    else:
-        ax.bar(x, [r.get("latency_ms", 0.0) for r in recs], color=PHASE_COLORS["other"], label="step (no phases)")
-    ranks = sorted({int(k[4:].split("/")[0]) for r in recs for k in r if k.startswith("rank") and k.endswith("/latency_ms")})
-    if ranks:
-        slow = [max(r.get(f"rank{k}/latency_ms", 0.0) for k in ranks) for r in recs]
-        ax.plot(x, slow, color="black", marker="_", ms=14, lw=0, label="slowest rank")
-    ax.set_xlabel("forward pass")
-    ax.set_ylabel("milliseconds")
-    ax.set_title("Latency per forward, by phase (mean over ranks)")
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
-    ax.grid(axis="y", alpha=0.3)
-    if len(x) <= 40:
-        ax.set_xticks(x[::max(1, len(x) // 20)])
-    return fig
-
-
-def plot_rank_phases(per_rank: Sequence[dict]):
-    """per_rank [{phase: ms}] (summary.json phase_ms.per_rank_mean_per_forward) -> stacked bar per rank."""
-    fig = _figure(max(4.5, 2.5 + 0.5 * len(per_rank)), 3.6)
-    ax = fig.add_subplot()
-    bottom = np.zeros(len(per_rank))
-    x = np.arange(len(per_rank))
-    for p in (p for p in ALL_PHASES if any(p in row for row in per_rank)):   # the timed ones
-        v = np.array([row[p] for row in per_rank])
-        ax.bar(x, v, bottom=bottom, color=PHASE_COLORS[p], label=p, width=0.6)
-        bottom += v
-    ax.set_xticks(x, [f"rank {i}" for i in x])
-    ax.set_ylabel("ms per forward")
-    ax.set_title("Mean time per forward, by rank")
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
-    ax.grid(axis="y", alpha=0.3)
-    return fig

@@ -11,6 +11,9 @@ from collections import defaultdict
 
 import torch
 
+PHASES = ("attention", "router", "dispatch", "experts", "combine")   # timed by PhaseTimer
+ALL_PHASES = PHASES + ("other",)                                   # other = step latency - timed phases
+
 
 class PhaseTimer:
     def __init__(self, device: torch.device):

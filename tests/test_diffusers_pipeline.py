@@ -25,7 +25,7 @@ def _ranks_pipeline(rank, world, migration):
     moe_ep.expert_parallel(ep_pipe, ctx, eplb={"enabled": True, "num_redundant_experts": world, "window_size": 1,
                                                "interval": 1, "min_gain": -1.0, "migration": migration})
     handle = ep_pipe.moe_ep
-    handle.rebalancer._planner, handle.rebalancer.force = random_planner(3), True
+    handle.rebalancer.decider.planner, handle.rebalancer.force = random_planner(3), True
     emb = hidream_embeddings(ref_pipe, seed=10 + rank, batch=1)
     seeds = [100 + rank]
     for call in range(2):
@@ -78,7 +78,7 @@ def _ranks_partial_window_measures(rank, world):
     pipe = tiny_hidream_pipeline(0)
     moe_ep.expert_parallel(pipe, ctx, eplb={"enabled": True, "num_redundant_experts": world, "window_size": 2,
                                             "interval": 2, "min_gain": -1.0})
-    pipe.moe_ep.rebalancer._planner, pipe.moe_ep.rebalancer.force = random_planner(5), True
+    pipe.moe_ep.rebalancer.decider.planner, pipe.moe_ep.rebalancer.force = random_planner(5), True
     sample(pipe, hidream_embeddings(pipe, seed=1, batch=1), [7], steps=3)     # rebalance after forward 1
     moved = [e for e in pipe.moe_ep.rebalancer.events if e["ok"]]
     assert moved and moved[0]["measured_balancedness"] is None               # forward 2: a partial window

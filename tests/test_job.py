@@ -19,6 +19,7 @@ from moe_ep import config as config_mod
 from moe_ep.layer import MoELayer
 from moe_ep.models.base import NoHooks, ServedModel
 from moe_ep.parallel import ParallelContext
+from moe_ep.rebalance import RebalanceRecord
 from moe_ep.stats import ExpertLoadStats
 
 E, TOP_K, H = 8, 2, 16
@@ -205,7 +206,7 @@ class MovingRebalancer:
             else:                 # back to the contiguous start-up placement
                 new = list(range(E)) + list(range(10 - E))
             self.layer.set_placement(torch.tensor(new))
-            return {"ok": True, "trigger": "interval"}
+            return RebalanceRecord(forward_idx, "interval", status="ok", ok=True)
         return None
 
 

@@ -13,7 +13,8 @@ import torch.distributed as dist
 from moe_ep.config import MoEConfig
 from moe_ep.parallel import context_for_tests
 from eplb import gpu_load, minimize_movement
-from moe_ep.rebalance import Rebalancer, layer_balancedness, read_placement_file
+from moe_ep.rebalance import (Attempted, Balancedness, RebalanceRecord, Rebalancer, layer_balancedness,
+                              read_placement_file)
 from moe_ep.stats import ExpertLoadStats
 from moe_ep.transfer import plan_transfers
 from fake_quack import quack_on_cpu
@@ -74,6 +75,30 @@ def test_align_keeps_gpu_loads_and_reduces_moves():
             assert abs(layer_balancedness(load, al, ep) - layer_balancedness(load, new, ep)).max() < 1e-12
             assert int((al != old).sum()) <= int((new != old).sum())
             assert minimize_movement(old, old, ep, nodes).equal(old)
+
+
+def test_a_rebalance_record_is_frozen_and_reads_like_its_json():
+    """A record never changes once made (a later outcome is a new record), and summary.json gets
+    plain JSON with the keys of docs/eplb_runtime.md: optional ones only when set."""
+    import dataclasses
+
+    rec = RebalanceRecord(3, "interval", "ok", ok=True, balancedness_before=Balancedness(0.5, 0.25),
+                          transfer_ms=2.0)
+    for name, value in (("status", "failed"), ("measured_balancedness", Balancedness(1.0, 1.0))):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(rec, name, value)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        rec.balancedness_before.mean = 1.0
+    d = rec.as_dict()
+    assert json.loads(json.dumps(d)) == d
+    assert set(d) == {"forward_idx", "trigger", "status", "ok", "reason", "experts_moved", "remote_moves",
+                      "local_copies", "bytes_moved", "time_ms", "balancedness_before", "balancedness_after",
+                      "measured_balancedness", "transfer_ms"}
+    assert d["balancedness_before"] == {"mean": 0.5, "min": 0.25} and d["balancedness_after"] is None
+    assert rec["ok"] is True and rec.get("migration") is None and "attempted" not in rec and dict(rec) == d
+    failed = dataclasses.replace(rec, status="failed", ok=False, transfer_ms=None, attempted=Attempted(4, 64))
+    assert failed.as_dict()["attempted"] == {"experts_moved": 4, "bytes_moved": 64} and "transfer_ms" not in failed
+    assert rec.status == "ok"                                    # replace made a new record
 
 
 # ------------------------------------------------------------ on ranks
@@ -270,13 +295,13 @@ def _ranks_one_replica_fails(rank, world, ep_size):
     assert torch.equal(reb.current_phy2log(), before) and local_weights_ok(live)
 
     # the replicas plan different placements: the exact agreement (min == max of every entry) refuses
-    reb._planner = random_planner(5 + ctx.dp_rank)
+    reb.decider.planner = random_planner(5 + ctx.dp_rank)
     ev = reb.rebalance_now(101, load=load)
     assert ev["status"] == "failed" and "different placements" in ev["reason"], ev
     assert torch.equal(reb.current_phy2log(), before) and local_weights_ok(live)
 
     # and the job goes on: the same planner everywhere moves again
-    reb._planner = input_planner(12)
+    reb.decider.planner = input_planner(12)
     ev = reb.rebalance_now(102, load=load)
     assert ev["ok"], ev
     assert _same_everywhere(reb.current_phy2log(), world) and local_weights_ok(live)
@@ -321,7 +346,7 @@ def _ranks_min_gain_and_phases(rank, world, ep_size):
 
     # timestep-aware, never worth switching (1 byte/s): the per-bucket terms are cached between
     # window closes and equal what a fresh computation gives; the decision collective still runs
-    import moe_ep.rebalance as R
+    import moe_ep.rebalance.phases as R
     ctx, base, live, cfg, stats = _setup(rank, world, ep_size, window_size=4, interval=4, timestep_buckets=2,
                                          timestep_aware=True)
     reb = Rebalancer(live, ctx, cfg, stats, planner=random_planner(12), bandwidth_bytes_per_s=1.0)
@@ -343,12 +368,12 @@ def _ranks_min_gain_and_phases(rank, world, ep_size):
             if reb.phase_plans is None:
                 continue
             b = stats.bucket_of(t if nxt is None else nxt)
-            entry = reb._phase_cache[b]                    # what this forward's decision used
-            cached = reb._phase_terms(b)                   # a hit: nothing changed since
-            assert reb._phase_cache[b] is entry
-            reb._phase_cache.pop(b)
-            fresh = reb._phase_terms(b)                    # computed from scratch
-            reb._phase_cache[b] = entry
+            entry = reb.phases.cache[b]                    # what this forward's decision used
+            cached = reb.phases.switch_terms(b)            # a hit: nothing changed since
+            assert reb.phases.cache[b] is entry
+            reb.phases.cache.pop(b)
+            fresh = reb.phases.switch_terms(b)             # computed from scratch
+            reb.phases.cache[b] = entry
             decisions += cached is not None
             assert (cached is None) == (fresh is None)
             if cached is not None:

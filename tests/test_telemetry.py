@@ -269,7 +269,7 @@ def test_a_phase_nothing_times_is_left_out_not_reported_as_zero(tmp_path, timed_
     summary = json.load(open(tel.finish({})))
     assert ("attention" in summary["phase_ms"]["mean_per_forward"]) == timed_attention
     assert summary["phase_ms"]["mean_per_forward"]["experts"] == pytest.approx(4.0)
-    from moe_ep.telemetry import plot_latency
+    from moe_ep.plots import plot_latency
     labels = plot_latency([rec]).axes[0].get_legend_handles_labels()[1]
     assert ("attention" in labels) == timed_attention and "experts" in labels
 
@@ -308,3 +308,45 @@ def test_a_rebalance_before_the_last_partial_window_is_measured_on_it(tmp_path):
     assert moved and moved[0]["forward_idx"] == 1, events
     m = moved[0]["measured_balancedness"]
     assert m is not None and 0 < m["min"] <= m["mean"] <= 1, moved[0]
+
+
+def test_a_migration_is_logged_from_each_record_as_it_was_handed_over(tmp_path):
+    """Rebalance records are frozen and made once per outcome: a migration's start, its end (a
+    new record) and its measurement (a third). Telemetry logs each from the record it is handed,
+    never from an earlier one of the same attempt (no aliasing, no identity)."""
+    import dataclasses
+    import types
+
+    import torch
+
+    from moe_ep.rebalance import Balancedness, RebalanceRecord
+    from moe_ep.telemetry import Telemetry
+
+    out = str(tmp_path / "records")
+    cfg = config_mod.load(QUICKSTART, TINY + [f"output_dir={out}", "telemetry.wandb=false"])
+    ctx = types.SimpleNamespace(is_main=True, rank=0, world_size=1, device=torch.device("cpu"))
+    tel = Telemetry(cfg, ctx, out)
+    start = RebalanceRecord(4, "interval", "migrating", migration="async", time_ms=0.0,
+                            balancedness_before=Balancedness(0.6, 0.5), balancedness_after=Balancedness(0.9, 0.8))
+    end = dataclasses.replace(start, status="ok", ok=True, experts_moved=5, remote_moves=3, local_copies=2,
+                              bytes_moved=4096, time_ms=7.0, layers_moved=3, ends_migration=True)
+    measured = dataclasses.replace(end, measured_balancedness=Balancedness(0.85, 0.7))
+    steps = {4: [start], 6: [end], 8: [measured]}
+    for f in range(4, 9):
+        for record in steps.get(f, []):
+            (tel.log_measured if record.measured_balancedness else tel.log_rebalance)(record)
+        tel.log_step({"forward": f, "latency_ms": 1.0})
+    lines = {r["forward"]: r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl")))}
+    assert not any(k.startswith("rebalance/") for f in (5, 7) for k in lines[f])
+    first, last = lines[4], lines[6]
+    assert (first["rebalance/status"], first["rebalance/ok"], first["rebalance/attempt"]) == ("migrating", 0, 1)
+    assert first["rebalance/bytes_moved"] == 0 and first["rebalance/predicted_gain"] == pytest.approx(0.3)
+    assert (last["rebalance/status"], last["rebalance/ok"], last["rebalance/attempt"]) == ("ok", 1, 0)
+    assert (last["rebalance/experts_moved"], last["rebalance/remote_moves"], last["rebalance/bytes_moved"],
+            last["rebalance/time_ms"]) == (5, 3, 4096, 7.0)
+    m = lines[8]
+    assert "rebalance/attempt" not in m and m["rebalance/measured_forward"] == 4
+    assert m["rebalance/measured_balancedness"] == 0.85 and m["rebalance/measured_gain"] == pytest.approx(0.25)
+    assert (start.status, start.bytes_moved, start.measured_balancedness) == ("migrating", 0, None)  # unchanged
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        start.status = "ok"

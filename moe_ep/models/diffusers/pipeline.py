@@ -7,9 +7,10 @@
     pipe.moe_ep.stats.save("stats.json"); print(pipe.moe_ep.summary())
 
 What it does: every MoE block of the transformer becomes an EPMoEBlock (wrap.wrap_transformer;
-this rank keeps only its slots' experts), and two hooks on the transformer's forward count the
-tokens each expert gets (by timestep bucket and guidance branch) and, between forwards, close
-statistics windows and rebalance (moe_ep.rebalance.Rebalancer). The pipeline's own `__call__`,
+this rank keeps only its slots' experts), and two hooks on the transformer's forward drive the
+per-forward driver (moe_ep/driver.py): count the tokens each expert gets (by timestep bucket and
+guidance branch) and, between forwards, close statistics windows and rebalance
+(moe_ep.rebalance.Rebalancer). The pipeline's own `__call__`,
 scheduler, callbacks and VAE are untouched.
 
 A forward's timestep and guidance branch come from the transformer's call and the family's
@@ -31,7 +32,8 @@ import torch.nn as nn
 
 from ...config import EplbConfig, ParallelConfig, _build
 from ...parallel import ParallelContext, build_context, init_distributed
-from ...rebalance import Rebalancer, layer_balancedness
+from ...driver import ForwardDriver
+from ...rebalance import Rebalancer
 from ...stats import ExpertLoadStats
 from ..base import ForwardHooks, ForwardInfo
 from .wrap import EPMoEBlock, wrap_transformer
@@ -110,64 +112,33 @@ class TransformerWatch:
             h.remove()
 
 
-class ExpertParallel(ForwardHooks):
+class ExpertParallel(ForwardDriver):
     """What `expert_parallel` attaches as `pipe.moe_ep`: the statistics, the rebalancer and the
-    hooks that drive them (collective: every rank runs the same forwards)."""
+    per-forward driver (moe_ep/driver.py) on hooks of the transformer (collective: every rank
+    runs the same forwards)."""
 
     def __init__(self, transformer: nn.Module, wrappers: list[EPMoEBlock], ctx: ParallelContext,
                  eplb: EplbConfig, convention: PipelineConvention, pipeline: Any = None):
-        self.transformer, self.wrappers, self.ctx, self.eplb = transformer, wrappers, ctx, eplb
+        self.transformer, self.wrappers, self.eplb = transformer, wrappers, eplb
         layers = self.moe_layers()
         first = layers[0]
-        self.stats = ExpertLoadStats(len(layers), first.cfg.num_experts, ctx.device, eplb.window_size,
-                                     eplb.timestep_buckets, first.cfg.top_k)
+        stats = ExpertLoadStats(len(layers), first.cfg.num_experts, ctx.device, eplb.window_size,
+                                eplb.timestep_buckets, first.cfg.top_k)
         for layer in layers:
-            layer.stats = self.stats
-        self.rebalancer = (Rebalancer(layers, ctx, eplb, self.stats, transfer_timeout_s=ctx.timeout_s)
-                           if eplb.enabled else None)
-        self.forwards = 0
-        self.window_balancedness: list[list[float]] = []
+            layer.stats = stats
+        rebalancer = Rebalancer(layers, ctx, eplb, stats, transfer_timeout_s=ctx.timeout_s) if eplb.enabled else None
+        super().__init__(ctx, stats, layers, rebalancer)
         self.watch = TransformerWatch(transformer, convention, self, pipeline)
 
     def moe_layers(self) -> list:
         return [w.moe for w in self.wrappers]
 
-    # ForwardHooks
-    def on_forward_begin(self, step: int, t: float, info: ForwardInfo) -> None:
-        self.stats.begin_forward(t, cond_rows=info.get("cond_rows"), sample_branch=info.get("sample_branch"))
-        self._in_effect = torch.stack([m.placement.phy2log for m in self.moe_layers()])   # [L, R]
-
-    def on_forward_end(self, step: int, t: float, info: ForwardInfo) -> None:
-        before = self.stats.num_windows
-        if self.rebalancer is not None:
-            self.rebalancer.after_forward(self.forwards, t)
-        else:
-            self.stats.end_forward((self.ctx.ep_group, self.ctx.dp_group))
-        if self.stats.num_windows > before:
-            self._window_closed()
-        self.forwards += 1
-
-    def _window_closed(self) -> None:
-        """Balancedness of the window just closed, under the placement of its last forward."""
-        load = self.stats.windows[-1].astype(np.float64)                          # [L, E]
-        self.window_balancedness.append(layer_balancedness(load, self._in_effect, self.ctx.ep_size).tolist())
-
-    def finish(self) -> None:
-        """Complete a migration in progress and close the last partial window (collective); its
-        balancedness counts in summary() as the job's does."""
-        if self.rebalancer is not None:
-            self.rebalancer.finish_migration()
-        if self.stats.window_open:
-            self.stats.close_window((self.ctx.ep_group, self.ctx.dp_group))
-            self._window_closed()
-
     def summary(self) -> dict:
-        """Forwards, balancedness per closed window (placement in effect), rebalance events."""
-        bal = self.window_balancedness
-        return {"forwards": self.forwards, "windows": self.stats.num_windows,
+        """Forwards, balancedness per closed window (placement in effect), rebalance records."""
+        bal = self.window_balance
+        return {"forwards": self.forward, "windows": self.stats.num_windows,
                 "balancedness": float(np.mean(bal)) if bal else 1.0, "balancedness_windows": bal,
-                "rebalances": [{k: v for k, v in e.items() if not str(k).startswith("_")}
-                               for e in (self.rebalancer.events if self.rebalancer else [])],
+                "rebalances": self.rebalance_records(),
                 "placement": [m.placement.phy2log.tolist() for m in self.moe_layers()],
                 "local_experts": [m.local_experts for m in self.moe_layers()]}
 
