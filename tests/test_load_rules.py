@@ -317,8 +317,9 @@ def _ranks_measure(rank, world, out_dir):
 def test_rebalance_is_measured_on_a_clean_window_and_raises_balancedness(tmp_path):
     run_ranks(2, _ranks_measure, str(tmp_path))
     m = json.loads((tmp_path / "measure.json").read_text())
-    # a skewed gate: the planner's replicas and packing must raise mean/max GPU load for real
-    assert m["before"] < 0.8 and m["measured"] >= m["before"] + 0.1, m
+    # experts 4, 5 hot on rank 0: mean / max GPU load 0.74 before; the planner's replicas and
+    # packing reach 0.99 measured (a plan made blind to the load, for uniform load, reaches 0.85)
+    assert m["before"] < 0.8 and m["measured"] >= 0.95, m
     assert abs(m["measured"] - m["predicted_after"]) < 0.05, m   # the same load each window
 
 
