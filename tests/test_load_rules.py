@@ -46,7 +46,8 @@ from reference import token_choice_with_ties
 # ---------------------------------------------------------------- plain rules (the tests' own)
 
 def event_field(ev, name: str):
-    """A rebalance event's field, whether events are dicts or (frozen) records."""
+    """A field of a rebalance event (or of its balancedness summary), whether these are dicts or
+    (frozen) records."""
     return ev[name] if isinstance(ev, dict) else getattr(ev, name)
 
 
@@ -304,14 +305,14 @@ def _ranks_measure(rank, world, out_dir):
     assert event_field(first, "forward_idx") == 2                 # the third forward
     assert not torch.equal(placement_after[3], initial)
     assert [measured_at[f] is None for f in range(3, 7)] == [True, True, True, False], measured_at
-    got = measured_at[6]["mean"]
+    got = event_field(measured_at[6], "mean")
     want = plain_balancedness(window_56, placement_after[5], ctx.ep_size)
     before = plain_balancedness(first_window, initial, ctx.ep_size)
     assert abs(got - want) < 1e-9, (got, want)
     if rank == 0:
         with open(f"{out_dir}/measure.json", "w") as f:
             json.dump({"before": before, "measured": got,
-                       "predicted_after": event_field(first, "balancedness_after")["mean"]}, f)
+                       "predicted_after": event_field(event_field(first, "balancedness_after"), "mean")}, f)
 
 
 def test_rebalance_is_measured_on_a_clean_window_and_raises_balancedness(tmp_path):
@@ -441,3 +442,19 @@ def _ranks_shared(rank, world):
 
 def test_shared_expert_on_every_rank_at_ep2():
     run_ranks(2, _ranks_shared)
+
+
+# ---------------------------------------------------------------- the docs name these tests
+
+def test_reliability_doc_names_only_tests_that_exist():
+    """docs/reliability.md's "Load, not outputs" section lists the tests that hold each rule:
+    every test it names is in this file, and every test here (but this one) is named there."""
+    import os
+    import re
+
+    doc = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "reliability.md")).read()
+    section = re.search(r"^## Load, not outputs.*?(?=^## )", doc, flags=re.M | re.S)
+    assert section, "docs/reliability.md has no section '## Load, not outputs'"
+    named = set(re.findall(r"tests/test_load_rules\.py::(\w+)", section.group(0)))
+    here = {name for name in globals() if name.startswith("test_")} - {"test_reliability_doc_names_only_tests_that_exist"}
+    assert named == here, (sorted(named - here), sorted(here - named))
