@@ -32,6 +32,7 @@ import torch.distributed as dist
 from moe_ep.config import MoEConfig
 from moe_ep.experts import init_expert_weights
 from moe_ep.layer import MoELayer
+from moe_ep.models.base import ServedModel
 from moe_ep.parallel import ParallelContext, context_for_tests
 from moe_ep.placement import assign_slots, make_placement, replica_choices
 from moe_ep.rebalance import Rebalancer
@@ -358,42 +359,37 @@ def test_one_small_async_migration_moves_one_layer_per_forward():
 
 # ---------------------------------------------------------------- the seed of each prompt
 
-class _SeedRecorder:
-    """A served model the job has never seen: records the seed each prompt is sampled with."""
+class SeedRecorder(ServedModel):
+    """A served model the job has never seen (one MoE layer, one step): records the seed each
+    prompt is sampled with."""
 
     def __init__(self, ctx):
-        from moe_ep.models.base import ServedModel
+        self.layer = MoELayer(H, MoEConfig(num_experts=4, top_k=1, expert_hidden_size=8), ctx)
+        self.layer.load_expert_weights(self.weight_source(0))
+        self.num_inference_steps, self.tokens_per_image, self.rows_per_prompt = 1, 2, 2
+        self.seen: dict[str, int] = {}                                   # prompt -> seed
 
-        class Model(ServedModel):
-            def __init__(self):
-                self.layer = MoELayer(H, MoEConfig(num_experts=4, top_k=1, expert_hidden_size=8), ctx)
-                self.layer.load_expert_weights(self.weight_source(0))
-                self.num_inference_steps, self.tokens_per_image, self.rows_per_prompt = 1, 2, 2
-                self.seen: dict[str, int] = {}
+    def moe_layers(self):
+        return [self.layer]
 
-            def moe_layers(self):
-                return [self.layer]
+    def weight_source(self, layer_idx):
+        return lambda e: (torch.full((H, 16), 0.01 * e), torch.full((8, H), 0.01))
 
-            def weight_source(self, layer_idx):
-                return lambda e: (torch.full((H, 16), 0.01 * e), torch.full((8, H), 0.01))
+    @property
+    def timesteps(self):
+        return [1.0]
 
-            @property
-            def timesteps(self):
-                return [1.0]
+    def sample(self, prompts, seeds, hooks):
+        self.seen.update(zip(prompts, seeds))
+        rows = 2 * len(prompts)
+        info = {"batch": len(prompts), "rows": rows, "cond_rows": rows, "sample_branch": [0] * len(prompts)}
+        hooks.on_forward_begin(0, 1.0, info)
+        self.layer(torch.randn(rows, H))
+        hooks.on_forward_end(0, 1.0, info)
+        return [np.full((2, 2, 3), s % 256, dtype=np.uint8) for s in seeds]
 
-            def sample(self, prompts, seeds, hooks):
-                self.seen.update(zip(prompts, seeds))
-                info = {"batch": len(prompts), "rows": 2 * len(prompts), "cond_rows": 2 * len(prompts),
-                        "sample_branch": [0] * len(prompts)}
-                hooks.on_forward_begin(0, 1.0, info)
-                self.layer(torch.randn(2 * len(prompts), H))
-                hooks.on_forward_end(0, 1.0, info)
-                return [np.full((2, 2, 3), s % 256, dtype=np.uint8) for s in seeds]
-
-            def describe(self):
-                return {"type": "seed recorder"}
-
-        self.model = Model()
+    def describe(self):
+        return {"type": "seed recorder"}
 
 
 def test_prompt_i_is_sampled_with_seed_plus_i(tmp_path, monkeypatch):
@@ -401,7 +397,7 @@ def test_prompt_i_is_sampled_with_seed_plus_i(tmp_path, monkeypatch):
     from moe_ep import config as config_mod
 
     ctx = ParallelContext()
-    model = _SeedRecorder(ctx).model
+    model = SeedRecorder(ctx)
     monkeypatch.setattr(job, "build_served_model", lambda cfg, c: model)
     prompts = [f"p{i}" for i in range(5)]
     cfg = config_mod.from_dict({
