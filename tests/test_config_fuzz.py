@@ -298,6 +298,9 @@ def _number(text: str):
 
 def numeric_rule(allowed: str):
     """'>= 1', '> 0, <= 1e9', ... -> [(op, bound), ...], or None when the text is not a range."""
+    exact = re.match(r"^(-?\d+) \(", allowed)     # "1 (tensor parallelism is not implemented)"
+    if exact:
+        return [(">=", int(exact.group(1))), ("<=", int(exact.group(1)))]
     parts = allowed.split(", ")
     bounds = [_BOUND.match(p) for p in parts]
     if not all(bounds):
