@@ -7,7 +7,8 @@
     pipe.moe_ep.stats.save("stats.json"); print(pipe.moe_ep.summary())
 
 What it does: every MoE block of the transformer becomes an EPMoEBlock (wrap.wrap_transformer;
-this rank keeps only its slots' experts), and two hooks on the transformer's forward count the
+this rank keeps only its slots' experts; a transformer from `load_transformer`, whose blocks are
+EPMoEBlocks already, is adopted as it is), and two hooks on the transformer's forward count the
 tokens each expert gets (by timestep bucket and guidance branch) and, between forwards, close
 statistics windows and rebalance (moe_ep.rebalance.Rebalancer). The pipeline's own `__call__`,
 scheduler, callbacks and VAE are untouched.
