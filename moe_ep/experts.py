@@ -169,6 +169,25 @@ class GroupedExperts(nn.Module):
         self.w13.data[slot].copy_(interleave_gate_up(w13) if self.paired else w13)
         self.w2.data[slot].copy_(w2)
 
+    def adopt(self, w13: torch.Tensor, w2: torch.Tensor) -> None:
+        """Take over stacked weights as this module's own, without copying them: w13 [S, H, 2F]
+        ([gate | up] columns), w2 [S, F, H], contiguous, of this module's dtype and device (a
+        model's packed experts, e.g. NucleusMoE's gate_up_proj / down_proj). The zeros allocated
+        in __init__ are freed. Where the backend stores w13 interleaved it is re-laid out in place,
+        slot by slot (one slot's copy at a time): the caller gives the tensors up."""
+        want13 = (self.num_slots, self.hidden, 2 * self.inner)
+        want2 = (self.num_slots, self.inner, self.hidden)
+        for name, t, want in (("w13", w13, want13), ("w2", w2, want2)):
+            if tuple(t.shape) != want or t.dtype != self.w13.dtype or t.device != self.w13.device \
+                    or not t.is_contiguous():
+                raise ValueError(f"cannot adopt {name} {tuple(t.shape)} {t.dtype} on {t.device}: needs a contiguous "
+                                 f"{want} {self.w13.dtype} tensor on {self.w13.device}")
+        self.w13 = nn.Parameter(w13.detach(), requires_grad=False)
+        self.w2 = nn.Parameter(w2.detach(), requires_grad=False)
+        if self.paired:
+            for slot in self.w13.data:
+                slot.copy_(interleave_gate_up(slot))
+
     def slot_weights(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One slot's expert as (w13 [H, 2F] with [gate | up] columns, w2 [F, H]): views of the
         live weights, or (w13, when stored interleaved) a copy."""

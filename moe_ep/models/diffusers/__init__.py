@@ -16,7 +16,8 @@ Public functions (what the job, the pipeline API and tests call):
       from disk; `report` counts expert bytes read and peak memory.
 
   wrap_transformer(model, ctx, num_redundant=0, ...) -> (wrappers, sources)
-      The same for a diffusers transformer already in memory (a user's pipeline).
+      The same for a diffusers transformer already in memory (a user's pipeline), one block at a
+      time (peak: the model plus one layer's new slots; packed stacks adopted at EP = 1).
 
   build_served_model(cfg, ctx) -> DiffusersServedModel
       `load_transformer` from a Config (model.path, model.dtype, eplb.num_redundant_experts,

@@ -7,7 +7,8 @@
     pipe.moe_ep.stats.save("stats.json"); print(pipe.moe_ep.summary())
 
 What it does: every MoE block of the transformer becomes an EPMoEBlock (wrap.wrap_transformer;
-this rank keeps only its slots' experts), and two hooks on the transformer's forward drive the
+this rank keeps only its slots' experts; a transformer from `load_transformer`, whose blocks are
+EPMoEBlocks already, is adopted as it is), and two hooks on the transformer's forward drive the
 per-forward driver (moe_ep/driver.py): count the tokens each expert gets (by timestep bucket and
 guidance branch) and, between forwards, close statistics windows and rebalance
 (moe_ep.rebalance.Rebalancer). The pipeline's own `__call__`,
@@ -30,13 +31,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ...config import EplbConfig, ParallelConfig, _build
+from ...config import ConfigError, EplbConfig, ParallelConfig, _build
 from ...parallel import ParallelContext, build_context, init_distributed
 from ...driver import ForwardDriver
 from ...rebalance import Rebalancer
 from ...stats import ExpertLoadStats
 from ..base import ForwardHooks, ForwardInfo
-from .wrap import EPMoEBlock, wrap_transformer
+from .wrap import EPMoEBlock, find_blocks, find_wrapped, wrap_transformer
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,36 @@ def _context(parallel: Optional[ParallelConfig], device: torch.device) -> Parall
     return init_distributed(cfg)
 
 
+def adopt_wrapped(transformer: nn.Module, wrappers: list[EPMoEBlock], ctx: Optional[ParallelContext],
+                  eplb: EplbConfig, score_dtype: Optional[str]) -> ParallelContext:
+    """Checks that the MoE layers `load_transformer` built (`wrappers`) serve this call as they
+    are: every MoE block of the model is wrapped, in layer order, with the redundant slots and
+    score dtype asked for, in the EP group of `ctx`. -> the layers' context. Raises ConfigError
+    (eplb) or ValueError."""
+    spec = wrappers[0].spec
+    left = find_blocks(transformer, spec)
+    if left:
+        raise ValueError(f"{type(transformer).__name__} mixes expert-parallel blocks with {len(left)} "
+                         f"{spec.block_class} module(s) still unwrapped (first: {left[0][0]})")
+    layers = [w.moe for w in wrappers]
+    if [m.layer_idx for m in layers] != list(range(len(layers))):
+        raise ValueError(f"the expert-parallel blocks of {type(transformer).__name__} are not MoE layers "
+                         f"0..{len(layers) - 1} in module order: {[m.layer_idx for m in layers]}")
+    redundant = layers[0].num_slots - layers[0].cfg.num_experts
+    if eplb.num_redundant_experts != redundant:
+        raise ConfigError("eplb.num_redundant_experts", eplb.num_redundant_experts,
+                          f"the transformer was loaded with {redundant} redundant slots per MoE layer "
+                          f"(load_transformer(num_redundant=...)); give the same number")
+    if score_dtype is not None and score_dtype != layers[0].cfg.score_dtype:
+        raise ValueError(f"score_dtype {score_dtype!r}: the transformer was loaded scoring in "
+                         f"{layers[0].cfg.score_dtype!r} (load_transformer(score_dtype=...))")
+    own = layers[0].ctx
+    if ctx is not None and (ctx.ep_size, ctx.ep_rank) != (own.ep_size, own.ep_rank):
+        raise ValueError(f"ctx is EP rank {ctx.ep_rank} of {ctx.ep_size}; the transformer was loaded as "
+                         f"EP rank {own.ep_rank} of {own.ep_size}")
+    return own
+
+
 def expert_parallel(pipe_or_transformer: Any, ctx: Optional[ParallelContext] = None, *,
                     eplb: EplbConfig | dict | None = None, parallel: ParallelConfig | dict | None = None,
                     score_dtype: Optional[str] = None) -> Any:
@@ -180,6 +211,8 @@ def expert_parallel(pipe_or_transformer: Any, ctx: Optional[ParallelContext] = N
     num_redundant_experts, window_size, interval, migration, ...). score_dtype: None (default)
     scores the gate as the model's own code does (its spec: "input" for HiDream and NucleusMoE),
     "float32" scores in float32 (a few tokens then pick other experts in bf16).
+    A transformer from `load_transformer` (its MoE blocks already expert-parallel) is adopted
+    as it is: its layers' context, with eplb.num_redundant_experts equal to what it was loaded with.
     Every rank must call this with the same weights, and then run the same pipeline calls.
     """
     transformer = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
@@ -189,14 +222,22 @@ def expert_parallel(pipe_or_transformer: Any, ctx: Optional[ParallelContext] = N
     if isinstance(parallel, dict):
         parallel = _build(ParallelConfig, parallel, "parallel")
     eplb = eplb or EplbConfig()
-    device = next(transformer.parameters()).device
-    ctx = ctx or _context(parallel, device)
-    wrappers, _ = wrap_transformer(transformer, ctx, num_redundant=eplb.num_redundant_experts,
-                                   score_dtype=score_dtype)
+    if isinstance(getattr(transformer, "moe_ep", None), ExpertParallel):
+        raise ValueError(f"{type(transformer).__name__} is expert-parallel already (expert_parallel was called "
+                         "on it, or on a pipeline around it): use its `.moe_ep`")
+    wrappers = find_wrapped(transformer)
+    if wrappers:                          # load_transformer made it: its blocks are expert-parallel already
+        ctx = adopt_wrapped(transformer, wrappers, ctx, eplb, score_dtype)
+    else:
+        device = next(transformer.parameters()).device
+        ctx = ctx or _context(parallel, device)
+        wrappers, _ = wrap_transformer(transformer, ctx, num_redundant=eplb.num_redundant_experts,
+                                       score_dtype=score_dtype)
     convention = CONVENTIONS.get(wrappers[0].spec.name)
     if convention is None:
         raise ValueError(f"no pipeline convention for model family {wrappers[0].spec.name!r}; "
                          f"known: {sorted(CONVENTIONS)}")
     handle = ExpertParallel(transformer, wrappers, ctx, eplb, convention, pipeline)
     pipe_or_transformer.moe_ep = handle
+    transformer.moe_ep = handle           # a second call, through a pipeline around it, is refused
     return pipe_or_transformer

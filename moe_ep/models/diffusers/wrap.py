@@ -126,6 +126,53 @@ class ModuleExpertSource:
         return to_w13_w2(lay, {k: v.detach() for k, v in parts.items()})
 
 
+def adoptable(spec: MoEBlockSpec, block: nn.Module, layer: MoELayer) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """The block's packed stacks (gate_up [E, H, 2F], down [E, F, H]) when `layer` can take them
+    as its slot weights without a copy: the same layout as GroupedExperts (packed, [gate | up]
+    columns, x @ W), every expert in its own slot in order (EP = 1, no redundant slots, the
+    contiguous placement), the same dtype and device, contiguous. Else None."""
+    lay = spec.experts
+    if lay.kind != "packed" or layer.local_experts != list(range(layer.cfg.num_experts)):
+        return None
+    c = block.get_submodule(lay.container)
+    gate_up, down = getattr(c, lay.gate_up), getattr(c, lay.down)
+    ref = layer.experts.w13
+    if any(t.dtype != ref.dtype or t.device != ref.device or not t.is_contiguous() for t in (gate_up, down)):
+        return None
+    return gate_up.detach(), down.detach()
+
+
+@torch.no_grad()
+def wrap_block(model: nn.Module, path: str, spec: MoEBlockSpec, ctx: ParallelContext, layer_idx: int,
+               num_redundant: int, dtype: Optional[torch.dtype], score_dtype: Optional[str],
+               keep_source: bool = False) -> tuple[EPMoEBlock, Optional[ModuleExpertSource]]:
+    """Replace the diffusers MoE block at `path` by an EPMoEBlock and let the block go.
+
+    Its gate is copied, its shared expert moves as it is, and this rank's slots are filled from
+    its experts: adopted without a copy where `adoptable` says so (unless `keep_source`, whose
+    source must keep the block's own weights unchanged), else copied expert by expert. Only
+    this function holds the block, so it is freed on return (unless `keep_source`): wrapping
+    a model holds at most the model plus one layer's new slots."""
+    block = model.get_submodule(path)
+    gate = gate_weight(spec, block)
+    layer = make_layer(spec, block, ctx, layer_idx, num_redundant, dtype or gate.dtype, score_dtype)
+    layer.router.gate.weight.copy_(gate)
+    stacks = None if keep_source else adoptable(spec, block, layer)
+    source = ModuleExpertSource(spec, block) if keep_source or stacks is None else None
+    if stacks is not None:
+        layer.experts.adopt(*stacks)                    # the zero slots made above are freed here
+    else:
+        layer.load_expert_weights(source)
+    wrapper = EPMoEBlock(spec, layer, path)
+    replace_module(model, path, wrapper)
+    return wrapper, (source if keep_source else None)
+
+
+def find_wrapped(model: nn.Module) -> list[EPMoEBlock]:
+    """The EPMoEBlocks already in `model` (a `load_transformer` model), in module order."""
+    return [m for m in model.modules() if isinstance(m, EPMoEBlock)]
+
+
 @torch.no_grad()
 def wrap_transformer(model: nn.Module, ctx: ParallelContext, num_redundant: int = 0,
                      dtype: Optional[torch.dtype] = None, spec: Optional[MoEBlockSpec] = None,
@@ -134,25 +181,22 @@ def wrap_transformer(model: nn.Module, ctx: ParallelContext, num_redundant: int 
     """Make a diffusers transformer that is already in memory expert-parallel, in place.
 
     Every MoE block becomes an EPMoEBlock whose MoELayer holds the block's gate, its shared
-    expert (the same module) and, in this rank's slots, copies of the experts the contiguous
-    placement gives it. The block's other experts are dropped with the block unless
-    `keep_sources`, in which case the returned sources keep them (the rebalancer's fallback).
+    expert (the same module) and, in this rank's slots, the experts the contiguous placement
+    gives it. One block at a time (`wrap_block`): its slots are filled, it is replaced and
+    freed before the next, so the peak is the model plus one layer's slots. At EP = 1 without
+    redundant slots a packed expert stack (NucleusMoE) becomes the slots themselves, no copy.
+    The block's other experts are dropped with the block unless `keep_sources`, in which case
+    the returned sources keep them (the rebalancer's fallback; the blocks then stay in memory).
     Every rank must call this with the same model (the same weights), as in any EP job.
     Returns (wrappers, sources): sources[i] is expert -> (w13, w2) of MoE layer i, or None.
     """
     spec = spec or spec_for(type(model).__name__)
-    blocks = find_blocks(model, spec)
-    if not blocks:
+    paths = [path for path, _ in find_blocks(model, spec)]   # names only: a module held here would stay alive
+    if not paths:
         raise ValueError(f"{type(model).__name__} has no {spec.block_class} module to make expert-parallel")
     wrappers, sources = [], []
-    for idx, (path, block) in enumerate(blocks):
-        gate = gate_weight(spec, block)
-        layer = make_layer(spec, block, ctx, idx, num_redundant, dtype or gate.dtype, score_dtype)
-        layer.router.gate.weight.copy_(gate)
-        source = ModuleExpertSource(spec, block)
-        layer.load_expert_weights(source)
-        wrapper = EPMoEBlock(spec, layer, path)
-        replace_module(model, path, wrapper)
+    for idx, path in enumerate(paths):
+        wrapper, source = wrap_block(model, path, spec, ctx, idx, num_redundant, dtype, score_dtype, keep_sources)
         wrappers.append(wrapper)
-        sources.append(source if keep_sources else None)
+        sources.append(source)
     return wrappers, sources
