@@ -109,7 +109,7 @@ def test_expert_parallel_adopts_a_loaded_transformer(folders, name):
     model = moe_ep.expert_parallel(loaded.model, eplb=EPLB)                    # ctx: the layers' own
     handle = model.moe_ep
     assert handle.wrappers == loaded.wrappers                                  # adopted, not wrapped again
-    handle.rebalancer._planner, handle.rebalancer.force = random_planner(7), True
+    handle.rebalancer.decider.planner, handle.rebalancer.force = random_planner(7), True
     start = placements(handle)
     with torch.no_grad():
         for step, t in enumerate((0.9, 0.5, 0.2)):
@@ -147,7 +147,7 @@ def test_pipeline_around_a_loaded_transformer(folders):
     loaded = load_transformer(folder, ParallelContext(), num_redundant=EPLB["num_redundant_experts"])
     pipe = moe_ep.expert_parallel(hidream_pipeline(folder, transformer=loaded.model), eplb=EPLB)
     handle = pipe.moe_ep
-    handle.rebalancer._planner, handle.rebalancer.force = random_planner(3), True
+    handle.rebalancer.decider.planner, handle.rebalancer.force = random_planner(3), True
     start = placements(handle)
     for call in range(2):
         emb = hidream_embeddings(ref, seed=call, batch=1)
