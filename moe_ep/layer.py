@@ -68,7 +68,7 @@ class MoELayer(nn.Module):
         self._side_stream: Optional[torch.cuda.Stream] = None
         self.placement: Placement = contiguous_placement(cfg.num_experts, num_redundant, ctx.ep_size)
         self._install_routing(self.placement)
-        self.batch_invariant = cfg.batch_invariant
+        self.batch_invariant = cfg.batch_invariant == "on" or (cfg.batch_invariant == "auto" and dev.type == "cpu")
 
     # ------------------------------------------------------------ batch invariance
     @property

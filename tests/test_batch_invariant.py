@@ -10,6 +10,7 @@ checked, so the layer's own EP = 1 output on a batch of one rank is the referenc
 """
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -24,6 +25,7 @@ from moe_ep.layer import MoELayer
 from moe_ep.parallel import context_for_tests
 from mp import run_ranks
 from reference import logical_weights, plain_swiglu
+from tiny_job import QUICKSTART, TINY_MODEL
 
 H, FF, SEED = 32, 24, 11
 
@@ -186,3 +188,68 @@ def test_layer_output_is_the_same_at_every_ep_size_placement_and_batch(tmp_path)
             among = res[(name, "among others")]
             mine = among[1:] if name == "expert-choice" else among[:, 5 + sum(TOKENS[:rank]):][:, :n]
             assert torch.equal(mine, ref), f"{name}: rank {rank}'s tokens among others differ"
+
+
+# ---------------------------------------------------------------- whole jobs: the same latents
+
+PROMPTS = ["a red fox", "a blue lake", "a green hill"]
+JOB = [f"model={json.dumps(dict(TINY_MODEL, moe=dict(TINY_MODEL['moe'], top_k=4)))}",   # top-4: 3+ terms
+       "sampling.num_inference_steps=4", "sampling.height=16", "sampling.width=16", "telemetry.wandb=false", "sampling.batch_size=2"]
+FORCED = ["eplb.enabled=true", "eplb.num_redundant_experts=4", "eplb.min_gain=-1", "eplb.window_size=2",
+          "eplb.interval=2"]
+
+
+def _with_latent_bytes(decode):
+    """decode_latents, each image followed by its latents' float32 bytes as extra pixel rows, so the
+    PNG files the job writes (one per prompt index) compare the latents bit for bit too."""
+    def wrapped(latents, factor=1):
+        images = decode(latents, factor)                                   # [B, H, W, 3] uint8
+        B, _, W, _ = images.shape
+        raw = latents.detach().cpu().float().contiguous().numpy().view(np.uint8)
+        raw = raw.reshape(B, 4 * latents[0].numel() if B else 0)
+        rows = -(-raw.shape[1] // (W * 3))
+        raw = np.pad(raw, ((0, 0), (0, rows * W * 3 - raw.shape[1]))).reshape(B, rows, W, 3)
+        return np.concatenate([images, raw], axis=1)
+    return wrapped
+
+
+def _ranks_job(rank: int, world: int, overrides: list[str]) -> None:
+    import sys
+    from moe_ep import config as config_mod
+    from moe_ep import job
+
+    build = job.build_served_model
+
+    def build_recording(cfg, ctx):
+        model = build(cfg, ctx)
+        module = sys.modules[type(model).__module__]      # where the model's sample() finds decode_latents
+        module.decode_latents = _with_latent_bytes(module.decode_latents)
+        return model
+
+    job.build_served_model = build_recording
+    cfg = config_mod.load(QUICKSTART, overrides)
+    job.run(cfg, context_for_tests(rank, world, cfg.parallel.ep_size), progress=False)
+
+
+def _job(tmp_path, name: str, world: int, prompts: list[str], extra: list[str]) -> dict[str, bytes]:
+    """Run the job; -> prompt text -> its PNG's bytes (pixels, then the latents' bits)."""
+    out = tmp_path / name
+    run_ranks(world, _ranks_job, JOB + [f"output_dir={out}", f"sampling.prompts={json.dumps(prompts)}"] + extra)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ep_size"] == world
+    return {x["prompt"]: (out / x["path"]).read_bytes() for x in summary["images"]}, summary
+
+
+def test_job_latents_are_the_same_at_ep_1_2_4_with_rebalancing(tmp_path):
+    """Three prompts in batches of two, bit for bit: at EP 1 (no redundant slots, no rebalancing);
+    at EP 2 (4 redundant slots, rebalanced synchronously every 2 forwards: the expert GEMMs mix
+    both ranks' prompts); at EP 4 (rebalanced asynchronously, two ranks idle). What is not promised:
+    the same prompt alone in its batch vs beside another (the dense parts, docs/model.md)."""
+    ep1, _ = _job(tmp_path, "ep1", 1, PROMPTS, [])
+    ep2, s2 = _job(tmp_path, "ep2", 2, PROMPTS, ["eplb.migration=sync"] + FORCED)
+    ep4, s4 = _job(tmp_path, "ep4", 4, PROMPTS, ["eplb.migration=async"] + FORCED)
+    for s in (s2, s4):                                      # experts did move mid-run
+        assert sum(r["experts_moved"] for r in s["rebalances"]) > 0, s["rebalances"]
+    for p in PROMPTS:
+        assert ep2[p] == ep1[p], f"{p}: EP 2 vs EP 1"
+        assert ep4[p] == ep1[p], f"{p}: EP 4 vs EP 1"
