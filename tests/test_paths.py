@@ -231,6 +231,7 @@ sys.path.insert(0, {root!r})
 from moe_ep import config
 from moe_ep.config import ConfigError
 from moe_ep.paths import check_paths
+assert config.__file__.startswith({root!r}), config.__file__   # this copy, not an installed one
 for sets in {cases!r}:
     try:
         check_paths(config.from_dict(sets))
