@@ -167,15 +167,17 @@ def bench_layer(args) -> list[dict]:
     load_ratio = expert_load_ratio(ids, args.experts, ctx.ep_group)
 
     rows = []
-    def variant(dedup, overlap=False):   # EP > 1: one row per (token, destination rank) or per copy
+    def variant(dedup, overlap=False, invariant=False):   # EP > 1: one row per (token, destination rank) or per copy
         def fn(t):
-            ours.dedup_tokens, ours.overlap_own_rows = dedup, overlap
+            ours.dedup_tokens, ours.overlap_own_rows, ours.batch_invariant = dedup, overlap, invariant
             return ours(t)
         return fn
 
-    # the layer's defaults first (at EP > 1: one row per (token, destination rank), this rank's own
-    # rows computed while the others travel); the ratios are against it
+    # the fast path first (at EP > 1: one row per (token, destination rank), this rank's own rows
+    # computed while the others travel); the ratios are against it
     systems = [("moe-ep (dropless)", variant(True, True))]
+    if ctx.device.type == "cpu":   # model.moe.batch_invariant "auto" is on here (moe_ep/batch_invariant.py)
+        systems.append(("moe-ep, batch-invariant", variant(True, True, invariant=True)))
     if ctx.ep_size > 1:
         systems.append(("moe-ep, exchange then compute", variant(True, False)))
         systems.append(("moe-ep, one row per copy (no dedup)", variant(False)))

@@ -44,6 +44,11 @@ class MoEConfig:
     # "float32": router scores in float32 (robust to near-ties); "input": in the input's dtype,
     # as a model's own code does (matches it bit for bit, e.g. diffusers' HiDream gate in bf16)
     score_dtype: Literal["float32", "input"] = "float32"
+    # "on": a token's expert output independent of the other tokens, the EP size and the placement
+    # (moe_ep/batch_invariant.py: fixed-size GEMM row blocks on the CPU, one row per routed copy
+    # on the wire, a weighted sum in copy order); "auto": on for CPU ranks, off on GPUs (where
+    # one row per copy costs all-to-all bytes and the path is not measured); "off"
+    batch_invariant: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass

@@ -69,14 +69,8 @@ def combine(y: torch.Tensor, copies: RoutedCopies, plan: DispatchPlan, group) ->
 
     y [M, H] (grouped by local slot) -> [T, H]; a token no expert chose gets zeros.
     """
-    if plan.ungroup is not None:
-        rows = y[plan.ungroup]                                                 # back to (source, slot) order
-        back = y.new_empty(sum(plan.send_splits), y.shape[1])                  # [N, H]
-        dist.all_to_all_single(back, rows, plan.send_splits, plan.recv_splits, group=group)
-    else:
-        back = y
     T, H = copies.num_tokens, y.shape[1]
-    per_copy = back[plan.unsort]                                               # [N, H] in copy order
+    per_copy = returned_copies(y, plan, group)                                 # [N, H] in copy order
     if copies.token is None:
         k = copies.top_k
         # Weighted sum over k as one batched product: [T, 1, k] @ [T, k, H] -> [T, 1, H], in float32
@@ -87,3 +81,15 @@ def combine(y: torch.Tensor, copies: RoutedCopies, plan: DispatchPlan, group) ->
     # in float32: a token's copies add up in one buffer (bf16 atomics would round each addition)
     weighted = per_copy.float() * copies.weight.unsqueeze(1)                   # [N, H]
     return torch.zeros(T, H, dtype=torch.float32, device=y.device).index_add_(0, copies.token, weighted).to(y.dtype)
+
+
+def returned_copies(y: torch.Tensor, plan: DispatchPlan, group) -> torch.Tensor:
+    """Send expert outputs back to the ranks their copies came from: y [M, H] (grouped by local
+    slot) -> [N, H], the sender's copies in copy order (unweighted)."""
+    if plan.ungroup is not None:
+        rows = y[plan.ungroup]                                                 # back to (source, slot) order
+        back = y.new_empty(sum(plan.send_splits), y.shape[1])                  # [N, H]
+        dist.all_to_all_single(back, rows, plan.send_splits, plan.recv_splits, group=group)
+    else:
+        back = y
+    return back[plan.unsort]                                                   # [N, H]

@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .batch_invariant import blocked_swiglu
+
 
 def expert_seed(seed: int, layer: int, expert: int) -> int:
     """A seed for one logical expert's weights, independent of where it is placed."""
@@ -142,6 +144,10 @@ class GroupedExperts(nn.Module):
         # (H200); one fused kernel from torch.compile takes 0.31 ms (docs/benchmarks.md 1b),
         # 0.3 ms of the layer's 10 ms measured in place (benchmarks/gpu_check.py).
         self.activation = torch.compile(silu_gate, dynamic=True) if dev.type == "cuda" else silu_gate
+        # True: a row's output does not depend on the other rows (moe_ep/batch_invariant.py): the
+        # "grouped_mm" and "loop" paths run fixed-size row blocks instead; the Triton paths already
+        # do (one tile configuration per GEMM). Set by MoELayer from model.moe.batch_invariant.
+        self.batch_invariant = False
 
     @property
     def backend(self) -> str:
@@ -214,7 +220,9 @@ class GroupedExperts(nn.Module):
                                  quack_down=self.backend == "triton+quack")
         if row_index is not None:
             x = x[row_index]                                                       # [M, H]
-        if self.backend == "grouped_mm":
+        if self.batch_invariant:
+            y = blocked_swiglu(x, self.w13, self.w2, counts)                       # [M, H]
+        elif self.backend == "grouped_mm":
             offsets = counts.cumsum(0).to(torch.int32)                               # [S]
             h = self.activation(torch._grouped_mm(x, self.w13, offs=offsets))       # [M, F]
             y = torch._grouped_mm(h, self.w2, offs=offsets)                        # [M, H]
@@ -243,11 +251,18 @@ class DenseMLP(nn.Module):
         # (Its gate/up stays on Triton: QuACK's would need w13 interleaved, and this w13 is a
         # plain parameter that checkpoints and state dicts read as [gate | up].)
         self.quack_down = True
+        # True: off the fused Triton path, rows in fixed-size blocks (moe_ep/batch_invariant.py), so
+        # a token's output does not depend on the other tokens (MoELayer sets it for its shared expert)
+        self.batch_invariant = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., H] -> [..., H]."""
         if self.fused and x.dtype == self.w13.dtype and triton_supported(x.device, x.dtype):
             return self._fused_forward(x)
+        if self.batch_invariant:
+            rows = x.reshape(-1, x.shape[-1])                                      # [T, H]
+            one_slot = torch.full((1,), rows.shape[0], dtype=torch.int64, device=x.device)
+            return blocked_swiglu(rows, self.w13[None], self.w2[None], one_slot).view(x.shape)
         return swiglu(x, self.w13, self.w2)
 
     # Inside a compiled model (a dense block with model.compile) the Triton launches run eagerly.

@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 
 from .config import ConfigError, MoEConfig
-from .dispatch import combine, dispatch
+from .batch_invariant import ordered_combine
+from .dispatch import combine, dispatch, returned_copies
 from .token_exchange import combine_pairs, dispatch_pairs, overlapped_exchange
 from .experts import DenseMLP, GroupedExperts
 from .parallel import ParallelContext, check_layout
@@ -67,6 +68,25 @@ class MoELayer(nn.Module):
         self._side_stream: Optional[torch.cuda.Stream] = None
         self.placement: Placement = contiguous_placement(cfg.num_experts, num_redundant, ctx.ep_size)
         self._install_routing(self.placement)
+        self.batch_invariant = cfg.batch_invariant == "on" or (cfg.batch_invariant == "auto" and dev.type == "cpu")
+
+    # ------------------------------------------------------------ batch invariance
+    @property
+    def batch_invariant(self) -> bool:
+        """True: a token's output does not depend on the other tokens of the forward, the EP size or
+        the placement (moe_ep/batch_invariant.py); one path at every EP size (one row per routed copy
+        on the wire, a weighted sum in copy order), instead of the ones `dedup_tokens`,
+        `overlap_own_rows` and `fused_local` pick."""
+        return self._batch_invariant
+
+    @batch_invariant.setter
+    def batch_invariant(self, on: bool) -> None:
+        self._batch_invariant = on
+        self.experts.batch_invariant = on
+        if on and self.experts.backend in ("quack", "triton+quack"):
+            self.experts.backend = "triton"   # fixed Triton tile configs; QuACK's were not checked
+        if hasattr(self.shared, "batch_invariant"):   # moe-ep's DenseMLP (a model's own module: as it is)
+            self.shared.batch_invariant = on
 
     # ------------------------------------------------------------ placement
     @property
@@ -128,9 +148,11 @@ class MoELayer(nn.Module):
                 self.stats.record_copies(self.layer_idx, copies, rows_per_sample)
             slots = assign_slots(copies.expert, self._choices, self._nchoices,
                                  self.ctx.ep_rank, self._has_replicas)         # [N]
-        if self.ctx.ep_size == 1 and self.fused_local:
+        if self.batch_invariant:
+            out = self._forward_invariant(x, slots, copies)                    # [T, H]
+        elif self.ctx.ep_size == 1 and self.fused_local:
             return self._forward_local(x, slots, copies, shared_out).view(shape)
-        if self.ctx.ep_size > 1 and self.dedup_tokens and self.overlap_own_rows:
+        elif self.ctx.ep_size > 1 and self.dedup_tokens and self.overlap_own_rows:
             out = self._forward_overlapped(x, slots, copies)                   # [T, H]
         else:
             out = self._forward_exchanged(x, slots, copies)                    # [T, H]
@@ -145,6 +167,27 @@ class MoELayer(nn.Module):
                                                   self.slots_per_rank, self.ctx.ep_group, self.experts,
                                                   phase=lambda name: maybe_phase(self.timer, name))
         return out
+
+    def _forward_invariant(self, x: torch.Tensor, slots: torch.Tensor, copies: RoutedCopies) -> torch.Tensor:
+        """The batch-invariant path (moe_ep/batch_invariant.py), the same at every EP size: each
+        routed copy's row to its slot's rank and its output back (EP = 1: the counting sort, the
+        experts gathering x), then `ordered_combine`. x [T, H] -> routed sum [T, H]."""
+        with maybe_phase(self.timer, "dispatch"):
+            if self.ctx.ep_size == 1:
+                plan = local_dispatch(slots, copies, self.slots_per_rank)
+                self.wire_rows = 0
+            else:
+                rows, plan = dispatch(x, slots, copies, self.ctx.ep_size, self.slots_per_rank, self.ctx.ep_group)
+                self.wire_rows = sum(plan.send_splits) - plan.send_splits[self.ctx.ep_rank]
+        with maybe_phase(self.timer, "experts"):
+            if self.ctx.ep_size == 1:
+                per_copy = self.experts(x, plan.counts, row_index=plan.row_index)[plan.pos]   # [N, H] copy order
+            else:
+                y = self.experts(rows, plan.local_counts)                          # [M, H]
+        with maybe_phase(self.timer, "combine"):
+            if self.ctx.ep_size > 1:
+                per_copy = returned_copies(y, plan, self.ctx.ep_group)         # [N, H] copy order
+            return ordered_combine(per_copy, copies)
 
     def _forward_exchanged(self, x: torch.Tensor, slots: torch.Tensor, copies: RoutedCopies) -> torch.Tensor:
         """Exchange, then experts, then the way back: one row per (token, destination rank) with

@@ -2,17 +2,21 @@
 
 EP = 1: the fused local path (default) and the generic dispatch / combine. EP > 1: one row per
 (token, destination rank) with this rank's own rows computed during the exchange (default), the
-same without the overlap, and one row per routed copy.
+same without the overlap, and one row per routed copy. At every EP size also the batch-invariant
+path (model.moe.batch_invariant, moe_ep/batch_invariant.py); the others run with it off.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
 from typing import Iterator
 
-MODES_EP1 = {"fused local": {"fused_local": True}, "generic dispatch": {"fused_local": False}}
-MODES_EP = {"pairs, overlapped": {"dedup_tokens": True, "overlap_own_rows": True},
-            "pairs": {"dedup_tokens": True, "overlap_own_rows": False},
-            "one row per copy": {"dedup_tokens": False, "overlap_own_rows": False}}
+OFF = {"batch_invariant": False}
+MODES_EP1 = {"fused local": {**OFF, "fused_local": True}, "generic dispatch": {**OFF, "fused_local": False},
+             "batch invariant": {"batch_invariant": True}}
+MODES_EP = {"pairs, overlapped": {**OFF, "dedup_tokens": True, "overlap_own_rows": True},
+            "pairs": {**OFF, "dedup_tokens": True, "overlap_own_rows": False},
+            "one row per copy": {**OFF, "dedup_tokens": False, "overlap_own_rows": False},
+            "batch invariant": {"batch_invariant": True}}
 
 
 @contextmanager

@@ -133,6 +133,7 @@ def _ranks_dedup(rank, world, ep_size):
     cfg = MoEConfig(num_experts=16, top_k=8, expert_hidden_size=F)
     torch.manual_seed(5)
     layer = MoELayer(H, cfg, ctx, num_redundant=ep_size)
+    layer.batch_invariant = False      # the pair exchange (the batch-invariant path sends one row per copy)
     torch.nn.init.normal_(layer.router.gate.weight, std=0.05)      # near-uniform routing
     layer.load_expert_weights(lambda e: init_expert_weights(SEED, 0, e, H, F))
     x = torch.randn(0 if rank == 1 else 64, H, generator=torch.Generator().manual_seed(rank))
@@ -154,7 +155,7 @@ def _ranks_dedup(rank, world, ep_size):
     xe = torch.randn(0 if rank == 1 else 2, 7, H, generator=torch.Generator().manual_seed(50 + rank))
     w13, w2 = logical_weights(SEED, 0, E, H, F)
     ref_e = expert_choice_reference(xe, xe, ec.router.gate.weight, w13, w2, 2.0, 1.0, "softmax")
-    ec.overlap_own_rows = True
+    ec.batch_invariant, ec.overlap_own_rows = False, True
     out_e = ec(xe)
     assert (out_e - ref_e).abs().max().item() < TOL if xe.numel() else out_e.shape == xe.shape
     if x.numel():

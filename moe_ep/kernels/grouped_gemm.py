@@ -21,6 +21,14 @@ gathered on load). With a row index and `gather_on_load=False` the rows are copi
 A persistent TMA kernel (`persistent=True`: one program per SM walks the tiles) is kept for
 measurement and off: it made gate/up 30% slower and the layer no faster (docs/benchmarks.md 1d,
 round 5).
+
+Batch invariance (moe_ep/batch_invariant.py): a row's result does not depend on the other rows of
+the launch. Each GEMM runs one fixed configuration (GATE_UP_CONFIG, DOWN_CONFIG: chosen once, never
+from M or the counts; no autotuning), each output tile is one program that walks the whole K
+dimension in BK steps in the same order (no split-K, no reduction across programs), and the kernel
+choice (TMA or pointer loads) depends on K, N, the dtype and the GPU only. A row's tile-mates are
+computed and masked, never mixed into it. Keep it so: a config picked per token count would make
+the images depend on the batch and the EP size. (Argued from the code; no GPU here to measure.)
 """
 from __future__ import annotations
 
