@@ -34,6 +34,7 @@ from ...parallel import ParallelContext, build_context, init_distributed
 from ...rebalance import Rebalancer, layer_balancedness
 from ...stats import ExpertLoadStats
 from ..base import ForwardHooks, ForwardInfo
+from .context_parallel import install_context_parallel
 from .wrap import EPMoEBlock, wrap_transformer
 
 
@@ -227,5 +228,8 @@ def expert_parallel(pipe_or_transformer: Any, ctx: Optional[ParallelContext] = N
         raise ValueError(f"no pipeline convention for model family {wrappers[0].spec.name!r}; "
                          f"known: {sorted(CONVENTIONS)}")
     handle = ExpertParallel(transformer, wrappers, ctx, eplb, convention, pipeline)
+    # cfg / sequence parallel over ctx.layout (None when both are 1): context_parallel.py
+    handle.context_parallel = install_context_parallel(transformer, ctx, handle.moe_layers(), convention.guidance,
+                                                       wrappers[0].spec.name, handle.watch._guided)
     pipe_or_transformer.moe_ep = handle
     return pipe_or_transformer

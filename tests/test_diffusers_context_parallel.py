@@ -1,0 +1,185 @@
+"""One image on many ranks for the diffusers families (context_parallel.py, nucleus_sp.py,
+hidream_sp.py): sequence parallel (Ulysses, ring, both) and CFG parallel composed with EP and
+EPLB, against diffusers' own pipeline in one process with the same weights (the reference).
+
+Every layout runs diffusers' own pipeline loop (NucleusMoEImagePipeline with prompt embeddings
+and no VAE; the tiny HiDreamImagePipeline), EP over all ranks, redundant experts and a forced
+rebalance every forward. Checked: the latents equal the reference's (1e-5 relative), and the
+expert statistics summed over the world equal the single-process routing's, per guidance
+branch: every token counted once (expert choice: E x C per sample and layer; token choice:
+tokens x k)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moe_ep
+from moe_ep.config import ConfigError, MoEConfig, ParallelConfig
+from moe_ep.parallel import ParallelContext, build_context
+from moe_ep.router import Router, expert_choice_copies
+from mp import run_ranks
+from rebalance_helpers import random_planner
+
+RTOL = 1e-5
+
+
+# ---------------------------------------------------------------- expert choice over shards
+
+def _copies_set(c, rows_from_local=None):
+    rows = c.rows().tolist() if rows_from_local is None else [rows_from_local(r) for r in c.rows().tolist()]
+    return sorted(zip(rows, c.expert.tolist(), [round(w, 6) for w in c.weight.tolist()]))
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_expert_choice_shards_are_the_whole_sample_choice(ties):
+    """Keeping shard i's picks of the whole-sample choice, over all shards, is exactly the
+    single-process choice (same copies, weights), ties included; choosing per shard is not."""
+    B, S, E, sp = 2, 12, 4, 3
+    cfg = MoEConfig(num_experts=E, top_k=1, routing="expert_choice", capacity_factor=1.5, route_scale=2.0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, S, 6, generator=g)
+    router = Router(6, cfg)
+    with torch.no_grad():
+        router.gate.weight.copy_(torch.randn(E, 6, generator=g))
+        scores = router.scores(x)                                           # [B, S, E]
+    if ties:   # whole groups of equal scores straddling the shard borders
+        scores = (scores * 4).round() / 4
+    want = _copies_set(expert_choice_copies(scores, cfg))
+    n = S // sp
+    got, per_shard = [], []
+    for i in range(sp):
+        c = expert_choice_copies(scores, cfg, shard=(i * n, n))
+        assert c.num_tokens == B * n and int(c.rows().max()) < B * n
+        got += _copies_set(c, lambda r, i=i: (r // n) * S + i * n + r % n)
+        alone = expert_choice_copies(scores[:, i * n:(i + 1) * n].contiguous(), cfg)   # mutation: per shard
+        per_shard += _copies_set(alone, lambda r, i=i: (r // n) * S + i * n + r % n)
+    assert sorted(got) == want
+    assert sorted(per_shard) != want
+    # the router on a whole sample is the same rule
+    assert _copies_set(router.expert_choice(x)) == _copies_set(expert_choice_copies(router.scores(x), cfg))
+
+
+# ---------------------------------------------------------------- pipelines
+
+def _nucleus_pipe(seed=0):
+    from diffusers import FlowMatchEulerDiscreteScheduler, NucleusMoEImagePipeline, NucleusMoEImageTransformer2DModel
+
+    from moe_ep.models.diffusers.tiny import init_random, nucleus_config
+
+    # out_channels 4: the pipeline's packed latents (16 channels = 2 x 2 patches of 4) in and out
+    tr = init_random(NucleusMoEImageTransformer2DModel.from_config({**nucleus_config(), "out_channels": 4}), seed)
+    with torch.no_grad():   # make the attention matter: open the blocks' gates (about 0.02 at this init)
+        for block in tr.transformer_blocks:   # and give q/k their unit norms (init_random: 0.02), so the
+            block.img_mod[1].weight.mul_(30.0)   # softmax is not flat and the shards and rotary table
+            block.img_mod[1].bias.mul_(30.0)     # change the latents
+            for norm in (block.attn.norm_q, block.attn.norm_k, block.attn.norm_added_k):
+                norm.weight.fill_(1.0)
+    pipe = NucleusMoEImagePipeline(transformer=tr.eval(), scheduler=FlowMatchEulerDiscreteScheduler(), vae=None,
+                                   text_encoder=None, processor=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _nucleus_latents(pipe, seed=3, guidance=4.0):
+    """Packed latents [1, 16 tokens, 16] after 2 steps; the prompt's last text token is padding."""
+    g = torch.Generator().manual_seed(seed)
+    pe, ne = torch.randn(1, 5, 16, generator=g), torch.randn(1, 5, 16, generator=g)
+    mask = torch.tensor([[True, True, True, True, False]])
+    return pipe(prompt_embeds=pe, prompt_embeds_mask=mask, negative_prompt_embeds=ne,
+                negative_prompt_embeds_mask=torch.ones(1, 5, dtype=torch.bool), height=64, width=64,
+                num_inference_steps=2, guidance_scale=guidance, output_type="latent",
+                generator=torch.Generator().manual_seed(seed + 1)).images
+
+
+def _hidream_latents(pipe, seed=3):
+    from moe_ep.models.diffusers.tiny_pipeline import hidream_embeddings
+
+    return pipe(height=16, width=16, num_inference_steps=2, guidance_scale=4.0, output_type="latent",
+                generator=[torch.Generator().manual_seed(seed + 1)], **hidream_embeddings(pipe, seed, 1)).images
+
+
+FAMILIES = {"nucleus": (_nucleus_pipe, _nucleus_latents), "hidream": (None, _hidream_latents)}
+
+
+def _pipe(family):
+    if family == "nucleus":
+        return _nucleus_pipe(0)
+    from moe_ep.models.diffusers.tiny_pipeline import tiny_hidream_pipeline
+
+    return tiny_hidream_pipeline(0)
+
+
+def _reference(family):
+    """diffusers' pipeline alone (latents), and the single-process moe-ep stats of the same run."""
+    run = FAMILIES[family][1]
+    want = run(_pipe(family))
+    one = _pipe(family)
+    moe_ep.expert_parallel(one, ParallelContext(), eplb={"enabled": False, "window_size": 1})
+    run(one)
+    return want, one.moe_ep.stats.total()
+
+
+def _check_layout(rank, world, family, layout, reference, migration="sync"):
+    want, want_stats = reference
+    ctx = build_context(ParallelConfig(timeout_s=60, **layout), rank, world, torch.device("cpu"))
+    pipe = _pipe(family)
+    moe_ep.expert_parallel(pipe, ctx, eplb={"enabled": True, "num_redundant_experts": world, "window_size": 1,
+                                            "interval": 1, "min_gain": -1.0, "migration": migration})
+    handle = pipe.moe_ep
+    handle.rebalancer._planner, handle.rebalancer.force = random_planner(5), True
+    got = FAMILIES[family][1](pipe)
+    handle.finish()
+    err = float(((got - want).abs().max() / want.abs().max()))
+    assert err < RTOL, f"{family} {layout}: latents differ from the single-process pipeline by {err:.2e} (relative)"
+    moved = [e for e in handle.summary()["rebalances"] if e["status"] == "ok" and e["experts_moved"]]
+    assert moved, f"{family} {layout}: no rebalance moved an expert"
+    total = handle.stats.total()                                            # [buckets, 2, L, E], summed over the world
+    assert (total == want_stats).all(), (f"{family} {layout}: stats differ from the single-process routing: "
+                                         f"per branch {total.sum(axis=(0, 2, 3))} vs {want_stats.sum(axis=(0, 2, 3))}")
+    handle.remove_hooks()
+
+
+def _ranks(rank, world, family, layouts):
+    torch.set_num_threads(1)
+    reference = _reference(family)
+    for i, layout in enumerate(layouts):
+        _check_layout(rank, world, family, layout, reference, migration="async" if i % 2 else "sync")
+
+
+LAYOUTS = {2: [dict(ulysses_degree=2), dict(ring_degree=2), dict(cfg_parallel_size=2)],
+           4: [dict(ulysses_degree=2, cfg_parallel_size=2), dict(ulysses_degree=2, ring_degree=2)]}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_nucleus_layouts_match_one_process(world):
+    run_ranks(world, _ranks, "nucleus", LAYOUTS[world])
+
+
+def test_nucleus_stats_rule_every_token_once():
+    """The reference statistics themselves, by the plain rule: expert choice counts E x C copies per
+    sample, layer and forward; 2 steps x (cond, uncond) forwards of 1 sample, 16 tokens."""
+    import math
+
+    from moe_ep.models.diffusers.tiny import nucleus_config
+
+    _, stats = _reference("nucleus")
+    conf = nucleus_config()
+    E, S = conf["num_experts"], 16
+    caps = [max(1, math.ceil(cf * S / E)) for cf in conf["capacity_factors"][1:]]   # first block dense
+    for branch in (0, 1):
+        assert stats[:, branch].sum(axis=(0, 2)).tolist() == [2 * E * c for c in caps]
+
+
+# ---------------------------------------------------------------- bad layouts
+
+def _ranks_bad(rank, world):
+    torch.set_num_threads(1)
+    # heads 8: ulysses 2 divides them, tokens 16 / sp 2 too; guidance off with cfg 2 does not fit
+    ctx = build_context(ParallelConfig(timeout_s=60, cfg_parallel_size=2), rank, world, torch.device("cpu"))
+    pipe = moe_ep.expert_parallel(_nucleus_pipe(0), ctx)
+    with pytest.raises(ConfigError, match="parallel.cfg_parallel_size"):
+        _nucleus_latents(pipe, guidance=1.0)
+
+
+def test_bad_layouts_name_the_key():
+    run_ranks(2, _ranks_bad)
