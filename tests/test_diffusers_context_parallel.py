@@ -106,7 +106,12 @@ def _pipe(family):
         return _nucleus_pipe(0)
     from moe_ep.models.diffusers.tiny_pipeline import tiny_hidream_pipeline
 
-    return tiny_hidream_pipeline(0)
+    pipe = tiny_hidream_pipeline(0)
+    with torch.no_grad():   # as for NucleusMoE: unit q/k norms (init_random: 0.02), so attention is not flat
+        for name, mod in pipe.transformer.named_modules():
+            if type(mod).__name__ == "RMSNorm" and ".attn1." in f".{name}":
+                mod.weight.fill_(1.0)
+    return pipe
 
 
 def _reference(family):
@@ -153,6 +158,22 @@ LAYOUTS = {2: [dict(ulysses_degree=2), dict(ring_degree=2), dict(cfg_parallel_si
 @pytest.mark.parametrize("world", [2, 4])
 def test_nucleus_layouts_match_one_process(world):
     run_ranks(world, _ranks, "nucleus", LAYOUTS[world])
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_hidream_layouts_match_one_process(world):
+    run_ranks(world, _ranks, "hidream", LAYOUTS[world])
+
+
+def test_hidream_stats_rule_every_token_once():
+    """Token choice, top-2: every image token of every MoE layer and every text token of the
+    single-stream layers counted k times per forward (16 image tokens; 5 T5 + 3 + 3 Llama text
+    tokens), 2 steps of one [negative; positive] forward."""
+    _, stats = _reference("hidream")
+    dual, single, k = 1, 2, 2
+    per_forward = [16 * k] * dual + [(16 + 5 + 3 + 3) * k] * single          # per sample
+    for branch in (0, 1):
+        assert stats[:, branch].sum(axis=(0, 2)).tolist() == [2 * c for c in per_forward]
 
 
 def test_nucleus_stats_rule_every_token_once():
