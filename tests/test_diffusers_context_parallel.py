@@ -10,6 +10,8 @@ branch: every token counted once (expert choice: E x C per sample and layer; tok
 tokens x k)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -98,7 +100,7 @@ def _hidream_latents(pipe, seed=3):
                 generator=[torch.Generator().manual_seed(seed + 1)], **hidream_embeddings(pipe, seed, 1)).images
 
 
-FAMILIES = {"nucleus": (_nucleus_pipe, _nucleus_latents), "hidream": (None, _hidream_latents)}
+LATENTS = {"nucleus": _nucleus_latents, "hidream": _hidream_latents}
 
 
 def _pipe(family):
@@ -116,7 +118,7 @@ def _pipe(family):
 
 def _reference(family):
     """diffusers' pipeline alone (latents), and the single-process moe-ep stats of the same run."""
-    run = FAMILIES[family][1]
+    run = LATENTS[family]
     want = run(_pipe(family))
     one = _pipe(family)
     moe_ep.expert_parallel(one, ParallelContext(), eplb={"enabled": False, "window_size": 1})
@@ -124,21 +126,22 @@ def _reference(family):
     return want, one.moe_ep.stats.total()
 
 
-def _check_layout(rank, world, family, layout, reference, migration="sync"):
+def _check_layout(rank, world, family, layout, reference, migration="sync", timestep_aware=False):
     want, want_stats = reference
     ctx = build_context(ParallelConfig(timeout_s=60, **layout), rank, world, torch.device("cpu"))
     pipe = _pipe(family)
     moe_ep.expert_parallel(pipe, ctx, eplb={"enabled": True, "num_redundant_experts": world, "window_size": 1,
-                                            "interval": 1, "min_gain": -1.0, "migration": migration})
+                                            "interval": 1, "min_gain": -1.0, "migration": migration,
+                                            "timestep_buckets": 2, "timestep_aware": timestep_aware})
     handle = pipe.moe_ep
     handle.rebalancer._planner, handle.rebalancer.force = random_planner(5), True
-    got = FAMILIES[family][1](pipe)
+    got = LATENTS[family](pipe)
     handle.finish()
     err = float(((got - want).abs().max() / want.abs().max()))
     assert err < RTOL, f"{family} {layout}: latents differ from the single-process pipeline by {err:.2e} (relative)"
     moved = [e for e in handle.summary()["rebalances"] if e["status"] == "ok" and e["experts_moved"]]
     assert moved, f"{family} {layout}: no rebalance moved an expert"
-    total = handle.stats.total()                                            # [buckets, 2, L, E], summed over the world
+    total = handle.stats.total().sum(axis=0, keepdims=True)                 # [1, 2, L, E], summed over the world
     assert (total == want_stats).all(), (f"{family} {layout}: stats differ from the single-process routing: "
                                          f"per branch {total.sum(axis=(0, 2, 3))} vs {want_stats.sum(axis=(0, 2, 3))}")
     handle.remove_hooks()
@@ -148,7 +151,9 @@ def _ranks(rank, world, family, layouts):
     torch.set_num_threads(1)
     reference = _reference(family)
     for i, layout in enumerate(layouts):
-        _check_layout(rank, world, family, layout, reference, migration="async" if i % 2 else "sync")
+        # sync and async migration in turn; timestep-aware placements (one per timestep half) in the first
+        _check_layout(rank, world, family, layout, reference, migration="async" if i % 2 else "sync",
+                      timestep_aware=i == 0)
 
 
 LAYOUTS = {2: [dict(ulysses_degree=2), dict(ring_degree=2), dict(cfg_parallel_size=2)],
@@ -193,14 +198,65 @@ def test_nucleus_stats_rule_every_token_once():
 
 # ---------------------------------------------------------------- bad layouts
 
-def _ranks_bad(rank, world):
+def _ranks_cfg_rules(rank, world):
     torch.set_num_threads(1)
-    # heads 8: ulysses 2 divides them, tokens 16 / sp 2 too; guidance off with cfg 2 does not fit
     ctx = build_context(ParallelConfig(timeout_s=60, cfg_parallel_size=2), rank, world, torch.device("cpu"))
+    # guidance off with cfg 2: nothing to split
     pipe = moe_ep.expert_parallel(_nucleus_pipe(0), ctx)
     with pytest.raises(ConfigError, match="parallel.cfg_parallel_size"):
         _nucleus_latents(pipe, guidance=1.0)
+    # two-call guidance: cfg rank 0 runs the conditional forward, rank 1 the unconditional one,
+    # and the statistics label the rows so (expert choice counts are the same in both branches,
+    # so the pipeline test cannot see these labels)
+    pipe = moe_ep.expert_parallel(_nucleus_pipe(0), ctx)
+    stats, seen = pipe.moe_ep.stats, []
+    record = stats.record_copies
+    stats.record_copies = lambda *a, **k: (seen.append(tuple(stats.sample_branch)), record(*a, **k))[1]
+    _nucleus_latents(pipe)
+    assert seen and set(seen) == {(rank,)}, f"cfg rank {rank} labelled its rows {set(seen)}"
+
+    # sequence parallel: heads that ulysses does not divide, image tokens that sp does not divide
+    from moe_ep.models.diffusers.tiny import nucleus_inputs, tiny_hidream, tiny_nucleus
+
+    ctx = build_context(ParallelConfig(timeout_s=60, ulysses_degree=2), rank, world, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="parallel.ulysses_degree"):
+        moe_ep.expert_parallel(tiny_hidream(0, heads=3), ctx)
+    model = moe_ep.expert_parallel(tiny_nucleus(0), ctx)
+    kw = nucleus_inputs(model, 0, 1, 0.5)
+    kw.update(hidden_states=kw["hidden_states"][:, :15], img_shapes=[(1, 3, 5)])
+    with pytest.raises(ConfigError, match="parallel.sequence_parallel_size"):
+        model(**kw)
 
 
-def test_bad_layouts_name_the_key():
-    run_ranks(2, _ranks_bad)
+def test_cfg_rules_and_bad_layouts():
+    run_ranks(2, _ranks_cfg_rules)
+
+
+# ---------------------------------------------------------------- the served model (launch/infer.py's)
+
+def _ranks_served(rank, world, folder):
+    import numpy as np
+
+    from moe_ep import config as config_mod
+    from moe_ep.models.base import NoHooks
+    from moe_ep.models.diffusers import build_served_model
+
+    torch.set_num_threads(1)
+    base = [f"model.path={folder}", "sampling.num_inference_steps=2"]
+    cfg = config_mod.load(CONFIG, base)
+    want = build_served_model(cfg, ParallelContext()).sample(["a red fox"], [7], NoHooks())
+    for layout in (["parallel.ulysses_degree=2"], ["parallel.cfg_parallel_size=2"]):
+        cfg = config_mod.load(CONFIG, base + layout)
+        ctx = build_context(cfg.parallel, rank, world, torch.device("cpu"))
+        got = build_served_model(cfg, ctx).sample(["a red fox"], [7], NoHooks())   # same prompt on every rank
+        diff = int(np.abs(got[0].astype(int) - want[0].astype(int)).max())
+        assert diff <= 1, f"served model under {layout}: image differs from one process by {diff} (uint8)"
+
+
+CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "hidream_tiny.json")
+
+
+def test_served_model_under_sp_and_cfg(tmp_path):
+    from moe_ep.models.diffusers.tiny import save_tiny_folders
+
+    run_ranks(2, _ranks_served, save_tiny_folders(str(tmp_path))["hidream"])
