@@ -160,12 +160,13 @@ LAYOUTS = {2: [dict(ulysses_degree=2), dict(ring_degree=2), dict(cfg_parallel_si
            4: [dict(ulysses_degree=2, cfg_parallel_size=2), dict(ulysses_degree=2, ring_degree=2)]}
 
 
-@pytest.mark.parametrize("world", [2, 4])
+# the 4-rank layouts and the served model are slow-marked (about 25 s each on 2 busy cores)
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_nucleus_layouts_match_one_process(world):
     run_ranks(world, _ranks, "nucleus", LAYOUTS[world])
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_hidream_layouts_match_one_process(world):
     run_ranks(world, _ranks, "hidream", LAYOUTS[world])
 
@@ -256,6 +257,7 @@ def _ranks_served(rank, world, folder):
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "hidream_tiny.json")
 
 
+@pytest.mark.slow
 def test_served_model_under_sp_and_cfg(tmp_path):
     from moe_ep.models.diffusers.tiny import save_tiny_folders
 
