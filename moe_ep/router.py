@@ -16,6 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import MoEConfig
+from .parallel_layout import ParallelLayout
+from .sequence_parallel import unshard_sequence
 
 
 @dataclass
@@ -73,6 +75,10 @@ class Router(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.gate = nn.Linear(input_size, cfg.num_experts, bias=False)
+        # Sequence parallel (moe_ep/models/diffusers/context_parallel.py sets it): the input's
+        # samples are this rank's contiguous shard of each sample's tokens, and expert choice
+        # picks over the whole sample (gathered scores), keeping the picks of this shard.
+        self.sequence_layout: Optional[ParallelLayout] = None
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., Hr] -> scores [..., E]: float32, or in x's dtype with `score_dtype = "input"`."""
@@ -119,24 +125,22 @@ class Router(nn.Module):
         Every expert takes the C best-scoring tokens of every sample, C = max(1, ceil(
         capacity_factor * S / E)) (at most S); a copy's weight is its score divided by the sum of
         the scores of all experts that chose that token (+1e-12), times route_scale.
+
+        Under sequence parallelism (`sequence_layout` with sp > 1) x holds this rank's shard
+        [B, S/sp, Hr] of every sample: the scores are all-gathered over the sp group, the experts
+        choose over the whole sample (C from the whole S) exactly as on one rank, and only the
+        copies of this shard's tokens are kept (token = row of x). Collective over the sp group.
         """
-        cfg = self.cfg
-        B, S, _ = x.shape
-        E = cfg.num_experts
-        if B == 0 or S == 0:
+        B, n, _ = x.shape
+        if B == 0 or n == 0:   # an idle rank: every rank of its sp group is idle too (same prompts)
             empty = torch.zeros(0, dtype=torch.int64, device=x.device)
-            return RoutedCopies(empty, empty.float(), B * S, token=empty)
-        # min first: a huge (finite) capacity_factor makes cf * S / E inf, which ceil cannot take
-        capacity = max(1, math.ceil(min(float(S), cfg.capacity_factor * S / E)))
-        affinity = self.scores(x).transpose(1, 2)                         # [B, E, S]
-        picked = affinity.topk(capacity, dim=-1)                          # [B, E, C]
-        offsets = torch.arange(B, device=x.device).view(B, 1, 1) * S
-        token = (picked.indices + offsets).transpose(0, 1).reshape(-1)    # [E*B*C]
-        score = picked.values.transpose(0, 1).reshape(-1)                 # [E*B*C]
-        expert = torch.arange(E, device=x.device).repeat_interleave(B * capacity)  # [E*B*C]
-        total = torch.zeros(B * S, device=x.device, dtype=score.dtype).scatter_add_(0, token, score)  # [B*S]
-        weight = score / (total[token] + 1e-12) * cfg.route_scale
-        return RoutedCopies(expert, weight.float(), B * S, token=token)
+            return RoutedCopies(empty, empty.float(), B * n, token=empty)
+        scores = self.scores(x)                                           # [B, n, E]
+        layout = self.sequence_layout
+        if layout is None or layout.sp == 1:
+            return expert_choice_copies(scores, self.cfg)
+        full = unshard_sequence(scores, layout, dim=1)                    # [B, S, E], shards in sp order
+        return expert_choice_copies(full, self.cfg, shard=(layout.index("sp") * n, n))
 
     def route(self, x: torch.Tensor) -> RoutedCopies:
         """x [B, S, Hr] or [T, Hr] (token choice only) -> the routed copies of its rows."""
@@ -148,3 +152,32 @@ class Router(nn.Module):
         flat = x.reshape(-1, x.shape[-1])                                 # [T, Hr]
         weights, ids = self(flat)                                         # [T, k] each
         return RoutedCopies(ids.reshape(-1), weights.reshape(-1), flat.shape[0], top_k=self.cfg.top_k)
+
+
+def expert_choice_copies(scores: torch.Tensor, cfg: MoEConfig,
+                         shard: Optional[tuple[int, int]] = None) -> RoutedCopies:
+    """Expert choice on the scores of whole samples, scores [B, S, E] -> copies ordered (expert,
+    sample, rank among its picks) (Router.expert_choice has the rule).
+
+    shard (start, n): keep only the copies of tokens [start, start + n) of every sample, their
+    rows numbered as in a [B, n] shard (b * n + token - start). The choice and the weights are
+    those of the whole sample; a token's weight needs only the experts that chose it.
+    """
+    B, S, E = scores.shape
+    # min first: a huge (finite) capacity_factor makes cf * S / E inf, which ceil cannot take
+    capacity = max(1, math.ceil(min(float(S), cfg.capacity_factor * S / E)))
+    affinity = scores.transpose(1, 2)                                     # [B, E, S]
+    picked = affinity.topk(capacity, dim=-1)                              # [B, E, C]
+    position = picked.indices.transpose(0, 1).reshape(-1)                 # [E*B*C] token within its sample
+    sample = torch.arange(B, device=scores.device).view(1, B, 1).expand(E, B, capacity).reshape(-1)  # [E*B*C]
+    token = sample * S + position                                         # [E*B*C] row of [B*S]
+    score = picked.values.transpose(0, 1).reshape(-1)                     # [E*B*C]
+    expert = torch.arange(E, device=scores.device).repeat_interleave(B * capacity)  # [E*B*C]
+    total = torch.zeros(B * S, device=scores.device, dtype=score.dtype).scatter_add_(0, token, score)  # [B*S]
+    weight = score / (total[token] + 1e-12) * cfg.route_scale
+    if shard is None:
+        return RoutedCopies(expert, weight.float(), B * S, token=token)
+    start, n = shard
+    mine = (position >= start) & (position < start + n)                   # [E*B*C]
+    local = sample[mine] * n + (position[mine] - start)
+    return RoutedCopies(expert[mine], weight[mine].float(), B * n, token=local)

@@ -168,7 +168,8 @@ def _ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: P
     if text is not None:
         tq, tk, tv = text
         out, lse = attention_block(q, tk, tv, scale, text_mask)               # text keys: once, here
-        text_only = attention_block(tq, tk, tv, scale, text_mask)
+        if tq is not None:
+            text_only = attention_block(tq, tk, tv, scale, text_mask)
     kv = torch.stack([k, v]).contiguous()                                    # [2, B, h, n, D]
     for step in range(R):
         source = (me - step) % R                                              # ring block held now
@@ -178,14 +179,14 @@ def _ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: P
                                             tdist.P2POp(tdist.irecv, incoming, prev, group)])
         o, l = attention_block(q, kv[0], kv[1], scale)
         out, lse = (o, l) if out is None else merge_blocks(out, lse, o, l)
-        if text is not None:
+        if text is not None and tq is not None:
             text_parts[source] = attention_block(tq, kv[0], kv[1], scale)
         if step < R - 1:
             for r in reqs:
                 r.wait()
             kv = incoming
     text_out = None
-    if text is not None:
+    if text is not None and tq is not None:
         text_out, text_lse = text_only
         for o, l in text_parts:
             text_out, text_lse = merge_blocks(text_out, text_lse, o, l)
@@ -203,27 +204,29 @@ def sequence_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     Ulysses inside ring; Ulysses alone at ring 1, ring alone at ulysses 1).
 
     q/k/v [B, H, n, D]: this rank's image-token shard (n = N / sp, shard `layout.index("sp")`).
-    text_q/text_k/text_v [B, H, T, D]: joint text tokens, the same on every sp rank, or None.
+    text_q/text_k/text_v [B, H, T, D]: joint text tokens, the same on every sp rank, or None;
+    text_q None with text_k/text_v: text keys only (NucleusMoE: image queries over image and
+    text keys, no text queries), text out None.
     text_key_mask [B, T] bool, True where a text key is attended (padding False), or None.
     -> (image out [B, H, n, D], text out [B, H, T, D] or None), in q's dtype; the text output is
     the same on every sp rank. Collective over the sp group (every sp rank calls it).
     """
     B, H, n, D = q.shape
     check_heads(H, layout)
-    joint = text_q is not None
-    if joint and (text_k is None or text_v is None):
-        raise ValueError("joint attention needs text_q, text_k and text_v together")
+    joint = text_k is not None
+    if (text_k is None) != (text_v is None) or (text_q is not None and not joint):
+        raise ValueError("joint attention needs text_k and text_v together (text_q optional: keys only)")
     if text_key_mask is not None and not joint:
         raise ValueError("text_key_mask without text tokens")
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     q, k, v = (_seq_to_heads(x, layout) for x in (q, k, v))                   # [B, H/U, U*n, D]
-    text = tuple(_head_slice(x, layout) for x in (text_q, text_k, text_v)) if joint else None
+    text = tuple(None if x is None else _head_slice(x, layout) for x in (text_q, text_k, text_v)) if joint else None
     if layout.ring == 1:
         out, text_out = _local_attention(q, k, v, text, text_key_mask, scale)
     else:
         out, text_out = _ring_attention(q, k, v, layout, scale, text, text_key_mask)
     out = _heads_to_seq(out.to(q.dtype).contiguous(), layout)                # [B, H, n, D]
-    if joint:
+    if text_out is not None:
         text_out = _gather_heads(text_out.to(q.dtype), layout)              # [B, H, T, D]
     return out, text_out
 
@@ -238,6 +241,7 @@ def _local_attention(q, k, v, text, text_mask, scale):
     if text_mask is not None:   # [B, 1, 1, n + T]: every image key, the unpadded text keys
         mask = torch.cat([torch.ones(B, k.shape[2], dtype=torch.bool, device=q.device), text_mask], dim=1)
         mask = mask[:, None, None, :]
-    out = F.scaled_dot_product_attention(torch.cat([q, tq], 2), torch.cat([k, tk], 2), torch.cat([v, tv], 2),
+    queries = q if tq is None else torch.cat([q, tq], 2)                  # text keys only: image queries
+    out = F.scaled_dot_product_attention(queries, torch.cat([k, tk], 2), torch.cat([v, tv], 2),
                                          attn_mask=mask, scale=scale)
-    return out[:, :, :n], out[:, :, n:]
+    return out[:, :, :n], (None if tq is None else out[:, :, n:])

@@ -53,6 +53,7 @@ class ExpertLoadStats:
         self._bucket = 0
         self._cond_rows: Optional[int] = None
         self._sample_branch: Optional[torch.Tensor] = None                  # [B] branch per sample
+        self._branch_tuple: Optional[tuple] = None                          # the same on the host
         self._label_cache: dict[tuple, torch.Tensor] = {}                    # branch tuple -> [B] on the device
         self._forwards_in_window = 0
         self.forwards = 0                                                   # forward passes seen
@@ -85,7 +86,19 @@ class ExpertLoadStats:
         as conditional."""
         self._bucket = self.bucket_of(timestep)
         self._cond_rows = cond_rows
-        self._sample_branch = None if sample_branch is None else self._labels(tuple(sample_branch))  # [B]
+        self.set_sample_branch(sample_branch)                                                       # [B]
+
+    @property
+    def sample_branch(self) -> Optional[list[int]]:
+        """The guidance branch of each sample of the open forward (begin_forward's), or None."""
+        return None if self._branch_tuple is None else list(self._branch_tuple)
+
+    def set_sample_branch(self, sample_branch: Optional[Sequence[int]]) -> None:
+        """Relabel the samples of the open forward, timestep bucket unchanged: a rank that computes
+        other samples than the hooks described (cfg parallel: its chunk of the batch, or the other
+        guidance branch's forward) gives the branches of the rows its MoE layers really see."""
+        self._branch_tuple = None if sample_branch is None else tuple(int(b) for b in sample_branch)
+        self._sample_branch = None if sample_branch is None else self._labels(self._branch_tuple)
 
     def _labels(self, branches: tuple) -> torch.Tensor:
         """Branch labels [B] on the device, made once per distinct tuple (a host-to-device copy

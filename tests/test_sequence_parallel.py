@@ -55,6 +55,10 @@ def _check(rank, world, ulysses, ring):
             assert text_out is None
             continue
         torch.testing.assert_close(text_out, want_text, msg=f"{case}: text")
+        # text keys without text queries (NucleusMoE): the same image output, no text output
+        out_k, no_text = sequence_parallel_attention(*shards, lay, None, tk, tv, text_key_mask=m)
+        assert no_text is None
+        torch.testing.assert_close(out_k, want[:, :, i * n:(i + 1) * n], msg=f"{case}: text keys only")
         every = [torch.empty_like(text_out) for _ in range(lay.sp)]
         dist.all_gather(every, text_out, group=lay.group("sp"))
         assert all(torch.equal(e, text_out) for e in every), f"{case}: text output differs between sp ranks"

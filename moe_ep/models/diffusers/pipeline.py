@@ -37,6 +37,7 @@ from ...driver import ForwardDriver
 from ...rebalance import Rebalancer
 from ...stats import ExpertLoadStats
 from ..base import ForwardHooks, ForwardInfo
+from .context_parallel import install_context_parallel
 from .wrap import EPMoEBlock, find_blocks, find_wrapped, wrap_transformer
 
 
@@ -238,6 +239,9 @@ def expert_parallel(pipe_or_transformer: Any, ctx: Optional[ParallelContext] = N
         raise ValueError(f"no pipeline convention for model family {wrappers[0].spec.name!r}; "
                          f"known: {sorted(CONVENTIONS)}")
     handle = ExpertParallel(transformer, wrappers, ctx, eplb, convention, pipeline)
+    # cfg / sequence parallel over ctx.layout (None when both are 1): context_parallel.py
+    handle.context_parallel = install_context_parallel(transformer, ctx, handle.moe_layers(), convention.guidance,
+                                                       wrappers[0].spec.name, handle.watch._guided)
     pipe_or_transformer.moe_ep = handle
     transformer.moe_ep = handle           # a second call, through a pipeline around it, is refused
     return pipe_or_transformer

@@ -8,8 +8,10 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from ...config import ConfigError
-from ...parallel import ParallelContext, derive_ep_size
+from ...parallel import ParallelContext, derive_ep_size, resolve_layout
+from ...sequence_parallel import check_heads
 from ..base import MoEShape, ServedModel
+from .context_parallel import family_plan, install_context_parallel
 from .loader import DTYPES, LoadedTransformer, check_folder, load_transformer
 from .pipeline import CONVENTIONS
 from .sampling import PipelineSampler, check_pipeline_source, load_pipeline
@@ -22,7 +24,11 @@ def preflight(cfg, world_size: int) -> MoEShape:
     (with the file and key), or the slot layout (eplb.num_redundant_experts / model.moe.num_experts).
     """
     ep = derive_ep_size(cfg.parallel, world_size)
-    _, layers, experts, top_k = check_folder(cfg.model.path, cfg.eplb.num_redundant_experts, ep)
+    info, layers, experts, top_k = check_folder(cfg.model.path, cfg.eplb.num_redundant_experts, ep)
+    layout = resolve_layout(cfg.parallel, world_size)
+    if layout.sp > 1 or layout.cfg > 1:   # sequence / cfg parallel: the family must have it, heads split
+        family_plan(info.spec.name)
+        check_heads(int(info.config.get("num_attention_heads", 1)), layout)
     check_pipeline_source(cfg)
     return MoEShape(num_layers=layers, num_experts=experts, top_k=top_k)
 
@@ -50,6 +56,9 @@ class DiffusersServedModel(ServedModel):
                                   dtype=DTYPES[cfg.model.dtype])   # scores as the model computes them (spec)
         pipeline = load_pipeline(cfg, loaded.model, DTYPES[cfg.model.dtype])
         sampler = PipelineSampler(cfg, pipeline, loaded.model, loaded.moe_layers, loaded.info.spec.name)
+        # one image over the sp x cfg ranks (they all get the same prompts and seeds): context_parallel.py
+        install_context_parallel(loaded.model, ctx, loaded.moe_layers, CONVENTIONS[loaded.info.spec.name].guidance,
+                                 loaded.info.spec.name, sampler.watch._guided)
         return cls(cfg, loaded, sampler)
 
     def moe_layers(self) -> list:
