@@ -112,9 +112,14 @@ class EplbConfig:
     migration: Literal["sync", "async"] = "sync"
 
 
+DEFAULT_PROMPTS = ("a red fox in the snow",)
+
+
 @dataclass
 class SamplingConfig:
-    prompts: list = field(default_factory=lambda: ["a red fox in the snow"])
+    prompts: list = field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    # a text file (one prompt a line) or JSONL (prompt, seed, negative_prompt, name): moe_ep/prompts.py
+    prompts_file: Optional[str] = None
     negative_prompt: str = ""
     num_inference_steps: int = 8
     guidance_scale: float = 4.0
@@ -327,6 +332,7 @@ FIELDS: dict[str, Allowed] = {
     "eplb.stats_file": NON_EMPTY,
     "sampling.prompts": Allowed(text="non-empty list of strings",
                                 ok=lambda v: bool(v) and all(isinstance(x, str) for x in v)),
+    "sampling.prompts_file": NON_EMPTY,
     "sampling.negative_prompt": ANY_TEXT,
     "sampling.num_inference_steps": POSITIVE_INT,
     "sampling.guidance_scale": COUNT,
@@ -422,8 +428,12 @@ def validate(cfg: Config) -> Config:
     if m.type == "moe_dit" and m.path:
         raise ConfigError("model.path", m.path, "is only for model.type 'diffusers' (the built-in model "
                                                 "loads model.checkpoint)")
-    # torch.Generator takes seeds in [-2**63, 2**64); prompt i uses sampling.seed + i.
-    if s.seed + len(s.prompts) - 1 >= 2 ** 64:
+    if s.prompts_file and list(s.prompts) != list(DEFAULT_PROMPTS):
+        raise ConfigError("sampling.prompts_file", s.prompts_file, "is given together with sampling.prompts; "
+                                                                   "give one of the two")
+    # torch.Generator takes seeds in [-2**63, 2**64); prompt i uses sampling.seed + i (a prompts
+    # file's lines are checked when it is read, moe_ep/prompts.py)
+    if not s.prompts_file and s.seed + len(s.prompts) - 1 >= 2 ** 64:
         raise ConfigError("sampling.seed", s.seed, "must be < 2**64 - (number of prompts - 1): prompt i uses seed + i")
     if m.moe_every > m.num_layers:
         raise ConfigError("model.moe_every", m.moe_every,

@@ -15,13 +15,18 @@ source per layer, `sample(prompts, seeds, hooks)`, per-forward hooks). Its parts
                                  tokens/s, telemetry and the test die hook
     StatsWriter                  rank 0's stats.json: after every round and, at most every
                                  STATS_SAVE_EVERY_S, when a window closes
-    ImageWriter                  images/NNN.png as each batch finishes
+    ImageWriter                  images/<name>.png as each batch finishes, then its record
+                                 images/<name>.json (moe_ep/manifest.py)
+    resume_plan                  rank 0's look at output_dir: which images of an earlier run are
+                                 finished images of this one (kept; a round whose every image is
+                                 finished is skipped), broadcast to every rank
     build_summary                summary.json's content
     run(cfg, ctx)                the loop and its error path (PeerLostError, RunInterrupted,
                                  OutputWriteError; closed statistics windows saved on error)
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -41,10 +46,12 @@ from eplb.checks import check_topology
 from .config import Config, ConfigError
 from .driver import ForwardDriver
 from .images import save_png
+from .manifest import ResumePlan, image_settings, plan_resume, stale_image_files, write_manifest, write_record
 from .models import build_served_model, preflight_model
 from .models.base import ForwardInfo, MoEShape, ServedModel
 from .parallel import ParallelContext, check_layout, derive_ep_size, error_on_any_rank, launcher_local_world
 from .paths import check_paths
+from .prompts import PromptItem, prompt_items
 from .rebalance import Rebalancer, read_placement_file
 from .stats import ExpertLoadStats, read_stats_file
 from .telemetry import Telemetry
@@ -80,29 +87,30 @@ class OutputWriteError(Exception):
                          f"written before are kept, no summary.json")
 
 
-EARLIER_OUTPUTS = ("summary.json", "stats.json")   # metrics.jsonl starts afresh when opened; wandb/ keeps every run
+EARLIER_OUTPUTS = ("summary.json", "stats.json", "manifest.jsonl")   # metrics.jsonl starts afresh when opened; wandb/ keeps every run
 # what launch/report.py writes into output_dir/report/: it describes one run, so it goes with that run
 REPORT_FILES = ("report.md", "report.html", "load_heatmap.png", "load_windows.png", "balancedness.png",
                 "latency.png", "latency_ranks.png")
 IMAGE_NAME = re.compile(r"^\d{3,}\.png$")               # images/000.png ... (save_png's names)
 
 
-def remove_earlier_outputs(out_dir: str, keep: Optional[str] = None) -> list[str]:
+def remove_earlier_outputs(out_dir: str, keep: Optional[str] = None, items: Sequence[PromptItem] = (),
+                           kept: Sequence[int] = ()) -> list[str]:
     """A run into a folder that holds an earlier run's outputs replaces them: its summary.json,
-    stats.json, numbered images and report (launch/report.py's files) are removed when this run
-    starts, so a summary.json again means *this* run completed and no image of the earlier run
-    passes for one of this run.
+    stats.json, manifest.jsonl, images and records that this run does not keep and report
+    (launch/report.py's files) are removed when this run starts, so a summary.json again means
+    *this* run completed and no image of the earlier run passes for one of this run.
     `keep` (eplb.stats_file) stays when it is that stats.json: a resume in place that fails
     before its first window still has its input; this run's first write replaces it.
+    `kept`: indices of `items` whose images are finished images of this run (resume_plan).
     -> the removed paths (relative to out_dir). Rank 0."""
     images = os.path.join(out_dir, "images")
 
-    def kept(path: str) -> bool:
+    def is_input(path: str) -> bool:
         return bool(keep) and os.path.exists(keep) and os.path.samefile(path, keep)
 
-    old = [n for n in EARLIER_OUTPUTS if os.path.isfile(os.path.join(out_dir, n)) and not kept(os.path.join(out_dir, n))]
-    old += [os.path.join("images", n) for n in sorted(os.listdir(images)) if IMAGE_NAME.match(n)] \
-        if os.path.isdir(images) else []
+    old = [n for n in EARLIER_OUTPUTS if os.path.isfile(os.path.join(out_dir, n)) and not is_input(os.path.join(out_dir, n))]
+    old += [os.path.join("images", n) for n in stale_image_files(images, items, kept, IMAGE_NAME.match)]
     old += [os.path.join("report", n) for n in REPORT_FILES if os.path.isfile(os.path.join(out_dir, "report", n))]
     for name in old:
         os.remove(os.path.join(out_dir, name))
@@ -145,6 +153,7 @@ def preflight(cfg: Config, world_size: int) -> None:
     ep = derive_ep_size(cfg.parallel, world_size)
     check_gpus_per_node(cfg)
     check_paths(cfg)
+    prompt_items(cfg)                        # sampling.prompts_file: every line (moe_ep/prompts.py)
     shape = preflight_model(cfg, world_size)
     if shape is not None:
         check_layout(shape.num_experts, cfg.eplb.num_redundant_experts, ep)
@@ -248,21 +257,28 @@ class StatsWriter:
 
 
 class ImageWriter:
-    """output_dir/images/NNN.png (NNN = prompt index), atomically, as each batch finishes."""
+    """output_dir/images/<name>.png (name: NNN = prompt index, or the prompts file's), atomically,
+    as each batch finishes; then, once the PNG is on disk, its record images/<name>.json
+    (moe_ep/manifest.py). Images in `finished` (kept from an earlier run) are not written."""
 
-    def __init__(self, out_dir: str, rank: int):
-        self.folder, self.rank = os.path.join(out_dir, "images"), rank
-
-    @staticmethod
-    def relpath(i: int) -> str:
-        return os.path.join("images", f"{i:03d}.png")
+    def __init__(self, out_dir: str, rank: int, items: Sequence[PromptItem] = (), settings: Optional[dict] = None,
+                 finished: frozenset = frozenset()):
+        self.out_dir, self.folder, self.rank = out_dir, os.path.join(out_dir, "images"), rank
+        self.items, self.settings, self.finished = items, settings or {}, finished
+        self.records: list[dict] = []        # what this rank wrote, for manifest.jsonl
 
     def write(self, indices: Sequence[int], images: Sequence[np.ndarray]) -> None:
         if len(indices) != len(images):
             raise RuntimeError(f"the model returned {len(images)} images for {len(indices)} prompts")
         for i, image in zip(indices, images):
-            path = os.path.join(self.folder, f"{i:03d}.png")
+            if i in self.finished:
+                continue                     # a kept image: its file is not touched
+            item = self.items[i]
+            path = os.path.join(self.folder, item.png)
             _write(self.rank, path, lambda: save_png(image, path))
+            # the record only after the PNG: a PNG without its record is not finished
+            rec_path = os.path.join(self.folder, f"{item.name}.json")
+            _write(self.rank, rec_path, lambda: self.records.append(write_record(self.out_dir, item, self.settings)))
 
 
 # ---------------------------------------------------------------- per forward
@@ -416,10 +432,10 @@ def apply_eplb_files(cfg: Config, model: ServedModel, ctx: ParallelContext, stat
 # ---------------------------------------------------------------- summary.json
 
 def build_summary(cfg: Config, ctx: ParallelContext, model: ServedModel, recorder: ForwardRecorder,
-                  rebalancer: Optional[Rebalancer], rebalancer_note: str, wall_s: float) -> dict:
+                  rebalancer: Optional[Rebalancer], rebalancer_note: str, wall_s: float,
+                  items: Optional[Sequence[PromptItem]] = None, kept: int = 0) -> dict:
     """summary.json's content (docs/model.md lists the keys); telemetry adds phase_ms and telemetry."""
-    s = cfg.sampling
-    prompts = list(s.prompts)
+    items = prompt_items(cfg) if items is None else items
     steps = recorder.steps
     # per layer: the mean over the closed windows of the balancedness under the placement in effect
     # for each window (not the final placement applied to the whole run's load)
@@ -435,9 +451,10 @@ def build_summary(cfg: Config, ctx: ParallelContext, model: ServedModel, recorde
         "config": cfg.to_dict(),
         "world_size": ctx.world_size, "ep_size": ctx.ep_size, "dp_size": ctx.dp_size,
         "ranks_per_node": ctx.ranks_per_node, "device": str(ctx.device),
-        "num_prompts": len(prompts), "num_forwards": len(steps), "tokens_per_image": model.tokens_per_image,
-        "images": [{"path": ImageWriter.relpath(i), "prompt": prompts[i], "seed": s.seed + i}
-                   for i in range(len(prompts))],
+        "num_prompts": len(items), "num_forwards": len(steps), "tokens_per_image": model.tokens_per_image,
+        "images": [{"path": f"images/{it.png}", "prompt": it.prompt, "seed": it.seed, "name": it.name}
+                   for it in items],
+        "resume": {"kept": kept, "sampled": len(items) - kept},
         "wall_s": wall_s,
         "latency_ms": {"mean": float(np.mean(lat)) if lat else 0.0, "p50": float(np.median(lat)) if lat else 0.0,
                        "max": float(np.max(lat)) if lat else 0.0},
@@ -523,6 +540,42 @@ def run(cfg: Config, ctx: ParallelContext, progress: bool = True) -> dict:
         raise
 
 
+def resume_plan(cfg: Config, ctx: ParallelContext, items: Sequence[PromptItem], settings: dict,
+                num_layers: int, num_experts: int) -> tuple[ResumePlan, Optional[str]]:
+    """Rank 0 reads output_dir's records (moe_ep/manifest.py) and says in one line what it keeps
+    and replaces; when it keeps an image and eplb.stats_file is not set, the earlier
+    output_dir/stats.json (if this model's) seeds the statistics, as eplb.stats_file would.
+    -> (the plan, the stats file to carry over or None), the same on every rank (collective)."""
+    out_dir = cfg.output_dir
+    decided: list = [None]
+    if ctx.is_main:
+        plan = plan_resume(out_dir, items, settings)
+        carried, note = None, ""
+        stats_path = os.path.join(out_dir, "stats.json")
+        if plan.finished and not cfg.eplb.stats_file and os.path.isfile(stats_path):
+            try:
+                read_stats_file(stats_path, num_layers, num_experts)
+                carried, note = stats_path, "; statistics carried over from its stats.json"
+            except ValueError as err:
+                note = f"; its stats.json is not carried over ({str(err)[:120]})"
+        line = plan.line(out_dir, len(items))
+        if line:
+            print(line + note, file=sys.stderr, flush=True)
+        decided = [(plan, carried)]
+    if ctx.world_size > 1:
+        dist.broadcast_object_list(decided, src=0)
+    return decided[0]
+
+
+def gather_to_main(records: list, ctx: ParallelContext) -> list:
+    """Every rank's records, on rank 0 (collective; [] elsewhere)."""
+    if ctx.world_size == 1:
+        return list(records)
+    everyone: list = [None] * ctx.world_size
+    dist.all_gather_object(everyone, records)
+    return [r for part in everyone for r in part] if ctx.is_main else []
+
+
 def _run(cfg: Config, ctx: ParallelContext, progress: bool, state: RunState) -> dict:
     s, out_dir = cfg.sampling, cfg.output_dir
     images_dir = os.path.join(out_dir, "images")
@@ -533,12 +586,19 @@ def _run(cfg: Config, ctx: ParallelContext, progress: bool, state: RunState) -> 
     state.stats = stats
     for layer in layers:
         layer.stats = stats
+    # resume: finished images of an earlier run of this config are kept, its statistics carried over
+    items = prompt_items(cfg)
+    settings = image_settings(cfg, ctx.world_size, ctx.ep_size)
+    plan, carried = resume_plan(cfg, ctx, items, settings, len(layers), layers[0].cfg.num_experts)
+    if carried:
+        cfg = dataclasses.replace(cfg, eplb=dataclasses.replace(cfg.eplb, stats_file=carried))
     rebalancer, rebalancer_note = make_rebalancer(cfg, model, ctx, stats)
     apply_eplb_files(cfg, model, ctx, stats, rebalancer)
     # the first write under output_dir: a model, checkpoint or eplb file refused above leaves nothing
     _write(ctx.rank, images_dir, lambda: os.makedirs(images_dir, exist_ok=True))
     if ctx.is_main:   # after eplb.stats_file was read by every rank
-        _write(ctx.rank, out_dir, lambda: remove_earlier_outputs(out_dir, keep=cfg.eplb.stats_file))
+        _write(ctx.rank, out_dir, lambda: remove_earlier_outputs(out_dir, keep=cfg.eplb.stats_file, items=items,
+                                                                 kept=plan.finished))
     telemetry = state.telemetry = Telemetry(cfg, ctx, out_dir)
     telemetry.attach(model, stats)  # phase timers on the attention blocks and MoE layers; window loads for heatmaps
     if rebalancer is not None:
@@ -546,22 +606,27 @@ def _run(cfg: Config, ctx: ParallelContext, progress: bool, state: RunState) -> 
             telemetry.log_rebalance(ev)
         rebalancer.on_measured.append(telemetry.log_measured)   # rebalance/measured_* in a later step
 
-    prompts = list(s.prompts)
+    prompts = [it.prompt for it in items]
     split = WorkSplit.of(len(prompts), s.batch_size, ctx.world_size)
+    # a round runs whole or not at all, so every image comes out of the batches an uninterrupted
+    # run samples it in (the bits of an image depend on its batch until the expert path is
+    # batch-invariant); a round is skipped when every image of it is finished
+    todo = [r for r in range(split.rounds)
+            if any(i not in plan.finished for k in range(split.world_size) for i in split.batch(r, k))]
     from tqdm import tqdm
-    bar = tqdm(total=split.rounds * model.num_inference_steps, desc="sampling", unit="step",
+    bar = tqdm(total=len(todo) * model.num_inference_steps, desc="sampling", unit="step",
                disable=not (progress and ctx.is_main), dynamic_ncols=True)
     stats_writer = StatsWriter(stats, out_dir, ctx)
     recorder = ForwardRecorder(ctx, stats, layers, lambda: model.timesteps, split, model.rows_per_prompt,
                                rebalancer, telemetry, stats_writer, state, on_step=lambda: bar.update(1),
                                die_at=_test_die_at())
-    images = ImageWriter(out_dir, ctx.rank)
+    images = ImageWriter(out_dir, ctx.rank, items, settings, plan.finished)
 
     t_start = time.perf_counter()
-    for r in range(split.rounds):
+    for r in todo:
         recorder.start_round(r)
         idx = split.batch(r, ctx.rank)
-        images.write(idx, model.sample([prompts[i] for i in idx], [s.seed + i for i in idx], recorder))
+        images.write(idx, model.sample([prompts[i] for i in idx], [items[i].seed for i in idx], recorder))
         state.phase = f"writing the statistics after round {r}"
         stats_writer.round_done()
     wall = time.perf_counter() - t_start
@@ -575,8 +640,12 @@ def _run(cfg: Config, ctx: ParallelContext, progress: bool, state: RunState) -> 
         dist.barrier()  # every rank's images are on disk
     state.phase = "writing the outputs"
 
-    summary = build_summary(cfg, ctx, model, recorder, rebalancer, rebalancer_note, wall)
+    summary = build_summary(cfg, ctx, model, recorder, rebalancer, rebalancer_note, wall, items, len(plan.finished))
     stats_writer.save()
+    records = gather_to_main(images.records, ctx)    # collective
+    if ctx.is_main:   # before summary.json, which marks the run complete
+        manifest_path = os.path.join(out_dir, "manifest.jsonl")
+        _write(ctx.rank, manifest_path, lambda: write_manifest(out_dir, list(plan.records.values()) + records))
     if ctx.is_main:
         telemetry.log_images([os.path.join(out_dir, x["path"]) for x in summary["images"]],
                              [f"{x['prompt']} (seed {x['seed']})" for x in summary["images"]])

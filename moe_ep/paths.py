@@ -117,7 +117,8 @@ def check_output_folder(field: str, path: str) -> None:
 
 
 # what a run writes under output_dir: name -> is a folder
-RUN_OUTPUTS = {"images": True, "stats.json": False, "summary.json": False, "metrics.jsonl": False}
+RUN_OUTPUTS = {"images": True, "stats.json": False, "summary.json": False, "metrics.jsonl": False,
+               "manifest.jsonl": False}
 
 
 def check_text_encoder_module(field: str, spec: str) -> None:
@@ -152,7 +153,7 @@ def import_function(field: str, spec: str) -> Callable:
 
 # the fields check_paths reads: their files are this node's, so another node may see them differently
 PATH_FIELDS = ("output_dir", "model.checkpoint", "model.path", "model.text_encoder", "eplb.stats_file",
-               "eplb.placement_file")
+               "eplb.placement_file", "sampling.prompts_file")
 
 
 def check_paths(cfg: Config) -> None:
@@ -169,3 +170,5 @@ def check_paths(cfg: Config) -> None:
         check_readable_file("eplb.stats_file", e.stats_file)
     if e.placement_file:
         check_readable_file("eplb.placement_file", e.placement_file)
+    if cfg.sampling.prompts_file:
+        check_readable_file("sampling.prompts_file", cfg.sampling.prompts_file)

@@ -324,7 +324,9 @@ COMPANIONS = {  # field -> fields set to the same value
     "model.moe.top_k": ["model.moe.num_experts"], "model.moe.n_group": ["model.moe.num_experts"],
     "model.moe.topk_group": ["model.moe.n_group", "model.moe.num_experts"], "eplb.num_groups": ["model.moe.num_experts"],
 }
-COMPANION_CONSTANTS = {"model.path": {"model.type": "diffusers"}}
+COMPANION_CONSTANTS = {"model.path": {"model.type": "diffusers"},
+                       # the file replaces the list: refused beside a non-default sampling.prompts
+                       "sampling.prompts_file": {"sampling.prompts": list(config.DEFAULT_PROMPTS)}}
 NUMERIC_FIELDS = sorted(n for n, row in DOC_FIELDS.items() if numeric_rule(row["allowed"]))
 INT_FIELDS = {n for n, row in DOC_FIELDS.items() if row["type"].startswith("int")}
 

@@ -33,7 +33,7 @@ def _ranks_job(rank, world, overrides):
 
 def _images(out):
     d = os.path.join(out, "images")
-    return {n: np.asarray(Image.open(os.path.join(d, n))) for n in sorted(os.listdir(d))}
+    return {n: np.asarray(Image.open(os.path.join(d, n))) for n in sorted(os.listdir(d)) if n.endswith(".png")}
 
 
 def test_job_on_a_diffusers_folder(tmp_path):

@@ -25,7 +25,7 @@ SMALL = [TINY_MODEL_SET, "sampling.num_inference_steps=4", "sampling.height=16",
 
 
 def read_images(folder: str) -> dict[str, np.ndarray]:
-    names = sorted(os.listdir(os.path.join(folder, "images")))
+    names = sorted(n for n in os.listdir(os.path.join(folder, "images")) if n.endswith(".png"))
     return {n: np.asarray(Image.open(os.path.join(folder, "images", n))) for n in names}
 
 

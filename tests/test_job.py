@@ -157,7 +157,7 @@ def test_the_job_runs_a_model_it_has_never_seen(tmp_path, monkeypatch):
     monkeypatch.setattr(job, "build_served_model", lambda c, x: toy)
     summary = job.run(cfg, ctx, progress=False)
     out = tmp_path / "out"
-    assert sorted(os.listdir(out / "images")) == ["000.png", "001.png", "002.png"]
+    assert sorted(os.listdir(out / "images")) == ["000.json", "000.png", "001.json", "001.png", "002.json", "002.png"]
     assert summary["model"] == {"type": "toy"} and summary["tokens_per_image"] == 5
     assert summary["num_forwards"] == 2 * 3                    # 2 rounds (batches [0, 1] and [2]) x 3 steps
     assert [s["tokens"] for s in summary["steps"]] == [2 * 10] * 3 + [1 * 10] * 3   # prompts in round x rows
@@ -299,7 +299,7 @@ def test_a_rerun_into_the_same_folder_replaces_the_earlier_outputs(tmp_path, mon
     monkeypatch.setattr(job, "build_served_model", lambda c, x: ToyModel(ctx))
     job.run(toy_cfg(tmp_path, {"sampling": {"prompts": list("abcde"), "num_inference_steps": 3, "batch_size": 1}}.items()),
             ctx, progress=False)
-    assert sorted(os.listdir(out / "images")) == [f"{i:03d}.png" for i in range(5)]
+    assert sorted(os.listdir(out / "images")) == sorted(f"{i:03d}.{x}" for i in range(5) for x in ("png", "json"))
     assert (out / "summary.json").exists()
     (out / "images" / "notes.txt").write_text("the user's own file")
     monkeypatch.setattr(job, "build_served_model", lambda c, x: FailingToy(ctx))
@@ -309,7 +309,7 @@ def test_a_rerun_into_the_same_folder_replaces_the_earlier_outputs(tmp_path, mon
     with pytest.raises(config_mod.ConfigError, match="model.text_encoder"):
         job.run(cfg, ctx, progress=False)
     assert not (out / "summary.json").exists()
-    assert sorted(os.listdir(out / "images")) == ["000.png", "notes.txt"]
+    assert sorted(os.listdir(out / "images")) == ["000.json", "000.png", "notes.txt"]
     # this run's windows: 3 of batch 0 (written after round 0) and 2 of batch 1, which only the
     # error path writes
     stats = json.load(open(out / "stats.json"))

@@ -98,7 +98,7 @@ class Nodes:
 
 def read_images(folder: str) -> dict[str, np.ndarray]:
     d = os.path.join(folder, "images")
-    return {n: np.asarray(Image.open(os.path.join(d, n))) for n in sorted(os.listdir(d))}
+    return {n: np.asarray(Image.open(os.path.join(d, n))) for n in sorted(os.listdir(d)) if n.endswith(".png")}
 
 
 @pytest.fixture(scope="module")

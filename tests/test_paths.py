@@ -366,10 +366,10 @@ class FullDisk:
 
 
 @pytest.mark.parametrize("fail_at, finished, failed_file", [
-    # 1 rank, 2 prompts in batches of 1: files are 000.png (1), stats.json (2), 001.png (3),
-    # stats.json (4), stats.json (5, the end), summary.json (6)
-    pytest.param(3, ["000.png"], "images/001.png", id="mid-run"),
-    pytest.param(6, ["000.png", "001.png"], "summary.json", id="summary"),
+    # 1 rank, 2 prompts in batches of 1: files are 000.png (1), its record 000.json (2), stats.json (3),
+    # 001.png (4), 001.json (5), stats.json (6), stats.json (7, the end), manifest.jsonl (8), summary.json (9)
+    pytest.param(4, ["000.json", "000.png"], "images/001.png", id="mid-run"),
+    pytest.param(9, ["000.json", "000.png", "001.json", "001.png"], "summary.json", id="summary"),
 ])
 def test_disk_fills_during_the_run(tmp_path, monkeypatch, fail_at, finished, failed_file):
     out = tmp_path / "out"
@@ -385,7 +385,7 @@ def test_disk_fills_during_the_run(tmp_path, monkeypatch, fail_at, finished, fai
     assert sorted(os.listdir(out / "images")) == finished
     data = read_stats_file(str(out / "stats.json"), L, E)          # the finished rounds' statistics, valid
     rows = (8 // 2) ** 2 * 2                                       # MoE rows per prompt and forward (tokens x branches)
-    assert (np.asarray(data["load"]).sum(1) == len(finished) * 2 * rows * 2).all()   # x 2 steps x top-2
+    assert (np.asarray(data["load"]).sum(1) == len(finished) // 2 * 2 * rows * 2).all()   # images x 2 steps x top-2
     assert not (out / "summary.json").exists()
     assert not [f for d, _, fs in os.walk(out) for f in fs if is_temp_file(f)]
 

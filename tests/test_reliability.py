@@ -79,7 +79,7 @@ def full_runs(tmp_path_factory):
 
 def png_bytes(folder: str) -> dict[str, bytes]:
     d = os.path.join(folder, "images")
-    return {n: open(os.path.join(d, n), "rb").read() for n in sorted(os.listdir(d))}
+    return {n: open(os.path.join(d, n), "rb").read() for n in sorted(os.listdir(d)) if n.endswith(".png")}
 
 
 # ---------------------------------------------------------------- determinism and resume
@@ -130,7 +130,8 @@ def test_bad_stats_file_stops_before_anything_is_written(tmp_path, capsys):
 def check_partial_output(out: str, full: str, finished: list[str]) -> None:
     """What a failed run leaves: the images of finished batches, byte-identical to a complete
     run's, a valid stats.json with only complete windows, no summary.json, no temp files."""
-    assert sorted(os.listdir(os.path.join(out, "images"))) == finished
+    # each finished image with its record (moe_ep/manifest.py), nothing else
+    assert sorted(os.listdir(os.path.join(out, "images"))) == sorted(finished + [n[:-4] + ".json" for n in finished])
     for n in finished:
         assert open(os.path.join(out, "images", n), "rb").read() == open(os.path.join(full, "images", n), "rb").read()
     path = os.path.join(out, "stats.json")
@@ -178,6 +179,35 @@ def test_lost_rank_stops_the_job_and_keeps_finished_work(tmp_path, full_runs, ti
     if traceback_free:
         assert "Traceback" not in proc.stderr, log
     check_partial_output(out, full_runs["a"], ["000.png", "001.png"])
+
+
+@pytest.mark.slow   # starts jobs under DeepSpeed's launcher
+def test_a_killed_run_run_again_keeps_its_finished_images_and_ends_as_an_uninterrupted_one(tmp_path, full_runs):
+    """Rank 1 dies before forward 5 (round 1); the same command again keeps round 0's PNGs and
+    records untouched (same inode and mtime), samples only round 1, and the folder then holds the
+    bytes of an uninterrupted run (full_runs["a"]), with a manifest of all four images."""
+    out = str(tmp_path / "out")
+    proc, _ = launch(out, ["parallel.timeout_s=10"], env={"MOE_EP_TEST_DIE_AT_STEP": "5:1"})
+    assert proc.returncode != 0, proc.stderr[-2000:]
+    images = os.path.join(out, "images")
+    finished = ["000.json", "000.png", "001.json", "001.png"]
+    assert sorted(os.listdir(images)) == finished
+    before = {n: (os.stat(os.path.join(images, n)).st_ino, os.stat(os.path.join(images, n)).st_mtime_ns)
+              for n in finished}
+    proc, _ = launch(out, ["parallel.timeout_s=10"])
+    log = proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, log
+    assert f"moe-ep: {out} held earlier images: keeping 2 of 4 images (finished, same record)" in proc.stderr, log
+    for n in finished:
+        st = os.stat(os.path.join(images, n))
+        assert (st.st_ino, st.st_mtime_ns) == before[n], n      # not rewritten
+    assert png_bytes(out) == png_bytes(full_runs["a"])
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["resume"] == {"kept": 2, "sampled": 2} and summary["num_forwards"] == 4   # round 1 only
+    with open(os.path.join(out, "manifest.jsonl")) as f:
+        records = [json.loads(ln) for ln in f]
+    assert [r["name"] for r in records] == ["000", "001", "002", "003"]
+    assert [r["seed"] for r in records] == [0, 1, 2, 3]
 
 
 @pytest.mark.slow   # starts jobs under DeepSpeed's launcher
