@@ -33,8 +33,10 @@ from .prompts import PromptItem
 RECORD_FORMAT, RECORD_VERSION = "moe-ep.image-record", 1
 MANIFEST = "manifest.jsonl"
 HEAD_BYTES = 1 << 20     # a checkpoint's identity hashes its first MiB (safetensors header + first tensors)
-IDENTITY_NOTE = ("until the expert path is batch-invariant (model.moe.batch_invariant), the batch size, world "
-                 "size and EP size decide which rows share a GEMM, so they are part of an image's record")
+IDENTITY_NOTE = ("the batch size decides which prompts share a batch (the dense layers are not batch-invariant), "
+                 "so it is always part of an image's record; unless the expert path is batch-invariant "
+                 "(model.moe.batch_invariant on, or auto on CPU ranks) the world size and EP size decide which rows "
+                 "share an expert GEMM, so they are part of it too")
 
 
 # ---------------------------------------------------------------- what makes an image
@@ -75,14 +77,17 @@ def model_identity(cfg: Config) -> dict:
     return {"config": model, "weights": weights}
 
 
-def image_settings(cfg: Config, world_size: int, ep_size: int) -> dict:
-    """What every image of this run shares in its record (model identity read once)."""
+def image_settings(cfg: Config, world_size: int, ep_size: int, device_type: str = "cpu") -> dict:
+    """What every image of this run shares in its record (model identity read once); device_type:
+    the ranks' device ("cpu" / "cuda"), which decides what batch_invariant "auto" means."""
     s = cfg.sampling
     settings = {"sampling": {"num_inference_steps": s.num_inference_steps, "guidance_scale": s.guidance_scale,
                              "height": s.height, "width": s.width, "shift": s.shift},
                 "model": model_identity(cfg)}
-    if not getattr(cfg.model.moe, "batch_invariant", False):
-        settings["layout"] = {"batch_size": s.batch_size, "world_size": world_size, "ep_size": ep_size}
+    mode = cfg.model.moe.batch_invariant
+    settings["layout"] = {"batch_size": s.batch_size}
+    if not (mode == "on" or (mode == "auto" and device_type == "cpu")):     # as MoELayer decides it
+        settings["layout"].update(world_size=world_size, ep_size=ep_size)
     return json.loads(json.dumps(settings))   # as it reads back from a record
 
 
