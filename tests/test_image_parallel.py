@@ -176,3 +176,60 @@ def test_preflight_refuses_what_cannot_split(world, sets, field):
     with pytest.raises(ConfigError) as err:
         preflight(cfg, world)
     assert err.value.field_name == field, str(err.value)
+
+
+# ---------------------------------------------------------------- the job
+
+def _ranks_job(rank, world, config, overrides):
+    from moe_ep.job import run
+
+    cfg = config_mod.load(config, overrides)
+    run(cfg, build_context(cfg.parallel, rank, world, torch.device("cpu")), progress=False)
+
+
+@pytest.mark.slow   # starts a job under DeepSpeed's launcher
+def test_launcher_quickstart_sp_gives_the_images_of_one_rank(tmp_path):
+    """deepspeed --num_gpus 4 launch/infer.py --config configs/quickstart_sp.json (cfg 2 x
+    Ulysses 2, EP 4, experts moved mid-run), then Ulysses 2 x dp 2 through job.run on 4 gloo
+    ranks: the images of one rank, one file each; stats.json and the tokens count each token once."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from test_infer import SMALL, read_images, run_world
+    from tiny_job import ROOT, free_port
+
+    sets = SMALL + ["eplb.min_gain=-1"]
+    run_world(1, str(tmp_path / "one"), ["eplb.min_gain=-1"])
+    one = read_images(str(tmp_path / "one"))
+    one_summary = json.load(open(tmp_path / "one" / "summary.json"))
+
+    out = str(tmp_path / "sp")
+    deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    cmd = [deepspeed, "--num_gpus", "4", "--master_port", str(free_port()), "launch/infer.py",
+           "--config", os.path.join(ROOT, "configs", "quickstart_sp.json"), "--no-progress",
+           "--set", *sets, f"output_dir={out}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (tmp_path / "dpsp").mkdir()
+    run_ranks(4, _ranks_job, QUICKSTART, sets + ["parallel.ulysses_degree=2", "parallel.data_parallel_size=2",
+                                                 f"output_dir={tmp_path / 'dpsp'}"])
+
+    copies = len(PROMPTS) * TOKENS * 2 * 4 * K            # prompts x tokens x branches x steps x top-k
+    for name, layout, forwards in (("sp", {"dp": 1, "cfg": 2, "sp": 2, "ulysses": 2, "ring": 1}, 8),
+                                   ("dpsp", {"dp": 2, "cfg": 1, "sp": 2, "ulysses": 2, "ring": 1}, 4)):
+        folder = str(tmp_path / name)
+        summary = json.load(open(os.path.join(folder, "summary.json")))
+        assert summary["layout"] == layout and summary["num_forwards"] == forwards, name
+        rows = sum(s["tokens"] for s in summary["steps"])
+        assert rows == sum(s["tokens"] for s in one_summary["steps"]), f"{name}: {rows} token rows"
+        load = np.asarray(json.load(open(os.path.join(folder, "stats.json")))["load"])   # [L, E]
+        assert (load.sum(1) == copies).all(), f"{name}: {load.sum(1)} routed copies per layer"
+        assert any(e.get("status") == "ok" and e["experts_moved"] > 0 for e in summary["rebalances"]), name
+        imgs = read_images(folder)
+        assert sorted(imgs) == sorted(one) == ["000.png", "001.png", "002.png"]
+        for img in imgs:
+            diff = np.abs(imgs[img].astype(int) - one[img].astype(int)).max()
+            assert diff <= 1, f"{name}: {img} differs from one rank's by {diff} levels"
