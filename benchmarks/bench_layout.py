@@ -86,20 +86,22 @@ def build(a, ctx: ParallelContext) -> MoEDiT:
     return model
 
 
-def timed(model, args, device) -> tuple[float, torch.Tensor, float]:
-    """-> (ms, output, GiB the forward allocated on top of what was resident; 0 on the CPU)."""
+def timed(model, args, device) -> tuple[float, float, torch.Tensor, float]:
+    """-> (wall ms, CPU ms of this process, output, GiB the forward allocated on top of what was
+    resident; 0 on the CPU). On a shared CPU the CPU time is the work the rank did, whatever
+    the other processes took from it; the wall time is the latency."""
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     out = model(*args)
     if cuda:
         torch.cuda.synchronize(device)
-    ms = (time.perf_counter() - t0) * 1e3
+    ms, cpu_ms = (time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3
     extra = (torch.cuda.max_memory_allocated(device) - before) / 2 ** 30 if cuda else 0.0
-    return ms, out, extra
+    return ms, cpu_ms, out, extra
 
 
 def main(argv=None) -> int:
@@ -117,21 +119,24 @@ def main(argv=None) -> int:
         par = ParallelConfig(device=a.device, timeout_s=600, ep_size=None if a.ep == "world" else 1, **LAYOUTS[n])
         models[n] = build(a, build_context(par, rank, world, device))
     args = inputs(a, device)
-    times = {n: [] for n in ["1 rank"] + names}
+    times = {n: [] for n in ["1 rank"] + names}      # wall ms per forward (rank 0)
+    cpu = {n: [] for n in times}                       # CPU ms per forward (rank 0's process)
     err, mem = {}, {}
     load = [os.getloadavg()[0]]
     for rep in range(a.warmup + a.reps):
         tdist.barrier()
         if rank == 0:
-            ms, ref, mem["1 rank"] = timed(one, args, device)
+            ms, cpu_ms, ref, mem["1 rank"] = timed(one, args, device)
             if rep >= a.warmup:
                 times["1 rank"].append(ms)
+                cpu["1 rank"].append(cpu_ms)
         tdist.barrier()
         for n in names:
             tdist.barrier()
-            ms, out, mem[n] = timed(models[n], args, device)
+            ms, cpu_ms, out, mem[n] = timed(models[n], args, device)
             if rep >= a.warmup:
                 times[n].append(ms)
+                cpu[n].append(cpu_ms)
             if rank == 0:
                 err[n] = max(err.get(n, 0.0), ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item())
     load.append(os.getloadavg()[0])
@@ -140,9 +145,10 @@ def main(argv=None) -> int:
         rows = []
         for n, ts in times.items():
             row = {"layout": n, "world": 1 if n == "1 rank" else world, "median_ms": statistics.median(ts),
-                   "min_ms": min(ts), "reps": len(ts)}
+                   "min_ms": min(ts), "cpu_ms": statistics.median(cpu[n]), "reps": len(ts)}
             if n != "1 rank":
                 row.update(speedup_paired=statistics.median(b / t for b, t in zip(base, ts)),
+                           cpu_ratio=statistics.median(cpu["1 rank"]) / statistics.median(cpu[n]),
                            speedup_of_medians=statistics.median(base) / statistics.median(ts), max_rel_err=err[n],
                            **{k: v for k, v in LAYOUTS[n].items()})
             if device.type == "cuda":   # rank 0's activations of one forward (weights come on top)
