@@ -106,9 +106,36 @@ def _layout_run(rank, world, par: dict, eplb: dict, batch_size: int, ref_latents
     assert np.abs(load - ref_load).sum() <= 4, f"{what}: loads differ from the world of one:\n{load - ref_load}"
 
 
-def _ranks(rank, world, cases, ref_latents, ref_load):
+def _job_run(rank, world, out_dir, ref_latents):
+    """The job (moe_ep.job.run) at cfg 2 on 2 ranks: prompts over dp (here 1: two rounds), the
+    image files of the world of one, token rows counted once."""
+    import json
+    import os
+
+    from PIL import Image
+
+    from moe_ep.job import run
+
+    cfg = tiny_cfg(2, ["parallel.cfg_parallel_size=2", f"sampling.num_inference_steps={STEPS}",
+                       f"sampling.prompts={json.dumps(PROMPTS)}", "sampling.batch_size=2", "telemetry.wandb=false",
+                       "eplb.min_gain=-1", f"output_dir={out_dir}"])
+    summary = run(cfg, build_context(cfg.parallel, rank, world, torch.device("cpu")), progress=False)
+    assert summary["layout"] == {"dp": 1, "cfg": 2, "sp": 1, "ulysses": 1, "ring": 1}
+    # rounds [0, 1] and [2]: each forward's rows are its prompts x tokens x 2 branches, once
+    assert [s["tokens"] for s in summary["steps"]] == [2 * TOKENS * 2] * STEPS + [TOKENS * 2] * STEPS
+    want = decode_latents(ref_latents)                                           # [3, h, w, 3]
+    names = sorted(os.listdir(os.path.join(out_dir, "images")))
+    assert names == ["000.png", "001.png", "002.png"], names
+    for i, name in enumerate(names):
+        img = np.asarray(Image.open(os.path.join(out_dir, "images", name))).astype(int)
+        assert np.abs(img - want[i].astype(int)).max() <= 1, f"job at cfg 2: {name} differs from one rank's"
+
+
+def _ranks(rank, world, cases, ref_latents, ref_load, job_dir=None):
     for par, eplb, batch_size in cases:
         _layout_run(rank, world, par, eplb, batch_size, ref_latents, ref_load)
+    if job_dir is not None:
+        _job_run(rank, world, job_dir, ref_latents)
 
 
 TWO_RANKS = [({"ulysses_degree": 2}, {"migration": "sync"}, 2),
@@ -119,8 +146,8 @@ FOUR_RANKS = [({"ulysses_degree": 2, "cfg_parallel_size": 2}, {"migration": "syn
               ({"ulysses_degree": 2, "ring_degree": 2}, {"migration": "sync"}, 3)]
 
 
-def test_two_ranks_ulysses_ring_cfg(ref):
-    run_ranks(2, _ranks, TWO_RANKS, *ref)
+def test_two_ranks_ulysses_ring_cfg_and_the_job(ref, tmp_path):
+    run_ranks(2, _ranks, TWO_RANKS, *ref, str(tmp_path / "job"))
 
 
 def test_four_ranks_usp_cfg_dp(ref):
