@@ -9,7 +9,9 @@
 
 Every `moe_every`-th block (the last of each group of `moe_every`) has an MoE feed-forward.
 The MoE layer sees its input as [B, N, H] (rows batch-major), so with classifier-free
-guidance the conditional half (samples first) is the first `B_cond*N` rows.
+guidance the conditional half (samples first) is the first `B_cond*N` rows. Under cfg / sequence
+parallelism (image_split.py) a rank's MoE layers see its guidance chunk and token shard,
+[B/cfg, N/sp, H], and self-attention spans the sp ranks' shards.
 
 Initialisation is deterministic and independent of the world and EP sizes: the
 non-expert weights are drawn from one CPU `torch.Generator(model.seed)` in module order
