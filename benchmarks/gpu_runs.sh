@@ -29,6 +29,11 @@
 #   bash benchmarks/gpu_runs.sh ep2-diffusers   # HiDream-I1 / NucleusMoE layers at EP = 2 vs diffusers on one GPU
 #   bash benchmarks/gpu_runs.sh simulate        # the simulator's 1- and 2-GPU check (no GPU needed)
 #   bash benchmarks/gpu_runs.sh ep2             # the six above in order
+# One image over several GPUs (issue 30; benchmarks/bench_layout.py, one forward of one prompt with
+# guidance, interleaved with the same forward on one GPU; docs/benchmarks.md):
+#   bash benchmarks/gpu_runs.sh sp2             # 2 GPUs: Ulysses 2 and ring 2 vs 1 GPU
+#   bash benchmarks/gpu_runs.sh cfg2            # 2 GPUs: cfg 2 vs 1 GPU
+#   bash benchmarks/gpu_runs.sh usp4            # 4 GPUs: Ulysses 4, Ulysses 2 x ring 2, cfg 2 x Ulysses 2 vs 1 GPU
 #
 # REHEARSE=1 runs the ep2-* parts and simulate (and layer) on CPU ranks (gloo) at tiny sizes: the
 # same scripts and flags, so the plumbing is known to work before a GPU machine is held (ep2: about
@@ -48,6 +53,7 @@ if [ "${REHEARSE:-0}" = 1 ]; then
   MIG="--layers 2 --experts 8 --hidden 128 --expert-hidden 128 --tokens 64 --forwards 8 --interval 3"
   STEP_SET="--config configs/quickstart.json --set model.num_layers=2 --set sampling.batch_size=1"
   DIFF="--device cpu --dtype float32 --small --reps 2"; ITERS=3; GPU1=""
+  LAYOUT="--device cpu --dtype float32 --threads 1 --latent 16 --hidden 64 --heads 4 --layers 2 --reps 3"
 else
   DEV="--device cuda"; DT="--dtype bfloat16"
   SHAPE="--tokens 8192 --hidden 4096 --expert-hidden 3072 --experts 64 --top-k 8"
@@ -55,8 +61,11 @@ else
   MIG="--layers 4 --experts 32 --hidden 4096 --expert-hidden 3072 --tokens 8192 --forwards 20 --interval 5"
   STEP_SET="--config configs/hunyuan_like.json --set sampling.batch_size=4"
   DIFF="--device cuda --dtype bfloat16 --reps 20"; ITERS=20; GPU1="CUDA_VISIBLE_DEVICES=0"
+  # 128 x 128 latents (4096 tokens, a 1024 px image at VAE factor 8), hidden 2048, 16 heads, 64 experts top-8
+  LAYOUT="--device cuda --dtype bfloat16 --latent 128 --hidden 2048 --heads 16 --layers 8 --experts 64 --top-k 8 \
+    --expert-hidden 1024 --text-tokens 128 --reps 20 --warmup 3"
 fi
-PARTS="checks, layer, step, rebalance, diffusers, ep1, demo-sweep, ep2-layer, ep2-skew, ep2-migration, ep2-step, ep2-diffusers, simulate, ep2"
+PARTS="checks, layer, step, rebalance, diffusers, ep1, demo-sweep, ep2-layer, ep2-skew, ep2-migration, ep2-step, ep2-diffusers, simulate, ep2, sp2, cfg2, usp4"
 two() { $DS --num_gpus 2 --master_port $((29500 + RANDOM % 1000)) "$@"; }
 one() { env $GPU1 $PY "$@"; }
 show() { grep -E "$2" "$1" | cut -c1-400; }
@@ -144,6 +153,12 @@ run_part() {
     $PY -m eplb simulate --check > "$out/simulate_check.log" 2>&1; echo "simulate rc=$?"; show "$out/simulate_check.log" "^check";;
   ep2)
     for p in ep2-layer ep2-skew ep2-migration ep2-step ep2-diffusers simulate; do run_part $p; done;;
+  sp2|cfg2|usp4)
+    local n layouts
+    case $1 in sp2) n=2 layouts=ulysses2,ring2;; cfg2) n=2 layouts=cfg2;; usp4) n=4 layouts=ulysses4,usp4,cfg2ulysses2;; esac
+    $DS --num_gpus $n --master_port $((29500 + RANDOM % 1000)) benchmarks/bench_layout.py $LAYOUT --layouts $layouts \
+      --json "$out/layout_$1.json" > "$out/layout_$1.log" 2>&1
+    echo "layout $1 rc=$?"; show "$out/layout_$1.log" "^\{";;
   *) echo "unknown part ${1:-(none)} ($PARTS)"; return 2;;
   esac
 }

@@ -6,10 +6,12 @@ source per layer, `sample(prompts, seeds, hooks)`, per-forward hooks). Its parts
 
     preflight(cfg, world_size)   every check that needs no process group: paths, the model
                                  family's own checks, the slot layout, the eplb files
-    WorkSplit                    prompts -> batches -> rounds: batch j runs on rank j % world in
-                                 round j // world; every rank runs the same number of rounds (a
-                                 rank with no batch left samples zero prompts), so the EP
-                                 all-to-alls and the statistics all-reduces always line up
+    WorkSplit                    prompts -> batches -> rounds over the dp axis of the layout: batch
+                                 j runs on dp rank j % dp in round j // dp (every rank of that dp
+                                 rank's cfg x sp group samples it together; one of them writes
+                                 its images, `writes_images`); every rank runs the same number of
+                                 rounds (a rank with no batch left samples zero prompts), so the
+                                 EP all-to-alls and the statistics all-reduces always line up
     ForwardRecorder              the per-forward driver (moe_ep/driver.py: statistics, rebalances,
                                  window balancedness under the placement in effect) plus latency,
                                  tokens/s, telemetry and the test die hook
@@ -204,29 +206,38 @@ def check_planner_topology(cfg: Config, num_experts: int, ep: int, world_size: i
 
 @dataclass(frozen=True)
 class WorkSplit:
-    """Prompts in batches of `batch_size`; batch j runs on rank j % world in round j // world."""
+    """Prompts in batches of `batch_size`; batch j runs on dp rank j % dp_size in round
+    j // dp_size. dp_size is the layout's prompt-splitting axis (`ctx.layout.dp`; the world
+    without cfg / sequence parallelism): every rank of one dp rank's cfg x sp group samples the
+    same batch, so a prompt is one image however many ranks it spans."""
 
     batches: tuple[tuple[int, ...], ...]     # prompt indices of each batch
-    world_size: int
+    dp_size: int
 
     @classmethod
-    def of(cls, num_prompts: int, batch_size: int, world_size: int) -> "WorkSplit":
+    def of(cls, num_prompts: int, batch_size: int, dp_size: int) -> "WorkSplit":
         return cls(tuple(tuple(range(i, min(i + batch_size, num_prompts))) for i in range(0, num_prompts, batch_size)),
-                   world_size)
+                   dp_size)
 
     @property
     def rounds(self) -> int:
         """Rounds every rank runs (the same on all ranks)."""
-        return math.ceil(len(self.batches) / self.world_size)
+        return math.ceil(len(self.batches) / self.dp_size)
 
-    def batch(self, round_idx: int, rank: int) -> list[int]:
-        """Prompt indices rank `rank` samples in round `round_idx` ([] when it has none left)."""
-        j = round_idx * self.world_size + rank
+    def batch(self, round_idx: int, dp_rank: int) -> list[int]:
+        """Prompt indices dp rank `dp_rank` samples in round `round_idx` ([] when it has none left)."""
+        j = round_idx * self.dp_size + dp_rank
         return list(self.batches[j]) if j < len(self.batches) else []
 
     def prompts_in_round(self, round_idx: int) -> int:
-        """Prompts sampled in round `round_idx` on all ranks together."""
-        return sum(len(self.batch(round_idx, r)) for r in range(self.world_size))
+        """Prompts sampled in round `round_idx` on all ranks together (each prompt once)."""
+        return sum(len(self.batch(round_idx, r)) for r in range(self.dp_size))
+
+
+def writes_images(layout) -> bool:
+    """The one rank of each cfg x sp group that writes the group's images: cfg rank 0, sp rank
+    0 (every rank of the group holds the same images)."""
+    return layout.index("cfg") == 0 and layout.index("sp") == 0
 
 
 # ---------------------------------------------------------------- outputs while sampling
@@ -451,6 +462,8 @@ def build_summary(cfg: Config, ctx: ParallelContext, model: ServedModel, recorde
         "config": cfg.to_dict(),
         "world_size": ctx.world_size, "ep_size": ctx.ep_size, "dp_size": ctx.dp_size,
         "ranks_per_node": ctx.ranks_per_node, "device": str(ctx.device),
+        "layout": {"dp": ctx.layout.dp, "cfg": ctx.layout.cfg, "sp": ctx.layout.sp, "ulysses": ctx.layout.ulysses,
+                   "ring": ctx.layout.ring},
         "num_prompts": len(items), "num_forwards": len(steps), "tokens_per_image": model.tokens_per_image,
         "images": [{"path": f"images/{it.png}", "prompt": it.prompt, "seed": it.seed, "name": it.name}
                    for it in items],
@@ -607,12 +620,13 @@ def _run(cfg: Config, ctx: ParallelContext, progress: bool, state: RunState) -> 
         rebalancer.on_measured.append(telemetry.log_measured)   # rebalance/measured_* in a later step
 
     prompts = [it.prompt for it in items]
-    split = WorkSplit.of(len(prompts), s.batch_size, ctx.world_size)
+    split = WorkSplit.of(len(prompts), s.batch_size, ctx.layout.dp)   # prompts over the dp axis only
+    dp_rank, writer = ctx.layout.coords().dp, writes_images(ctx.layout)
     # a round runs whole or not at all, so every image comes out of the batches an uninterrupted
-    # run samples it in (the bits of an image depend on its batch until the expert path is
-    # batch-invariant); a round is skipped when every image of it is finished
+    # run samples it in (the dense layers see the batch); a round is skipped when every image of
+    # it is finished
     todo = [r for r in range(split.rounds)
-            if any(i not in plan.finished for k in range(split.world_size) for i in split.batch(r, k))]
+            if any(i not in plan.finished for k in range(split.dp_size) for i in split.batch(r, k))]
     from tqdm import tqdm
     bar = tqdm(total=len(todo) * model.num_inference_steps, desc="sampling", unit="step",
                disable=not (progress and ctx.is_main), dynamic_ncols=True)
@@ -625,8 +639,10 @@ def _run(cfg: Config, ctx: ParallelContext, progress: bool, state: RunState) -> 
     t_start = time.perf_counter()
     for r in todo:
         recorder.start_round(r)
-        idx = split.batch(r, ctx.rank)
-        images.write(idx, model.sample([prompts[i] for i in idx], [items[i].seed for i in idx], recorder))
+        idx = split.batch(r, dp_rank)
+        out = model.sample([prompts[i] for i in idx], [items[i].seed for i in idx], recorder)
+        if writer:
+            images.write(idx, out)
         state.phase = f"writing the statistics after round {r}"
         stats_writer.round_done()
     wall = time.perf_counter() - t_start

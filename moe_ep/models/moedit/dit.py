@@ -9,7 +9,9 @@
 
 Every `moe_every`-th block (the last of each group of `moe_every`) has an MoE feed-forward.
 The MoE layer sees its input as [B, N, H] (rows batch-major), so with classifier-free
-guidance the conditional half (samples first) is the first `B_cond*N` rows.
+guidance the conditional half (samples first) is the first `B_cond*N` rows. Under cfg / sequence
+parallelism (image_split.py) a rank's MoE layers see its guidance chunk and token shard,
+[B/cfg, N/sp, H], and self-attention spans the sp ranks' shards.
 
 Initialisation is deterministic and independent of the world and EP sizes: the
 non-expert weights are drawn from one CPU `torch.Generator(model.seed)` in module order
@@ -31,6 +33,7 @@ from ...experts import DenseMLP, GroupedExperts, init_expert_weights
 from ...layer import MoELayer
 from ...parallel import ParallelContext
 from ...timing import PhaseTimer, maybe_phase
+from .image_split import ImageSplit
 from .text import BuiltinTextEncoder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -87,7 +90,9 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(d, eps=1e-6) if qk_norm else None
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
-                key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                key_mask: Optional[torch.Tensor] = None, split: Optional[ImageSplit] = None) -> torch.Tensor:
+        """`split`: self-attention over an image whose tokens are sharded over the sp ranks (x is
+        this rank's shard [B, N/sp, H]); None: every key is in x / context."""
         B, N, H = x.shape
         ctx = x if context is None else context
         d = H // self.heads
@@ -95,8 +100,11 @@ class Attention(nn.Module):
         k, v = self.kv(ctx).view(B, ctx.shape[1], 2, self.heads, d).permute(2, 0, 3, 1, 4)  # [B, h, M, d]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        mask = None if key_mask is None else key_mask[:, None, None, :]        # [B, 1, 1, M]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)          # [B, h, N, d]
+        if split is not None:                                                  # self-attention, sp shards
+            out = split.self_attention(q, k, v)                                # [B, h, N, d]
+        else:
+            mask = None if key_mask is None else key_mask[:, None, None, :]    # [B, 1, 1, M]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)      # [B, h, N, d]
         return self.proj(out.transpose(1, 2).reshape(B, N, H))
 
 
@@ -116,12 +124,14 @@ class DiTBlock(nn.Module):
             self.ffn = MoELayer(H, cfg.moe, ctx, num_redundant=num_redundant, layer_idx=moe_layer_idx, dtype=dtype)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(H, 6 * H))
         self.timer: Optional[PhaseTimer] = None   # set by telemetry: times the "attention" phase
+        # self-attention over the sp shards of one image (None at sp = 1: plain SDPA)
+        self.split = ImageSplit(ctx.layout) if ctx.layout.sp > 1 else None
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)  # [B, H] each
         with maybe_phase(self.timer, "attention"):                             # self- and cross-attention
-            x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
-            x = x + self.cross_attn(self.norm2(x), text, text_mask)
+            x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1), split=self.split)
+            x = x + self.cross_attn(self.norm2(x), text, text_mask)           # text replicated: local
         h = modulate(self.norm3(x), shift2, scale2)                            # [B, N, H]
         return x + gate2.unsqueeze(1) * self.ffn(h)                            # MoE sees [B, N, H]
 
@@ -163,6 +173,7 @@ class MoEDiT(nn.Module):
         # MoELayer puts its own parameters on ctx.device in the model dtype; the rest follows.
         self.to(device=ctx.device, dtype=self.dtype)
         self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
+        self.split = ImageSplit(ctx.layout)   # this rank's guidance chunk and token shard of one image
 
     # ------------------------------------------------------------ structure
     def moe_layers(self) -> list[MoELayer]:
@@ -209,19 +220,26 @@ class MoEDiT(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """x [B, C, h, w], t [B] in [0, 1] (1 = noise), text [B, T, text_dim], text_mask [B, T] bool
-        -> velocity [B, C, h, w] (noise - data direction)."""
-        B, _, h, w = x.shape
+        -> velocity [B, C, h, w] (noise - data direction).
+
+        Under cfg / sp parallelism (self.split, image_split.py) every rank of the image's group
+        passes the same whole batch and gets the same whole output; in between, this rank runs
+        its cfg chunk b = B / cfg of the batch and its sp shard of the tokens."""
+        split = self.split
+        x, t, text, text_mask = split.split_batch(x, t, text, text_mask)          # [b, ...]: my branch
+        _, _, h, w = x.shape
         p = self.cfg.patch_size
         gh, gw = h // p, w // p
-        tokens = self.x_embedder(x.to(self.dtype)).flatten(2).transpose(1, 2)   # [B, N, H]
-        tokens = tokens + self.pos_embed(gh, gw)
+        tokens = self.x_embedder(x.to(self.dtype)).flatten(2).transpose(1, 2)   # [b, N, H]
+        tokens = split.shard_tokens(tokens + self.pos_embed(gh, gw))             # [b, N/sp, H]: my shard
         mask_f = text_mask.to(text.dtype).unsqueeze(-1)                          # [B, T, 1]
         pooled = (text * mask_f).sum(1) / mask_f.sum(1).clamp_min(1)             # [B, text_dim]
         c = self.t_embedder(t) + self.pooled_proj(pooled)                        # [B, H]
         ctx_tokens = self.text_proj(text)                                        # [B, T, H]
         for block in self.blocks:
             tokens = block(tokens, c, ctx_tokens, text_mask)
-        return self.unpatchify(self.final_layer(tokens, c), gh, gw)
+        out = split.unshard_tokens(self.final_layer(tokens, c))                  # [b, N, p*p*C]
+        return split.join_batch(self.unpatchify(out, gh, gw))                    # [B, C, h, w]
 
 
 def _init_value(module: nn.Module, name: str, param: torch.Tensor, g: torch.Generator) -> torch.Tensor:

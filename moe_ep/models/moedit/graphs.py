@@ -33,6 +33,12 @@ class CudaGraphForward:
         if model.ctx.ep_size != 1:
             raise ConfigError("parallel.ep_size", model.ctx.ep_size,
                               "CUDA-graph capture needs EP = 1 (EP > 1 reads split sizes back to the host)")
+        lay = model.ctx.layout
+        if lay.cfg * lay.sp > 1:
+            raise ConfigError("parallel.sequence_parallel_size" if lay.sp > 1 else "parallel.cfg_parallel_size",
+                              lay.sp if lay.sp > 1 else lay.cfg,
+                              "CUDA-graph capture needs one image on one rank (sp = cfg = 1): the sp/cfg "
+                              "collectives are not captured")
         if model.ctx.device.type != "cuda":
             raise ConfigError("parallel.device", str(model.ctx.device), "CUDA-graph capture needs a CUDA device")
         self.model, self.warmup = model, warmup

@@ -24,14 +24,16 @@ import numpy as np
 import torch
 from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
 
+from ...config import ConfigError
 from .dit import MoEDiT
 from .text import PromptEncoder
 
 # hook(step_index, timestep in [0, 1], info) called before / after every transformer forward;
-# info (moe_ep.models.base.ForwardInfo): {"batch": prompts in the batch, "rows": all MoE input
-# rows, "cond_rows": rows of the conditional half (conditional rows first; None without
-# guidance), "sample_branch": per transformer-batch sample 0 = conditional, 1 = unconditional
-# (None without guidance)}
+# info (moe_ep.models.base.ForwardInfo), of the MoE input rows this rank routes (under cfg / sp
+# parallelism its guidance chunk and token shard, moedit/image_split.py): {"batch": prompts in
+# the batch, "rows": MoE input rows, "cond_rows": rows of the conditional samples (conditional
+# rows first; None without guidance), "sample_branch": per local transformer-batch sample 0 =
+# conditional, 1 = unconditional (None without guidance)}
 ForwardHook = Callable[[int, float, dict], None]
 
 
@@ -47,6 +49,19 @@ def set_flux_timesteps(scheduler: FlowMatchEulerDiscreteScheduler, num_inference
     scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / n, n).tolist())
     scheduler.set_begin_index(0)                 # step() then needs no look-up of the timestep
     return scheduler.sigmas[:-1].tolist()        # [N]
+
+
+def check_branches(cfg_parallel_size: int, guidance: bool) -> None:
+    """cfg parallelism gives each of 2 ranks one guidance branch: it needs guidance and 2 ranks."""
+    if cfg_parallel_size == 1:
+        return
+    if cfg_parallel_size != 2:
+        raise ConfigError("parallel.cfg_parallel_size", cfg_parallel_size,
+                          "must be 1 or 2: classifier-free guidance has two branches (conditional, unconditional)")
+    if not guidance:
+        raise ConfigError("parallel.cfg_parallel_size", cfg_parallel_size,
+                          "needs classifier-free guidance (sampling.guidance_scale > 1): without it there is one "
+                          "branch to run; use 1")
 
 
 class MoEDiTPipeline:
@@ -83,13 +98,13 @@ class MoEDiTPipeline:
         B = len(prompt)
         seeds = list(range(B)) if seeds is None else list(seeds)
         do_cfg = guidance_scale > 1.0
+        check_branches(self.transformer.ctx.layout.cfg, do_cfg)
         text, text_mask = self.encode_prompt(prompt, negative_prompt, do_cfg)
         latents = self.prepare_latents(seeds, height, width)                     # [B, C, h, w]
         p = self.transformer.cfg.patch_size
         n_tokens = (latents.shape[2] // p) * (latents.shape[3] // p)
-        info = {"batch": B, "cond_rows": B * n_tokens if do_cfg else None,
-                "rows": B * n_tokens * (2 if do_cfg else 1),
-                "sample_branch": [0] * B + [1] * B if do_cfg else None}
+        # the rows THIS rank routes: under cfg / sp parallelism its branch chunk and token shard
+        info = self.transformer.split.forward_info(B, n_tokens, do_cfg)
         ts = set_flux_timesteps(self.scheduler, num_inference_steps)            # [N] t in [0, 1]
         self.timesteps = ts   # moe-ep's t of each forward (scheduler.timesteps are diffusers' 1000 t)
         for i, t in enumerate(ts):

@@ -15,7 +15,9 @@ import numpy as np
 from ...config import Config, ConfigError
 from ...experts import init_expert_weights
 from ...images import decode_latents
-from ...parallel import ParallelContext, check_layout, derive_ep_size, launcher_local_world
+from ...parallel import ParallelContext, check_layout, derive_ep_size, launcher_local_world, resolve_layout
+from ...parallel_layout import ParallelLayout
+from ...sequence_parallel import check_heads, check_tokens
 from ..base import ExpertWeightSource, ForwardHooks, MoEShape, ServedModel
 from .checkpoint import CheckpointReader, inspect_checkpoint, load_checkpoint
 
@@ -32,6 +34,7 @@ def preflight(cfg: Config, world_size: int) -> MoEShape:
     from .text import load_user_encoder
 
     ep = derive_ep_size(cfg.parallel, world_size)
+    check_image_parallel(cfg, resolve_layout(cfg.parallel, world_size))
     check_layout(cfg.model.moe.num_experts, cfg.eplb.num_redundant_experts, ep)
     check_expert_memory(cfg, ep, memory_per_rank(cfg, world_size))
     if cfg.model.checkpoint:
@@ -39,6 +42,30 @@ def preflight(cfg: Config, world_size: int) -> MoEShape:
     if cfg.model.text_encoder != "builtin":
         load_user_encoder(cfg.model.text_encoder)
     return moe_shape(cfg)
+
+
+def check_image_parallel(cfg: Config, layout: ParallelLayout) -> None:
+    """One image over cfg x sp ranks (image_split.py): the guidance branches must split over the
+    cfg ranks, the attention heads over the Ulysses ranks, the image tokens over the sp ranks;
+    expert-choice routing picks tokens per whole sample, so it is refused under sp (ConfigError
+    naming the key)."""
+    from .sampler import check_branches
+
+    check_branches(layout.cfg, cfg.sampling.guidance_scale > 1.0)
+    if layout.cfg * layout.sp > 1 and cfg.model.compile:
+        raise ConfigError("model.compile", True, f"not with cfg or sequence parallelism yet (cfg_parallel_size "
+                                                 f"{layout.cfg}, sequence_parallel_size {layout.sp}): untested")
+    if layout.sp == 1:
+        return
+    m, s = cfg.model, cfg.sampling
+    check_heads(m.num_heads, layout)
+    check_tokens((s.height // m.vae_scale_factor // m.patch_size) * (s.width // m.vae_scale_factor // m.patch_size),
+                 layout)
+    if m.moe.routing == "expert_choice":
+        raise ConfigError("model.moe.routing", m.moe.routing,
+                          f"expert choice picks each expert's tokens from a whole sample; under sequence "
+                          f"parallelism (parallel.sequence_parallel_size {layout.sp}) a rank holds 1/{layout.sp} of "
+                          f"it: use token_choice, or sequence_parallel_size 1")
 
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
