@@ -316,7 +316,7 @@ FIELDS: dict[str, Allowed] = {
     "parallel.sequence_parallel_size": POSITIVE_INT,
     "parallel.ulysses_degree": POSITIVE_INT,
     "parallel.ring_degree": POSITIVE_INT,
-    "parallel.cfg_parallel_size": POSITIVE_INT,
+    "parallel.cfg_parallel_size": Allowed(lo=1, hi=2),   # two guidance branches at most
     "parallel.data_parallel_size": POSITIVE_INT,
     "parallel.ranks_per_node": POSITIVE_INT,
     # datetime.timedelta and the backends take no more than 1e9 s

@@ -125,7 +125,7 @@ def _job_run(rank, world, out_dir, ref_latents):
     assert [s["tokens"] for s in summary["steps"]] == [2 * TOKENS * 2] * STEPS + [TOKENS * 2] * STEPS
     want = decode_latents(ref_latents)                                           # [3, h, w, 3]
     names = sorted(os.listdir(os.path.join(out_dir, "images")))
-    assert names == ["000.png", "001.png", "002.png"], names
+    assert names == ["000.json", "000.png", "001.json", "001.png", "002.json", "002.png"], names   # PNG + record
     for i, name in enumerate(names):
         img = np.asarray(Image.open(os.path.join(out_dir, "images", name))).astype(int)
         assert np.abs(img - want[i].astype(int)).max() <= 1, f"job at cfg 2: {name} differs from one rank's"
