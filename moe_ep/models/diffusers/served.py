@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 from ...config import ConfigError
 from ...parallel import ParallelContext, derive_ep_size
 from ..base import MoEShape, ServedModel
+from .acceleration import compile_transformer
 from .loader import DTYPES, LoadedTransformer, check_folder, load_transformer
 from .pipeline import CONVENTIONS
 from .sampling import PipelineSampler, check_pipeline_source, load_pipeline
@@ -48,6 +49,8 @@ class DiffusersServedModel(ServedModel):
             raise ConfigError("model.dtype", cfg.model.dtype, "must be one of " + ", ".join(DTYPES))
         loaded = load_transformer(cfg.model.path, ctx, num_redundant=cfg.eplb.num_redundant_experts,
                                   dtype=DTYPES[cfg.model.dtype])   # scores as the model computes them (spec)
+        if cfg.model.compile:      # the non-MoE blocks compiled, host syncs removed (docs/benchmarks.md 1g)
+            compile_transformer(loaded.model)
         pipeline = load_pipeline(cfg, loaded.model, DTYPES[cfg.model.dtype])
         sampler = PipelineSampler(cfg, pipeline, loaded.model, loaded.moe_layers, loaded.info.spec.name)
         return cls(cfg, loaded, sampler)
