@@ -176,7 +176,9 @@ def bench_layer(args) -> list[dict]:
     # the fast path first (at EP > 1: one row per (token, destination rank), this rank's own rows
     # computed while the others travel); the ratios are against it
     systems = [("moe-ep (dropless)", variant(True, True))]
-    if ctx.device.type == "cpu":   # model.moe.batch_invariant "auto" is on here (moe_ep/batch_invariant.py)
+    # model.moe.batch_invariant "auto" is on for CPU ranks (moe_ep/batch_invariant.py): its row by
+    # default there; --batch-invariant-row yes times it on a GPU too
+    if args.batch_invariant_row == "yes" or (args.batch_invariant_row == "auto" and ctx.device.type == "cpu"):
         systems.append(("moe-ep, batch-invariant", variant(True, True, invariant=True)))
     if ctx.ep_size > 1:
         systems.append(("moe-ep, exchange then compute", variant(True, False)))
@@ -340,6 +342,8 @@ def main(argv=None):
     lay.add_argument("--seed", type=int, default=0)
     lay.add_argument("--with-capacity", action="store_true", help="also DeepSpeed with capacity factor 1.0")
     lay.add_argument("--skip-deepspeed", action="store_true")
+    lay.add_argument("--batch-invariant-row", choices=["auto", "yes", "no"], default="auto",
+                     help="time the batch-invariant path too (model.moe.batch_invariant on); auto: on a CPU")
     lay.add_argument("--peak-tflops", type=float, default=781.0, help="dense GEMM rate for the floor (docs/anchors.md)")
     lay.add_argument("--json", help="also write the rows to this file (rank 0)")
     st = sub.add_parser("step", help="a full sampling step of a model preset")

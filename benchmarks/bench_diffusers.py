@@ -4,6 +4,9 @@
     python benchmarks/bench_diffusers.py --device cuda --dtype bfloat16
     # CPU: EP = 2 ranks against diffusers' own module in one process (tokens/s)
     deepspeed --num_gpus 2 benchmarks/bench_diffusers.py --device cpu --small
+    # the whole transformer (every block, diffusers vs moe-ep with each speed option, one GPU):
+    # the rest of the arguments go to benchmarks/bench_transformer.py (its --help lists them)
+    python benchmarks/bench_diffusers.py --whole --model nucleus --accuracy-layers 8 --out nucleus.json
 
 HiDream-I1: `MOEFeedForwardSwiGLU` (hidden 2560, expert hidden 6912, 4 experts, top-2, shared
 expert) at 4096 / 8192 / 16384 tokens. NucleusMoE-Image: `NucleusMoELayer` (hidden 2048, expert
@@ -111,8 +114,24 @@ def one_case(name, make_block, spec, call_args, flops, ctx, dtype, reps):
     return row
 
 
+def whole_transformer(argv: list[str]) -> int:
+    """`--whole`: benchmarks/bench_transformer.py's main with the other arguments."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_transformer.py")
+    spec = importlib.util.spec_from_file_location("bench_transformer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--whole" in argv:
+        return whole_transformer([a for a in argv if a != "--whole"])
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--whole", action="store_true",
+                   help="the whole transformer instead: the other arguments go to benchmarks/bench_transformer.py")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--small", action="store_true", help="tiny-but-not-trivial sizes (CPU)")

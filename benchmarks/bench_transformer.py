@@ -22,7 +22,6 @@ Accuracy: the same at reduced depth (`--accuracy-layers`) against an fp32 run of
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics
@@ -44,6 +43,7 @@ from moe_ep.models.diffusers import tiny  # noqa: E402
 from moe_ep.models.diffusers.wrap import replace_module  # noqa: E402
 from moe_ep.parallel import build_context  # noqa: E402
 
+OPTIONS = {"compile", "batch_invariant"}
 MODELS = {"hidream": "HiDreamImageTransformer2DModel", "nucleus": "NucleusMoEImageTransformer2DModel"}
 
 
@@ -281,10 +281,34 @@ def speed_phase(rec: Recorder, args, device, dtype) -> Optional[str]:
             if cuda:
                 speed_row(rec, f"moe-ep + host syncs removed{label} + compiled blocks + CUDA graph",
                           _bound(acc.AcceleratedTransformer(model, attn, cuda_graph=True), kw), device, ref)
+        if "batch_invariant" in args.options:
+            batch_invariant_rows(rec, model, kw, attn, device, ref)
     del model
     if cuda:
         torch.cuda.empty_cache()
     return attn
+
+
+def batch_invariant_rows(rec: Recorder, model: nn.Module, kw: dict, attn: Optional[str], device,
+                         ref: Optional[torch.Tensor]) -> None:
+    """The cost of model.moe.batch_invariant "on" (moe_ep/batch_invariant.py) in the whole forward:
+    every MoE layer switched to the batch-invariant path, with the blocks as they are (compiled or
+    not), then with the blocks eager; the layers switched back after."""
+    layers = acc._moe_layers(model)
+    before = [layer.batch_invariant for layer in layers]
+    label = f" + {attn} attention" if attn else ""
+    compiled = [p for p, m in model.named_modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    try:
+        for layer in layers:
+            layer.batch_invariant = True
+        if compiled:
+            speed_row(rec, f"moe-ep + host syncs removed{label} + compiled blocks, batch-invariant experts",
+                      _bound(acc.AcceleratedTransformer(model, attn), kw), device, ref)
+            acc.uncompile_blocks(model, compiled)
+        speed_row(rec, "moe-ep + host syncs removed, batch-invariant experts", lambda: model(**kw), device, ref)
+    finally:
+        for layer, on in zip(layers, before):
+            layer.batch_invariant = on
 
 
 def _bound(fn, kw):
@@ -312,7 +336,7 @@ def accuracy_phase(rec: Recorder, args, device, dtype, attn: Optional[str]) -> N
         ref = output(ref_model(**kw32))
         for m in grouped:
             m.use_grouped_mm = True
-        model = copy.deepcopy(ref_model).to(dtype)
+        model = ref_model.to(dtype)            # in place: no second copy of the weights (fp32 gone)
         del ref_model
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
@@ -375,7 +399,9 @@ def main(argv=None) -> int:
     p.add_argument("--text-tokens", type=int, default=None, help="default 128 (5 with --small)")
     p.add_argument("--layers", type=int, default=None, help="blocks of the speed model (default: the config's)")
     p.add_argument("--accuracy-layers", type=int, default=None, help="blocks of the accuracy model (default 6; 3 small)")
-    p.add_argument("--options", default="compile", help="'compile' to include the compiled-blocks rows, '' not")
+    p.add_argument("--options", default="compile",
+                   help="comma list: 'compile' (the compiled-blocks rows), 'batch_invariant' (rows with every MoE "
+                        "layer on the batch-invariant path); '' neither")
     p.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor)")
     p.add_argument("--no-accuracy", action="store_true")
     p.add_argument("--reps", type=int, default=None, help="timed forwards per row (default 10; 3 small)")
@@ -383,6 +409,9 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=420.0, help="skip the speed rows left after this many seconds")
     p.add_argument("--out", default=None, help="write meta, rows and accuracy as JSON here")
     a = p.parse_args(argv)
+    a.options = {o.strip() for o in a.options.split(",") if o.strip()}
+    if a.options - OPTIONS:
+        p.error(f"--options {sorted(a.options - OPTIONS)}: allowed {sorted(OPTIONS)}")
     a.dtype = a.dtype or ("float32" if a.small else "bfloat16")
     a.batch = a.batch or (2 if a.model == "hidream" else 1)
     a.latent_side = a.latent_side or (8 if a.small else 128)

@@ -12,6 +12,9 @@
 #                                           #   injected faults, outputs bit-identical (1b)
 #   bash benchmarks/gpu_runs.sh diffusers   # HiDream-I1 / NucleusMoE blocks, moe-ep vs diffusers (docs/diffusers.md)
 #   bash benchmarks/gpu_runs.sh ep1         # checks, layer and step in order
+#   bash benchmarks/gpu_runs.sh whole       # issue 31: the anchor layer with model.moe.batch_invariant off / on
+#                                           #   (1h); NucleusMoE-Image and HiDream-I1 whole transformers,
+#                                           #   diffusers vs moe-ep eager / compiled / batch-invariant (1g)
 #   bash benchmarks/gpu_runs.sh demo-sweep BUDGET_S "name|train args" ["name|train args" ...]
 #                                           # train several demo-model recipes at once on one GPU (each
 #                                           #   run is launch-bound, so they share it well), then score each
@@ -54,6 +57,7 @@ if [ "${REHEARSE:-0}" = 1 ]; then
   STEP_SET="--config configs/quickstart.json --set model.num_layers=2 --set sampling.batch_size=1"
   DIFF="--device cpu --dtype float32 --small --reps 2"; ITERS=3; GPU1=""
   LAYOUT="--device cpu --dtype float32 --threads 1 --latent 16 --hidden 64 --heads 4 --layers 2 --reps 3"
+  WHOLE="--device cpu --small --reps 2 --warmup 1"
 else
   DEV="--device cuda"; DT="--dtype bfloat16"
   SHAPE="--tokens 8192 --hidden 4096 --expert-hidden 3072 --experts 64 --top-k 8"
@@ -64,8 +68,9 @@ else
   # 128 x 128 latents (4096 tokens, a 1024 px image at VAE factor 8), hidden 2048, 16 heads, 64 experts top-8
   LAYOUT="--device cuda --dtype bfloat16 --latent 128 --hidden 2048 --heads 16 --layers 8 --experts 64 --top-k 8 \
     --expert-hidden 1024 --text-tokens 128 --reps 20 --warmup 3"
+  WHOLE="--device cuda"
 fi
-PARTS="checks, layer, step, rebalance, diffusers, ep1, demo-sweep, ep2-layer, ep2-skew, ep2-migration, ep2-step, ep2-diffusers, simulate, ep2, sp2, cfg2, usp4"
+PARTS="checks, layer, step, rebalance, diffusers, ep1, whole, demo-sweep, ep2-layer, ep2-skew, ep2-migration, ep2-step, ep2-diffusers, simulate, ep2, sp2, cfg2, usp4"
 two() { $DS --num_gpus 2 --master_port $((29500 + RANDOM % 1000)) "$@"; }
 one() { env $GPU1 $PY "$@"; }
 show() { grep -E "$2" "$1" | cut -c1-400; }
@@ -122,6 +127,16 @@ run_part() {
     echo "diffusers rc=$?"; tail -12 "$out/diffusers.log" | cut -c1-300;;
   ep1)
     for p in checks layer step; do run_part $p; done;;
+  whole)   # timeouts sum to 500 s: one device call; each JSON is written row by row (a cut run keeps its rows)
+    timeout 100 $PY benchmarks/bench.py layer $DEV $DT $SHAPE --iters $ITERS --skip-deepspeed --batch-invariant-row yes \
+      --json "$out/layer_batch_invariant.json" > "$out/layer_batch_invariant.log" 2>&1
+    echo "layer batch-invariant rc=$?"; show "$out/layer_batch_invariant.log" "^(system|moe-ep)"
+    timeout 260 $PY benchmarks/bench_diffusers.py --whole --model nucleus $WHOLE --accuracy-layers 8 \
+      --options compile,batch_invariant --budget-s 200 --out "$out/whole_nucleus.json" > "$out/whole_nucleus.log" 2>&1
+    echo "whole nucleus rc=$?"; show "$out/whole_nucleus.log" "^(variant|diffusers|moe-ep|accuracy|Traceback|[A-Za-z]*Error)"
+    timeout 140 $PY benchmarks/bench_diffusers.py --whole --model hidream $WHOLE --no-accuracy \
+      --options compile,batch_invariant --budget-s 110 --out "$out/whole_hidream.json" > "$out/whole_hidream.log" 2>&1
+    echo "whole hidream rc=$?"; show "$out/whole_hidream.log" "^(variant|diffusers|moe-ep|Traceback|[A-Za-z]*Error)";;
   demo-sweep)
     shift; [ $# -ge 2 ] || { echo "demo-sweep needs BUDGET_S and at least one \"name|train args\""; return 2; }
     demo_sweep "$@";;

@@ -71,8 +71,9 @@ class ModelConfig:
     # "moe_dit": the built-in model; "diffusers": a diffusers MoE transformer read from `path`
     type: Literal["moe_dit", "diffusers"] = "moe_dit"
     path: Optional[str] = None           # diffusers folder (save_pretrained layout), type "diffusers"
-    # torch.compile the transformer forward (type "moe_dit"): inductor fuses the norms, adaLN
-    # modulation, gates and residuals around the attention; the MoE layers stay eager (docs/config.md)
+    # torch.compile the transformer forward ("moe_dit"), or each non-MoE block with the host syncs
+    # removed ("diffusers": acceleration.compile_transformer): inductor fuses the norms, modulation,
+    # gates and residuals around the attention; the MoE layers stay eager (docs/config.md)
     compile: bool = False
     moe: MoEConfig = field(default_factory=MoEConfig)
 
@@ -419,9 +420,6 @@ def validate(cfg: Config) -> Config:
     sequence_parallel_degrees(cfg.parallel)
     if m.type == "diffusers" and not m.path:
         raise ConfigError("model.path", m.path, "must name a diffusers model folder when model.type is 'diffusers'")
-    if m.compile and m.type != "moe_dit":
-        raise ConfigError("model.compile", m.compile, "is only for model.type 'moe_dit' (compile a diffusers "
-                                                      "transformer yourself: pipe.transformer.compile())")
     if m.type == "diffusers" and m.checkpoint:
         raise ConfigError("model.checkpoint", m.checkpoint, "is only for model.type 'moe_dit' (a diffusers model "
                                                             "reads its weights from model.path)")

@@ -23,7 +23,6 @@ from moe_ep.config import ConfigError
     ({"sampling": {"prompts": []}}, "sampling.prompts"),
     ({"bogus": 1}, "bogus"),
     ({"model": {"compile": "yes"}}, "model.compile"),
-    ({"model": {"compile": True, "type": "diffusers", "path": "somewhere"}}, "model.compile"),
     ({"model": {"type": "diffusers", "path": "somewhere", "checkpoint": "x.safetensors"}}, "model.checkpoint"),
     ({"eplb": {"enabled": True, "timestep_aware": True}}, "eplb.timestep_aware"),   # 1 bucket: one phase
     ({"parallel": {"timeout_s": 0.5}}, "parallel.timeout_s"),
@@ -33,6 +32,16 @@ def test_bad_fields_are_named(patch, field):
         config.from_dict(patch)
     assert err.value.field_name == field
     assert f"'{field}'" in str(err.value)
+
+
+@pytest.mark.parametrize("model_type,extra", [("moe_dit", {}), ("diffusers", {"path": "somewhere"})])
+def test_model_compile_is_for_both_model_types(model_type, extra):
+    """model.compile: the built-in model compiles its forward, a diffusers transformer its
+    non-MoE blocks (acceleration.compile_transformer); the key is read by both, on any device."""
+    for device in ("cpu", "auto"):
+        cfg = config.from_dict({"model": {"type": model_type, "compile": True, **extra},
+                                "parallel": {"device": device}})
+        assert cfg.model.compile is True and cfg.model.type == model_type
 
 
 def test_defaults_and_overrides(tmp_path):

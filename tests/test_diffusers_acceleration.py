@@ -13,6 +13,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -83,6 +84,75 @@ def test_compiled_blocks_leave_moe_layers_eager():
     assert torch.equal(model(**kw)[0], ref) and len(graphs) == n    # eager again
 
 
+def recording_compile(monkeypatch) -> list:
+    """compile_blocks with a backend that records each graph dynamo captures and runs it eagerly
+    (bit-equal to eager, no inductor build) -> the list the graphs go to."""
+    graphs, original = [], acc.compile_blocks
+
+    def recording(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(acc, "compile_blocks", lambda model, **kw: original(model, backend=recording, **kw))
+    return graphs
+
+
+def compiled_paths(model) -> list[str]:
+    return [p for p, m in model.named_modules() if getattr(m, "_compiled_call_impl", None) is not None]
+
+
+# the tiny models' transformer blocks (tiny.py: HiDream 1 dual + 2 single stream, NucleusMoE 4)
+BLOCKS = {"hidream": ["double_stream_blocks.0.block", "single_stream_blocks.0.block", "single_stream_blocks.1.block"],
+          "nucleus": [f"transformer_blocks.{i}" for i in range(4)]}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["hidream", "nucleus"])
+def test_expert_parallel_compile_route(monkeypatch, name):
+    """`moe_ep.expert_parallel(model, compile=True)`: the blocks compiled and the host syncs removed,
+    in place, statistics still counted, output as without compile (recording backend: eager ops).
+    Without it nothing is compiled."""
+    import moe_ep
+
+    graphs = recording_compile(monkeypatch)
+    make = (lambda: tiny.tiny_hidream(0)) if name == "hidream" else (lambda: tiny.tiny_nucleus(1))
+    plain, fast = make(), make()
+    moe_ep.expert_parallel(plain, ParallelContext())
+    moe_ep.expert_parallel(fast, ParallelContext(), compile=True)
+    assert compiled_paths(plain) == [] and not graphs
+    assert compiled_paths(fast) == BLOCKS[name]
+    assert acc.remove_host_syncs(fast) == []                                   # applied already
+    kw = (tiny.hidream_inputs if name == "hidream" else tiny.nucleus_inputs)(fast, 1, 2, 0.5)
+    assert torch.equal(fast(**kw)[0], plain(**kw)[0])
+    assert graphs                                                              # the forward went through dynamo
+    fast.moe_ep.finish(); plain.moe_ep.finish()
+    assert fast.moe_ep.stats.total().sum() == plain.moe_ep.stats.total().sum() > 0     # hooks still fire
+
+
+@torch.no_grad()
+def test_config_model_compile_route(monkeypatch, tmp_path):
+    """launch/infer.py's route: `model.compile: true` with model.type "diffusers" compiles the served
+    transformer's blocks and removes its host syncs; false leaves it eager."""
+    from moe_ep import config as config_mod
+    from moe_ep.models.base import NoHooks
+    from moe_ep.models.diffusers import build_served_model
+
+    graphs = recording_compile(monkeypatch)
+    folder = tiny.save_tiny_folders(str(tmp_path))["hidream"]
+    cfg_file = os.path.join(ROOT, "configs", "hidream_tiny.json")
+    served, images = {}, {}
+    for on in (False, True):
+        cfg = config_mod.load(cfg_file, [f"model.path={folder}", f"model.compile={str(on).lower()}",
+                                         "eplb.enabled=false", "eplb.num_redundant_experts=0",
+                                         "sampling.num_inference_steps=2"])
+        served[on] = build_served_model(cfg, ParallelContext())
+        images[on] = served[on].sample(["a red circle"], [0], NoHooks())          # the job's call
+    model = {on: s.loaded.model for on, s in served.items()}
+    assert compiled_paths(model[False]) == [] and "patchify" not in vars(model[False])
+    assert compiled_paths(model[True]) == BLOCKS["hidream"] and "patchify" in vars(model[True])
+    assert graphs and np.array_equal(images[True][0], images[False][0])
+
+
 def test_bad_options_fail_early():
     model = wrapped("hidream")
     with pytest.raises(ValueError, match="attention backend 'fast'"):
@@ -98,20 +168,28 @@ def test_bad_options_fail_early():
 
 
 def test_bench_transformer_small_runs_on_cpu(tmp_path):
+    """Through `bench_diffusers.py --whole` (bench_transformer.py with the other arguments); the
+    batch_invariant option adds the row with every MoE layer on the batch-invariant path (on a CPU
+    "auto" has it on already: the same path, so bit-equal to moe-ep eager)."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     try:
-        import bench_transformer
+        import bench_diffusers
     finally:
         sys.path.pop(0)
     out = tmp_path / "small.json"
-    assert bench_transformer.main(["--small", "--device", "cpu", "--options", "", "--reps", "1", "--warmup", "1",
-                                   "--accuracy-layers", "2", "--out", str(out)]) == 0
+    assert bench_diffusers.main(["--whole", "--small", "--device", "cpu", "--options", "batch_invariant", "--reps",
+                                 "1", "--warmup", "1", "--accuracy-layers", "2", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
+    assert "--whole" not in data["meta"]["argv"]
     rows = {r["variant"]: r for r in data["rows"]}
-    assert list(rows) == ["diffusers", "moe-ep", "moe-ep + host syncs removed"]
+    invariant = "moe-ep + host syncs removed, batch-invariant experts"
+    assert list(rows) == ["diffusers", "moe-ep", "moe-ep + host syncs removed", invariant]
     assert all(r["median_ms"] > 0 for r in rows.values())
     assert rows["moe-ep + host syncs removed"]["max_abs_diff_vs_moe_ep_eager"] == 0.0
+    assert rows[invariant]["max_abs_diff_vs_moe_ep_eager"] == 0.0
     acc_rows = {r["variant"]: r["rel_err_vs_fp32"] for r in data["accuracy"]}
     assert acc_rows["diffusers float32"] == 0.0                     # the reference itself
     assert 0 <= acc_rows["moe-ep float32"] < 1e-5 and acc_rows["moe-ep + host syncs removed"] < 1e-5
     assert data["meta"]["host_sync_fixes"]
+    with pytest.raises(SystemExit):                                  # an unknown option: refused at once
+        bench_diffusers.main(["--whole", "--small", "--device", "cpu", "--options", "compile,fast"])

@@ -21,6 +21,9 @@ callable used in place of the transformer (attributes read through to it):
                               and replayed (needs EP = 1, stats and phase timers off, no host sync:
                               use with remove_host_syncs).
 
+  compile_transformer(model)  remove_host_syncs + compile_blocks, in place: the chosen setting
+                              (`expert_parallel(pipe, compile=True)`, config `model.compile`).
+
 docs/benchmarks.md ("Whole transformer on one GPU") says which of these paid on an H100.
 """
 from __future__ import annotations
@@ -112,6 +115,15 @@ def uncompile_blocks(model: nn.Module, paths: list[str]) -> None:
     """Undo compile_blocks: the modules at `paths` run eagerly again."""
     for path in paths:
         model.get_submodule(path)._compiled_call_impl = None
+
+
+def compile_transformer(model: nn.Module, **compile_kwargs) -> list[str]:
+    """The setting docs/benchmarks.md 1g chose for one GPU, in place: remove_host_syncs (exact),
+    then compile_blocks. What `expert_parallel(..., compile=True)` and the config's `model.compile`
+    (model.type "diffusers") apply. The model is still called as diffusers' own module (a pipeline
+    keeps calling `pipe.transformer`); the first forward compiles. -> the compiled modules' paths."""
+    remove_host_syncs(model)
+    return compile_blocks(model, **compile_kwargs)
 
 
 # ---------------------------------------------------------------- attention kernel

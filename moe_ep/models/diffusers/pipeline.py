@@ -202,7 +202,7 @@ def adopt_wrapped(transformer: nn.Module, wrappers: list[EPMoEBlock], ctx: Optio
 
 def expert_parallel(pipe_or_transformer: Any, ctx: Optional[ParallelContext] = None, *,
                     eplb: EplbConfig | dict | None = None, parallel: ParallelConfig | dict | None = None,
-                    score_dtype: Optional[str] = None) -> Any:
+                    score_dtype: Optional[str] = None, compile: bool = False) -> Any:
     """Make a diffusers pipeline (anything with `.transformer`) or transformer expert-parallel,
     in place, and return it with `.moe_ep` (an `ExpertParallel`: stats, rebalancer, summary()).
 
@@ -214,6 +214,8 @@ def expert_parallel(pipe_or_transformer: Any, ctx: Optional[ParallelContext] = N
     "float32" scores in float32 (a few tokens then pick other experts in bf16).
     A transformer from `load_transformer` (its MoE blocks already expert-parallel) is adopted
     as it is: its layers' context, with eplb.num_redundant_experts equal to what it was loaded with.
+    compile: torch.compile the transformer's non-MoE blocks and remove its host syncs, in place
+    (acceleration.compile_transformer; the first forward compiles; not bit-equal to eager).
     Every rank must call this with the same weights, and then run the same pipeline calls.
     """
     transformer = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
@@ -238,6 +240,9 @@ def expert_parallel(pipe_or_transformer: Any, ctx: Optional[ParallelContext] = N
     if convention is None:
         raise ValueError(f"no pipeline convention for model family {wrappers[0].spec.name!r}; "
                          f"known: {sorted(CONVENTIONS)}")
+    if compile:
+        from .acceleration import compile_transformer
+        compile_transformer(transformer)
     handle = ExpertParallel(transformer, wrappers, ctx, eplb, convention, pipeline)
     # cfg / sequence parallel over ctx.layout (None when both are 1): context_parallel.py
     handle.context_parallel = install_context_parallel(transformer, ctx, handle.moe_layers(), convention.guidance,

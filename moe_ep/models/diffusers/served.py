@@ -11,6 +11,7 @@ from ...config import ConfigError
 from ...parallel import ParallelContext, derive_ep_size, resolve_layout
 from ...sequence_parallel import check_heads
 from ..base import MoEShape, ServedModel
+from .acceleration import compile_transformer
 from .context_parallel import family_plan, install_context_parallel
 from .loader import DTYPES, LoadedTransformer, check_folder, load_transformer
 from .pipeline import CONVENTIONS
@@ -54,6 +55,8 @@ class DiffusersServedModel(ServedModel):
             raise ConfigError("model.dtype", cfg.model.dtype, "must be one of " + ", ".join(DTYPES))
         loaded = load_transformer(cfg.model.path, ctx, num_redundant=cfg.eplb.num_redundant_experts,
                                   dtype=DTYPES[cfg.model.dtype])   # scores as the model computes them (spec)
+        if cfg.model.compile:      # the non-MoE blocks compiled, host syncs removed (docs/benchmarks.md 1g)
+            compile_transformer(loaded.model)
         pipeline = load_pipeline(cfg, loaded.model, DTYPES[cfg.model.dtype])
         sampler = PipelineSampler(cfg, pipeline, loaded.model, loaded.moe_layers, loaded.info.spec.name)
         # one image over the sp x cfg ranks (they all get the same prompts and seeds): context_parallel.py
