@@ -406,6 +406,16 @@ def sequence_parallel_degrees(p: ParallelConfig) -> tuple[int, int]:
     return (u, sp // u) if u is not None else (sp // r, r)
 
 
+def sequence_parallel_field(p: ParallelConfig) -> str:
+    """The key(s) that set the sequence-parallel size, as the user gave them (errors about that
+    size name these): sequence_parallel_size when given, else the degree(s) above 1."""
+    if p.sequence_parallel_size is not None:
+        return "parallel.sequence_parallel_size"
+    given = [name for name, v in (("parallel.ulysses_degree", p.ulysses_degree), ("parallel.ring_degree", p.ring_degree))
+             if v is not None and v > 1]
+    return " x ".join(given) or "parallel.sequence_parallel_size"
+
+
 def validate(cfg: Config) -> Config:
     """Range and consistency checks that need no process group. Raises ConfigError."""
     m, moe, e, s = cfg.model, cfg.model.moe, cfg.eplb, cfg.sampling
