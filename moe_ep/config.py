@@ -457,7 +457,8 @@ def validate(cfg: Config) -> Config:
     if e.enabled and e.timestep_aware and e.timestep_buckets < 2:
         raise ConfigError("eplb.timestep_aware", True, "needs eplb.timestep_buckets >= 2 (one placement per "
                                                        "timestep phase; with 1 bucket there is one phase)")
-    # diffusers models: checked in preflight against the folder's expert count (model.moe is unused)
+    # diffusers models: checked in preflight against the folder's expert count (model.moe is unused
+    # but for batch_invariant, how the layers run)
     if m.type == "moe_dit" and e.num_groups > 1 and moe.num_experts % e.num_groups:
         raise ConfigError("eplb.num_groups", e.num_groups,
                           f"must divide model.moe.num_experts ({moe.num_experts})")
