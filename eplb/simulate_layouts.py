@@ -139,7 +139,7 @@ def hidream(size: int = 1024) -> DiT:
 
 
 def from_config(path, size: int = 1024) -> DiT:
-    """An moe-ep config file (configs/*.json, docs/config.md; ``moe_ep.model.dit``): blocks of self-attention
+    """An moe-ep config file (configs/*.json, docs/config.md; ``moe_ep.models.moedit.dit``): blocks of self-attention
     over image rows, cross-attention to ``max_prompt_tokens`` prompt rows, and an MoE feed-forward every
     ``moe_every``-th block (dense SwiGLU ``dense_hidden_size`` otherwise); shared experts of width
     ``num_shared_experts x expert_hidden_size``."""

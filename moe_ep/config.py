@@ -413,6 +413,16 @@ def sequence_parallel_degrees(p: ParallelConfig) -> tuple[int, int]:
     return (u, sp // u) if u is not None else (sp // r, r)
 
 
+def sequence_parallel_field(p: ParallelConfig) -> str:
+    """The key(s) that set the sequence-parallel size, as the user gave them (errors about that
+    size name these): sequence_parallel_size when given, else the degree(s) above 1."""
+    if p.sequence_parallel_size is not None:
+        return "parallel.sequence_parallel_size"
+    given = [name for name, v in (("parallel.ulysses_degree", p.ulysses_degree), ("parallel.ring_degree", p.ring_degree))
+             if v is not None and v > 1]
+    return " x ".join(given) or "parallel.sequence_parallel_size"
+
+
 def validate(cfg: Config) -> Config:
     """Range and consistency checks that need no process group. Raises ConfigError."""
     m, moe, e, s = cfg.model, cfg.model.moe, cfg.eplb, cfg.sampling
@@ -455,7 +465,8 @@ def validate(cfg: Config) -> Config:
     if e.enabled and e.timestep_aware and e.timestep_buckets < 2:
         raise ConfigError("eplb.timestep_aware", True, "needs eplb.timestep_buckets >= 2 (one placement per "
                                                        "timestep phase; with 1 bucket there is one phase)")
-    # diffusers models: checked in preflight against the folder's expert count (model.moe is unused)
+    # diffusers models: checked in preflight against the folder's expert count (model.moe is unused
+    # but for batch_invariant, how the layers run)
     if m.type == "moe_dit" and e.num_groups > 1 and moe.num_experts % e.num_groups:
         raise ConfigError("eplb.num_groups", e.num_groups,
                           f"must divide model.moe.num_experts ({moe.num_experts})")

@@ -18,7 +18,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as tdist
 
-from .config import ConfigError, ParallelConfig, sequence_parallel_degrees
+from .config import ConfigError, ParallelConfig, sequence_parallel_degrees, sequence_parallel_field
 from .parallel_layout import ParallelLayout
 
 
@@ -99,6 +99,7 @@ def resolve_layout(cfg: ParallelConfig, world_size: int, rank: int = 0) -> Paral
                           "must be 1 (tensor parallelism is not implemented)")
     ulysses, ring = sequence_parallel_degrees(cfg)
     sp, cfgp = ulysses * ring, cfg.cfg_parallel_size
+    sp_field = sequence_parallel_field(cfg)
     if cfg.data_parallel_size is not None:
         dp = cfg.data_parallel_size
         if dp * cfgp * sp != world_size:
@@ -107,12 +108,13 @@ def resolve_layout(cfg: ParallelConfig, world_size: int, rank: int = 0) -> Paral
                               f"size ({world_size}); leave data_parallel_size out to use world / (cfg x sequence)")
     else:
         if world_size % (cfgp * sp):
-            name, value = (("parallel.sequence_parallel_size", sp) if cfgp == 1 else
-                           ("parallel.cfg_parallel_size", cfgp))
+            name, value = (ParallelLayout(world_size=sp, ulysses=ulysses, ring=ring, sp_field=sp_field).sp_key()
+                           if cfgp == 1 else ("parallel.cfg_parallel_size", cfgp))
             raise ConfigError(name, value, f"cfg x sequence parallel sizes ({cfgp} x {sp} = {cfgp * sp}; sequence = "
                                            f"ulysses_degree x ring_degree) must divide the world size ({world_size})")
         dp = world_size // (cfgp * sp)
-    return ParallelLayout(world_size=world_size, dp=dp, cfg=cfgp, ring=ring, ulysses=ulysses, ep=ep, rank=rank)
+    return ParallelLayout(world_size=world_size, dp=dp, cfg=cfgp, ring=ring, ulysses=ulysses, ep=ep, rank=rank,
+                          sp_field=sp_field)
 
 
 def check_layout(num_experts: int, num_redundant: int, ep_size: int) -> None:

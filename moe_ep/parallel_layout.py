@@ -61,6 +61,9 @@ class ParallelLayout:
     # axis -> this rank's process group of that axis (None where the axis has one rank);
     # empty for a layout without process groups
     process_groups: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    # the config key(s) that set sp, as the user gave them (config.sequence_parallel_field): an
+    # error about the sp size names what the user wrote, not a key they never set
+    sp_field: str = field(default="parallel.sequence_parallel_size", compare=False, repr=False)
 
     def __post_init__(self):
         if self.dp * self.cfg * self.ring * self.ulysses != self.world_size:
@@ -77,6 +80,11 @@ class ParallelLayout:
     @property
     def sp(self) -> int:
         return self.ring * self.ulysses
+
+    def sp_key(self) -> tuple[str, int]:
+        """(sp_field, the value it has in this layout): what an error about the sp size names."""
+        return self.sp_field, {"parallel.ulysses_degree": self.ulysses, "parallel.ring_degree": self.ring}.get(
+            self.sp_field, self.sp)
 
     # ---------------------------------------------------------------- rank arithmetic
 

@@ -46,12 +46,14 @@ def check_heads(num_heads: int, layout: ParallelLayout) -> None:
 
 
 def check_tokens(num_tokens: int, layout: ParallelLayout) -> None:
-    """Every sp rank gets an equal shard: ConfigError naming parallel.sequence_parallel_size
-    unless it divides the image tokens of a sample (no padding)."""
+    """Every sp rank gets an equal shard: ConfigError naming the key that set the sp size
+    (layout.sp_key(): sequence_parallel_size, or the degree the user gave) unless it divides the
+    image tokens of a sample (no padding)."""
     if num_tokens % layout.sp:
-        raise ConfigError("parallel.sequence_parallel_size", layout.sp,
-                          f"must divide the image tokens per sample ({num_tokens}; height/width and patch "
-                          f"size set them)")
+        name, value = layout.sp_key()
+        raise ConfigError(name, value, f"sequence parallel size {layout.sp} (ulysses {layout.ulysses} x ring "
+                                       f"{layout.ring}) must divide the image tokens per sample ({num_tokens}; "
+                                       f"height/width and patch size set them)")
 
 
 # ---------------------------------------------------------------- sharding a sequence

@@ -213,8 +213,21 @@ def _ranks_cfg_rules(rank, world):
     stats, seen = pipe.moe_ep.stats, []
     record = stats.record_copies
     stats.record_copies = lambda *a, **k: (seen.append(tuple(stats.sample_branch)), record(*a, **k))[1]
-    _nucleus_latents(pipe)
+    want = _nucleus_latents(pipe)
     assert seen and set(seen) == {(rank,)}, f"cfg rank {rank} labelled its rows {set(seen)}"
+    # the transformer called alone while the pipeline's guidance is on: no partner call comes, so
+    # it fails on every rank instead of returning an output nobody fills
+    from moe_ep.models.diffusers.tiny import nucleus_inputs
+
+    kw = nucleus_inputs(pipe.transformer, 0, 1, 0.5)
+    with pytest.raises(RuntimeError, match="outside its denoising loop"):
+        pipe.transformer(**kw)
+    # a pipeline call that stopped after the first forward of a step: the next call does not pair
+    # with that stale forward (same latents as a clean call)
+    pipe._current_timestep = torch.tensor(0.5)
+    pipe.transformer(**kw)
+    got = _nucleus_latents(pipe)
+    assert torch.equal(got, want), "a pipeline call paired with a stale forward of an earlier call"
 
     # sequence parallel: heads that ulysses does not divide, image tokens that sp does not divide
     from moe_ep.models.diffusers.tiny import nucleus_inputs, tiny_hidream, tiny_nucleus
@@ -225,12 +238,43 @@ def _ranks_cfg_rules(rank, world):
     model = moe_ep.expert_parallel(tiny_nucleus(0), ctx)
     kw = nucleus_inputs(model, 0, 1, 0.5)
     kw.update(hidden_states=kw["hidden_states"][:, :15], img_shapes=[(1, 3, 5)])
-    with pytest.raises(ConfigError, match="parallel.sequence_parallel_size"):
+    with pytest.raises(ConfigError, match="parallel.ulysses_degree"):       # the key this layout was given
         model(**kw)
+    # remove_hooks undoes context parallel: the model's own forward and processors, no hooks, and
+    # the whole-sample output of the model alone
+    kw = nucleus_inputs(model, 0, 1, 0.5)
+    with torch.no_grad():
+        sharded = model(**kw)[0]
+    model.moe_ep.remove_hooks()
+    assert "forward" not in model.__dict__ and not model._forward_hooks and not model._forward_pre_hooks
+    assert {type(b.attn.processor).__name__ for b in model.transformer_blocks} == {"NucleusMoEAttnProcessor2_0"}
+    assert all(m.router.sequence_layout is None for m in model.moe_ep.moe_layers())
+    alone = moe_ep.expert_parallel(tiny_nucleus(0), ParallelContext())
+    with torch.no_grad():
+        got, want = model(**kw)[0], alone(**kw)[0]
+    assert torch.allclose(sharded, want, rtol=RTOL, atol=1e-6) and torch.allclose(got, want, rtol=RTOL, atol=1e-6)
+    hd = moe_ep.expert_parallel(tiny_hidream(0), ctx)
+    hd.moe_ep.remove_hooks()
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in hd.modules())
+    assert "forward" not in hd.__dict__
+    assert {type(w.block.attn1.processor).__name__ for w in list(hd.double_stream_blocks) + list(hd.single_stream_blocks)} \
+        == {"HiDreamAttnProcessor"}
 
 
 def test_cfg_rules_and_bad_layouts():
     run_ranks(2, _ranks_cfg_rules)
+
+
+def test_a_family_without_a_plan_names_the_key_the_user_gave():
+    from moe_ep.models.diffusers.context_parallel import family_plan
+    from moe_ep.parallel import resolve_layout
+
+    for sizes, key in (({"cfg_parallel_size": 2}, "parallel.cfg_parallel_size"),
+                       ({"ulysses_degree": 2}, "parallel.ulysses_degree"),
+                       ({"ring_degree": 2}, "parallel.ring_degree")):
+        with pytest.raises(ConfigError) as err:
+            family_plan("somefamily", resolve_layout(ParallelConfig(**sizes), 2))
+        assert (err.value.field_name, err.value.value) == (key, 2) and "'somefamily'" in str(err.value)
 
 
 # ---------------------------------------------------------------- the served model (launch/infer.py's)

@@ -212,3 +212,67 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# ---------------------------------------------------------------- what the routes must not ignore
+
+def test_adopting_refuses_a_layout_the_transformer_was_not_loaded_with(folders):
+    """expert_parallel on a load_transformer model checks `parallel` / `ctx` against the layout
+    the layers were loaded with (they cannot be re-laid: their groups come from that context)."""
+    from moe_ep.parallel_layout import ParallelLayout
+
+    ctx = ParallelContext(world_size=2, rank=0)               # 2 ranks, EP 1: data parallel, no groups needed
+    for parallel, key in (({"ulysses_degree": 2, "ep_size": 1}, "parallel.ulysses_degree"),
+                          ({"sequence_parallel_size": 2, "ep_size": 1}, "parallel.sequence_parallel_size"),
+                          ({"cfg_parallel_size": 2, "ep_size": 1}, "parallel.cfg_parallel_size"),
+                          ({}, "parallel.ep_size")):                  # EP over the world of 2
+        loaded = load_transformer(folders["nucleus"], ctx)
+        with pytest.raises(ConfigError) as err:
+            moe_ep.expert_parallel(loaded.model, parallel=parallel)
+        assert err.value.field_name == key, str(err.value)
+    other = ParallelContext(world_size=2, rank=0, layout=ParallelLayout(world_size=2, ulysses=2, dp=1))
+    with pytest.raises(ValueError, match="ctx has world 2 = dp 1 x cfg 1 x sp 2"):
+        moe_ep.expert_parallel(loaded.model, other)
+    model = moe_ep.expert_parallel(loaded.model, parallel={"ep_size": 1})   # the loaded layout: adopted
+    assert model.moe_ep.wrappers == loaded.wrappers and model.moe_ep.context_parallel is None
+
+
+def _bi(layers) -> list[bool]:
+    return [m.batch_invariant and m.experts.batch_invariant for m in layers]
+
+
+def test_batch_invariant_reaches_the_layers_in_every_route(folders):
+    """model.moe.batch_invariant / batch_invariant=: "auto" is on for these CPU ranks, "off" turns
+    it off, in expert_parallel (wrapping, adopting), load_transformer and the job's served model."""
+    from moe_ep import config as config_mod
+    from moe_ep.models.diffusers import build_served_model
+    from moe_ep.models.diffusers.tiny import tiny_nucleus
+
+    ctx = ParallelContext()
+    assert all(_bi(moe_ep.expert_parallel(tiny_nucleus(0), ctx).moe_ep.moe_layers()))         # auto on CPU
+    assert not any(_bi(moe_ep.expert_parallel(tiny_nucleus(0), ctx, batch_invariant="off").moe_ep.moe_layers()))
+    with pytest.raises(ConfigError, match="batch_invariant"):
+        moe_ep.expert_parallel(tiny_nucleus(0), ctx, batch_invariant="maybe")
+    loaded = load_transformer(folders["nucleus"], ctx, batch_invariant="off")
+    assert not any(_bi(loaded.moe_layers))
+    with pytest.raises(ValueError, match="loaded with 'off'"):
+        moe_ep.expert_parallel(loaded.model, batch_invariant="on")
+    assert not any(_bi(moe_ep.expert_parallel(loaded.model).moe_ep.moe_layers()))      # adopted as loaded
+    config = os.path.join(ROOT, "configs", "hidream_tiny.json")
+    for value, want in (("off", False), ("auto", True)):
+        cfg = config_mod.load(config, [f"model.path={folders['hidream']}", f"model.moe.batch_invariant={value}"])
+        assert _bi(build_served_model(cfg, ctx).moe_layers()) == [want] * 3, value
+
+
+def test_sp_heads_preflight_falls_back_to_the_class_default(folders):
+    """A config.json without num_attention_heads gets what diffusers builds then (the class's
+    __init__ default: HiDream 20), not 1."""
+    import dataclasses
+
+    from moe_ep.models.diffusers import inspect_folder
+    from moe_ep.models.diffusers.served import attention_heads
+
+    info = inspect_folder(folders["hidream"])
+    assert attention_heads(info) == info.config["num_attention_heads"]
+    bare = dataclasses.replace(info, config={k: v for k, v in info.config.items() if k != "num_attention_heads"})
+    assert attention_heads(bare) == 20

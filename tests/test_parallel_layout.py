@@ -103,7 +103,10 @@ def test_inconsistent_sizes_are_refused_when_the_config_loads(sizes, field, word
 
 @pytest.mark.parametrize("sizes,world,field,words", [
     ({"sequence_parallel_size": 3}, 4, "parallel.sequence_parallel_size", "must divide the world size (4)"),
-    ({"ulysses_degree": 2, "ring_degree": 2}, 6, "parallel.sequence_parallel_size", "(1 x 4 = 4"),
+    # the key the user gave is named, not sequence_parallel_size they never set
+    ({"ulysses_degree": 2, "ring_degree": 2}, 6, "parallel.ulysses_degree x parallel.ring_degree", "(1 x 4 = 4"),
+    ({"ulysses_degree": 4}, 6, "parallel.ulysses_degree", "(1 x 4 = 4"),
+    ({"ring_degree": 4, "ulysses_degree": 1}, 6, "parallel.ring_degree", "(1 x 4 = 4"),
     ({"cfg_parallel_size": 3}, 4, "parallel.cfg_parallel_size", "must divide the world size (4)"),
     ({"cfg_parallel_size": 2, "sequence_parallel_size": 2, "data_parallel_size": 1}, 8,
      "parallel.data_parallel_size", "(1 x 2 x 2) must equal the world size (8)"),
@@ -143,3 +146,20 @@ def test_preflight_refuses_a_bad_layout_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="parallel.sequence_parallel_size"):
         preflight(cfg, 4)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("sizes,field,value", [
+    ({"ulysses_degree": 2}, "parallel.ulysses_degree", 2),
+    ({"ring_degree": 2}, "parallel.ring_degree", 2),
+    ({"sequence_parallel_size": 2}, "parallel.sequence_parallel_size", 2),
+    ({"ulysses_degree": 2, "ring_degree": 2}, "parallel.ulysses_degree x parallel.ring_degree", 4),
+])
+def test_image_tokens_check_names_the_key_the_user_gave(sizes, field, value):
+    """check_tokens (sp must divide a sample's image tokens) on a layout the config resolved names
+    the key the config set, with its value."""
+    from moe_ep.sequence_parallel import check_tokens
+
+    lay = resolve_layout(ParallelConfig(**sizes), 4)
+    with pytest.raises(ConfigError) as err:
+        check_tokens(5, lay)
+    assert (err.value.field_name, err.value.value) == (field, value), str(err.value)

@@ -184,3 +184,13 @@ def test_docs_table_is_what_the_cli_prints(capsys):
     assert "## One image on many GPUs" in doc
     for row in rows:
         assert row in doc, row
+
+
+def test_module_names_in_from_config_docstring_import():
+    """The docstring cites the model it describes by module path; the path must exist."""
+    import importlib
+
+    names = re.findall(r"``(moe_ep(?:\.\w+)+)``", SL.from_config.__doc__)
+    assert names
+    for name in names:
+        importlib.import_module(name)

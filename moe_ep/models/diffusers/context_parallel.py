@@ -12,12 +12,19 @@ CFG parallel (`parallel.cfg_parallel_size` = G), by the family's guidance conven
     so every rank returns the full prediction and its pipeline keeps identical latents.
   - separate (NucleusMoE: the conditional forward, then the unconditional one, same latents and
     t): G must be 2. The first call returns at once, on every rank, an output tensor that is
-    not filled yet; the second call runs cfg rank 0 on the first call's arguments (conditional)
-    and cfg rank 1 on its own (unconditional) at the same time, all-gathers the two outputs,
-    fills the first call's tensor in place and returns the second's. This relies on the
-    pipeline reading the first prediction only after the second call returns (diffusers'
-    NucleusMoE / QwenImage-style loops do: they combine after both calls), and checks that both
-    calls got the same latents and timestep.
+    not filled yet (NaN until then, never stale memory); the second call runs cfg rank 0 on the
+    first call's arguments (conditional) and cfg rank 1 on its own (unconditional) at the same
+    time, all-gathers the two outputs, fills the first call's tensor in place and returns the
+    second's. This relies on the pipeline reading the first prediction only after the second
+    call returns (diffusers' NucleusMoE / QwenImage-style loops do: they combine after both
+    calls), and checks that both calls got the same latents and timestep.
+    Pairing: two calls pair when the pipeline's `current_timestep` (diffusers' pipelines set a
+    new tensor at every step of every call, None outside the loop) is the same object; a first
+    call left unpaired (a pipeline call that stopped between its two forwards) is dropped when a
+    call of another step comes, and `reset()` (TransformerWatch.new_call) drops it at the start
+    of a sampling call. A call made while the pipeline is outside its denoising loop (the
+    transformer called alone, guidance on) cannot be paired: RuntimeError, on every rank.
+`remove()` undoes the install: the transformer's own forward, attention processors and hooks.
   Either way the expert statistics label the rows a rank's MoE layers really see: the branch
   labels of its own chunk, or its own call's branch (ExpertLoadStats.set_sample_branch).
 
@@ -52,6 +59,9 @@ class FamilyPlan(Protocol):
     def install(self, model: nn.Module, layout: ParallelLayout) -> None:
         """Check the heads and put the sequence-parallel attention processors in (sp > 1)."""
 
+    def remove(self) -> None:
+        """Give the model back the processors (and drop the hooks) `install` replaced."""
+
     def sharded_forward(self, model: nn.Module, original: Callable, kwargs: dict,
                         layout: ParallelLayout) -> torch.Tensor:
         """The full output tensor of one forward run sequence-parallel over the sp group."""
@@ -78,11 +88,17 @@ def _all_gather(x: torch.Tensor, group, size: int, dim: int) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
+# what `loop_step()` returns for a pipeline that does not say where its loop is (no diffusers
+# `current_timestep`): calls then pair in arrival order, reset by TransformerWatch.new_call
+NOT_TOLD = object()
+
+
 class ContextParallel:
     """The transformer's forward under a layout with cfg > 1 and/or sp > 1 (module docstring)."""
 
     def __init__(self, model: nn.Module, layout: ParallelLayout, plan: FamilyPlan, guidance: str,
-                 moe_layers: list, guided: Optional[Callable[[], bool]] = None):
+                 moe_layers: list, guided: Optional[Callable[[], bool]] = None,
+                 loop_step: Optional[Callable[[], Any]] = None):
         if guidance not in ("batched_negative_first", "separate_cond_first"):
             raise ValueError(f"unknown guidance convention {guidance!r}")
         if guidance == "separate_cond_first" and layout.cfg not in (1, 2):
@@ -91,19 +107,26 @@ class ContextParallel:
                               "unconditional forward as two calls (NucleusMoE): one rank per branch")
         self.model, self.layout, self.plan, self.guidance = model, layout, plan, guidance
         self.moe_layers, self.guided = moe_layers, guided
+        self.loop_step = loop_step or (lambda: NOT_TOLD)
         self.original = model.forward                                   # the bound diffusers forward
         self.signature = inspect.signature(self.original)
         self._first: Optional[dict] = None                              # separate guidance: 1st call's args
         self._pending: Optional[torch.Tensor] = None                    # ... and its output, filled later
+        self._first_step: Any = None                                    # ... and the pipeline step it came in
         model.forward = self.forward
 
     def remove(self) -> None:
-        """Give the transformer its own forward back."""
+        """Undo install_context_parallel: the transformer's own forward, the family's attention
+        processors and hooks, the MoE layers' whole-sample expert choice."""
+        self.reset()
         self.model.__dict__.pop("forward", None)
+        self.plan.remove()
+        for layer in self.moe_layers:
+            layer.router.sequence_layout = None
 
     def reset(self) -> None:
         """Forget a half-done step (a pipeline call that stopped between its two forwards)."""
-        self._first, self._pending = None, None
+        self._first, self._pending, self._first_step = None, None, None
 
     # ------------------------------------------------------------ the forward
     def forward(self, *args, **kwargs):
@@ -154,14 +177,25 @@ class ContextParallel:
 
     def _separate(self, kw: dict) -> torch.Tensor:
         """Conditional call, then unconditional call: both run during the second (module docstring)."""
+        step = self.loop_step()
+        if step is None:
+            raise RuntimeError("cfg parallel (parallel.cfg_parallel_size 2) pairs the conditional and the unconditional "
+                               "forward of a pipeline step; this call came while the pipeline is outside its denoising "
+                               "loop (its current_timestep is None), so nothing pairs with it and its output would "
+                               "never be computed. Call the transformer through its pipeline, or use "
+                               "cfg_parallel_size 1 to call it alone")
+        if self._first is not None and step is not NOT_TOLD and step is not self._first_step:
+            self.reset()                                                # a half-done step of an earlier call
         if self._first is None:
             if self.guided is None or not self.guided():
                 raise ConfigError("parallel.cfg_parallel_size", self.layout.cfg,
                                   "needs classifier-free guidance on (guidance_scale > 1) and the model called by "
                                   "its pipeline (two forwards per step); use cfg_parallel_size 1 without it")
             p = next(self.model.parameters())
-            self._first = kw
-            self._pending = torch.empty(self.plan.output_shape(self.model, kw), dtype=p.dtype, device=p.device)
+            self._first, self._first_step = kw, step
+            # NaN until the second call fills it: an output read too early is visibly wrong
+            self._pending = torch.full(self.plan.output_shape(self.model, kw), float("nan"), dtype=p.dtype,
+                                       device=p.device)
             return self._pending
         first, pending = self._first, self._pending
         self.reset()
@@ -182,24 +216,28 @@ class ContextParallel:
 
 
 def install_context_parallel(model: nn.Module, ctx: ParallelContext, moe_layers: list, guidance: str,
-                             family: str, guided: Optional[Callable[[], bool]] = None
-                             ) -> Optional[ContextParallel]:
+                             family: str, guided: Optional[Callable[[], bool]] = None,
+                             loop_step: Optional[Callable[[], Any]] = None) -> Optional[ContextParallel]:
     """Run `model` under ctx.layout's cfg and sp axes (module docstring); None (nothing changed)
     when both are 1. `moe_layers`: its MoELayers (expert choice gathers over sp; the statistics
     are relabelled per cfg rank). `guided()`: whether the pipeline runs classifier-free guidance
-    (pipeline.TransformerWatch._guided). Every rank of the world calls it."""
+    (pipeline.TransformerWatch._guided); `loop_step()`: the pipeline's current step, None outside
+    its loop, NOT_TOLD (pipeline.TransformerWatch.loop_step). Every rank of the world calls it;
+    `.remove()` on the result undoes it."""
     layout = ctx.layout
     if layout.sp == 1 and layout.cfg == 1:
         return None
-    plan = family_plan(family)
+    plan = family_plan(family, layout)
     if layout.sp > 1:
         plan.install(model, layout)
         for layer in moe_layers:
             layer.router.sequence_layout = layout
-    return ContextParallel(model, layout, plan, guidance, moe_layers, guided)
+    return ContextParallel(model, layout, plan, guidance, moe_layers, guided, loop_step)
 
 
-def family_plan(family: str) -> FamilyPlan:
+def family_plan(family: str, layout: ParallelLayout) -> FamilyPlan:
+    """The family's plan; ConfigError naming the layout key that asked for it (cfg or sp, as the
+    user gave it) for a family without one."""
     if family == "nucleusmoe":
         from .nucleus_sp import NucleusPlan
 
@@ -208,5 +246,6 @@ def family_plan(family: str) -> FamilyPlan:
         from .hidream_sp import HiDreamPlan
 
         return HiDreamPlan()
-    raise ConfigError("parallel.sequence_parallel_size", family,
-                      "sequence and cfg parallel are implemented for the hidream and nucleusmoe families only")
+    name, value = layout.sp_key() if layout.sp > 1 else ("parallel.cfg_parallel_size", layout.cfg)
+    raise ConfigError(name, value, f"sequence and cfg parallel are implemented for the hidream and nucleusmoe "
+                                   f"families only, not {family!r}")

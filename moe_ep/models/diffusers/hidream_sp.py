@@ -126,18 +126,29 @@ class HiDreamPlan:
 
     def __init__(self):
         self.state = ShardState()
-        self.handles: list = []
+        self.handles: list = []                     # the TextRowSplit hooks
+        self.replaced: list = []                    # (attention module, its own processor)
 
     def install(self, model: nn.Module, layout: ParallelLayout) -> None:
-        for blocks in (model.double_stream_blocks, model.single_stream_blocks):
-            for wrapper in blocks:
-                check_heads(wrapper.block.attn1.heads, layout)
-                wrapper.block.attn1.set_processor(HiDreamSPAttnProcessor(layout, self.state))
+        blocks = list(model.double_stream_blocks) + list(model.single_stream_blocks)
+        for wrapper in blocks:
+            check_heads(wrapper.block.attn1.heads, layout)
+        for wrapper in blocks:
+            attn = wrapper.block.attn1
+            self.replaced.append((attn, attn.processor))
+            attn.set_processor(HiDreamSPAttnProcessor(layout, self.state))
         for wrapper in model.single_stream_blocks:
             ff = wrapper.block.ff_i
             if hasattr(ff, "moe"):   # an EPMoEBlock (a dense ff_i is per token: no split needed)
                 split = TextRowSplit(layout, self.state)
                 self.handles += [ff.register_forward_pre_hook(split.before), ff.register_forward_hook(split.after)]
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        for attn, processor in self.replaced:
+            attn.set_processor(processor)
+        self.handles, self.replaced = [], []
 
     def batch_dims(self, kwargs: dict) -> dict[str, int]:
         return {"hidden_states": 0, "timesteps": 0, "encoder_hidden_states_t5": 0, "encoder_hidden_states_llama3": 1,

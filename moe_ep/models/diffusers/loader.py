@@ -404,7 +404,7 @@ class LoadedTransformer:
 @torch.no_grad()
 def load_transformer(path: str, ctx: ParallelContext, num_redundant: int = 0,
                      dtype: Optional[torch.dtype] = None, score_dtype: Optional[str] = None,
-                     placements: Optional[Sequence] = None) -> LoadedTransformer:
+                     placements: Optional[Sequence] = None, batch_invariant: str = "auto") -> LoadedTransformer:
     """Build a diffusers MoE transformer on this rank from a folder, reading only this rank's experts.
 
     path          a diffusers transformer folder or a pipeline folder (model.path)
@@ -413,6 +413,7 @@ def load_transformer(path: str, ctx: ParallelContext, num_redundant: int = 0,
     dtype         weight dtype (None: as stored)
     score_dtype   MoEConfig.score_dtype override (None: the spec's, "input" = diffusers' numerics)
     placements    optional phy2log [R] per MoE layer to start from (else the contiguous one)
+    batch_invariant  model.moe.batch_invariant of the MoE layers: "auto" (on for CPU ranks), "on", "off"
     Every rank of an EP group must call it with the same arguments. Raises ConfigError naming
     model.path, the file and the key when the folder does not match the model.
     """
@@ -464,7 +465,7 @@ def load_transformer(path: str, ctx: ParallelContext, num_redundant: int = 0,
     for idx, (bpath, block) in enumerate(blocks):
         gate_meta = gate_weight(spec, block)
         layer_dtype = dtype or info.tensors[spec.gate_key(bpath)].dtype
-        layer = make_layer(spec, block, ctx, idx, num_redundant, layer_dtype, score_dtype)
+        layer = make_layer(spec, block, ctx, idx, num_redundant, layer_dtype, score_dtype, batch_invariant)
         meter.hold(_nbytes(layer.experts.w13) + _nbytes(layer.experts.w2) + _nbytes(layer.router.gate.weight))
         report.expert_slot_bytes += _nbytes(layer.experts.w13) + _nbytes(layer.experts.w2)
         with safe_open(info.tensors[spec.gate_key(bpath)].file, framework="pt", device="cpu") as f:

@@ -92,10 +92,20 @@ class NucleusSPAttnProcessor:
 class NucleusPlan:
     """NucleusMoE-Image for context_parallel.ContextParallel (its guidance: two calls per step)."""
 
+    def __init__(self):
+        self.replaced: list = []                     # (attention module, its own processor)
+
     def install(self, model: nn.Module, layout: ParallelLayout) -> None:
         for block in model.transformer_blocks:
             check_heads(block.attn.heads, layout)
+        for block in model.transformer_blocks:
+            self.replaced.append((block.attn, block.attn.processor))
             block.attn.set_processor(NucleusSPAttnProcessor(layout))
+
+    def remove(self) -> None:
+        for attn, processor in self.replaced:
+            attn.set_processor(processor)
+        self.replaced = []
 
     def sharded_forward(self, model: nn.Module, original: Callable, kwargs: dict,
                         layout: ParallelLayout) -> torch.Tensor:

@@ -32,12 +32,13 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ...config import ConfigError, EplbConfig, ParallelConfig, _build
-from ...parallel import ParallelContext, build_context, init_distributed
+from ...parallel import ParallelContext, build_context, init_distributed, resolve_layout
 from ...driver import ForwardDriver
 from ...rebalance import Rebalancer
 from ...stats import ExpertLoadStats
 from ..base import ForwardHooks, ForwardInfo
-from .context_parallel import install_context_parallel
+from .context_parallel import NOT_TOLD, install_context_parallel
+from .spec import BATCH_INVARIANT
 from .wrap import EPMoEBlock, find_blocks, find_wrapped, wrap_transformer
 
 
@@ -65,12 +66,24 @@ class TransformerWatch:
         self.convention, self.hooks, self.pipeline = convention, hooks, pipeline
         self.step, self._last_t, self._info, self._t = -1, None, None, 0.0
         self._in_step = 0                     # forwards seen at the current step
+        self.on_new_call: list = []           # called by new_call (context parallel's reset)
         self._handles = [transformer.register_forward_pre_hook(self._before, with_kwargs=True),
                          transformer.register_forward_hook(self._after, with_kwargs=True)]
 
     def new_call(self) -> None:
-        """A new pipeline call starts (steps count from 0 again)."""
+        """A new pipeline call starts (steps count from 0 again; nothing pairs with the last call's)."""
         self.step, self._last_t, self._in_step = -1, None, 0
+        for reset in self.on_new_call:
+            reset()
+
+    def loop_step(self) -> Any:
+        """The pipeline's current denoising step as diffusers' pipelines hold it (`current_timestep`:
+        a new tensor at every step of every call, None outside the loop); context_parallel.NOT_TOLD
+        for a pipeline (or no pipeline) without that property."""
+        p = self.pipeline
+        if p is None or not isinstance(getattr(type(p), "current_timestep", None), property):
+            return NOT_TOLD
+        return getattr(p, "current_timestep", None)          # AttributeError before its first call: None
 
     def _guided(self) -> bool:
         p = self.pipeline
@@ -159,7 +172,14 @@ class ExpertParallel(ForwardDriver):
                 layer.idle = False
 
     def remove_hooks(self) -> None:
+        """Take moe-ep's hooks off the transformer: the statistics' watch and, under cfg / sequence
+        parallel, the forward replacement, attention processors and hooks (context_parallel.py).
+        The MoE blocks stay expert-parallel."""
         self.watch.remove()
+        cp = getattr(self, "context_parallel", None)
+        if cp is not None:
+            cp.remove()
+            self.context_parallel = None
 
 
 def _context(parallel: Optional[ParallelConfig], device: torch.device) -> ParallelContext:
@@ -171,11 +191,15 @@ def _context(parallel: Optional[ParallelConfig], device: torch.device) -> Parall
 
 
 def adopt_wrapped(transformer: nn.Module, wrappers: list[EPMoEBlock], ctx: Optional[ParallelContext],
-                  eplb: EplbConfig, score_dtype: Optional[str]) -> ParallelContext:
+                  eplb: EplbConfig, score_dtype: Optional[str], parallel: Optional[ParallelConfig] = None,
+                  batch_invariant: Optional[str] = None) -> ParallelContext:
     """Checks that the MoE layers `load_transformer` built (`wrappers`) serve this call as they
-    are: every MoE block of the model is wrapped, in layer order, with the redundant slots and
-    score dtype asked for, in the EP group of `ctx`. -> the layers' context. Raises ConfigError
-    (eplb) or ValueError."""
+    are: every MoE block of the model is wrapped, in layer order, with the redundant slots, score
+    dtype and batch invariance asked for, in the EP group and layout of `ctx` (or of `parallel`).
+    -> the layers' context. Raises ConfigError (eplb, parallel) or ValueError.
+
+    A different layout is refused, not adopted: the layers' EP group and the sp/cfg groups
+    context parallel runs on come from the context they were loaded with."""
     spec = wrappers[0].spec
     left = find_blocks(transformer, spec)
     if left:
@@ -193,16 +217,42 @@ def adopt_wrapped(transformer: nn.Module, wrappers: list[EPMoEBlock], ctx: Optio
     if score_dtype is not None and score_dtype != layers[0].cfg.score_dtype:
         raise ValueError(f"score_dtype {score_dtype!r}: the transformer was loaded scoring in "
                          f"{layers[0].cfg.score_dtype!r} (load_transformer(score_dtype=...))")
+    if batch_invariant is not None and batch_invariant != layers[0].cfg.batch_invariant:
+        raise ValueError(f"batch_invariant {batch_invariant!r}: the transformer was loaded with "
+                         f"{layers[0].cfg.batch_invariant!r} (load_transformer(batch_invariant=...))")
     own = layers[0].ctx
     if ctx is not None and (ctx.ep_size, ctx.ep_rank) != (own.ep_size, own.ep_rank):
         raise ValueError(f"ctx is EP rank {ctx.ep_rank} of {ctx.ep_size}; the transformer was loaded as "
                          f"EP rank {own.ep_rank} of {own.ep_size}")
+    if ctx is not None:
+        _check_same_layout(ctx.layout, own.layout, None)
+    elif parallel is not None:
+        _check_same_layout(resolve_layout(parallel, own.world_size, own.rank), own.layout, parallel)
     return own
+
+
+def _check_same_layout(want, own, parallel: Optional[ParallelConfig]) -> None:
+    """ConfigError naming the first `parallel` key whose layout differs from the loaded one
+    (ValueError on `ctx` when the layout came from a context)."""
+    keys = [("parallel.cfg_parallel_size", want.cfg, (want.cfg,), (own.cfg,)),
+            (*want.sp_key(), (want.ulysses, want.ring), (own.ulysses, own.ring)),
+            ("parallel.ep_size", want.ep, (want.ep,), (own.ep,)),
+            ("parallel.data_parallel_size", want.dp, (want.dp,), (own.dp,))]
+    for key, value, a, b in keys:
+        if a == b:
+            continue
+        why = (f"the transformer was loaded under {own.describe()}, not {want.describe()}: its MoE layers' groups "
+               f"and context parallel follow the context it was loaded with; load it with a context of this layout "
+               f"(load_transformer(path, build_context(parallel, rank, world, device))), or leave parallel out")
+        if parallel is None:
+            raise ValueError(f"ctx has {want.describe()}; {why}")
+        raise ConfigError(key, value, why)
 
 
 def expert_parallel(pipe_or_transformer: Any, ctx: Optional[ParallelContext] = None, *,
                     eplb: EplbConfig | dict | None = None, parallel: ParallelConfig | dict | None = None,
-                    score_dtype: Optional[str] = None, compile: bool = False) -> Any:
+                    score_dtype: Optional[str] = None, batch_invariant: Optional[str] = None,
+                    compile: bool = False) -> Any:
     """Make a diffusers pipeline (anything with `.transformer`) or transformer expert-parallel,
     in place, and return it with `.moe_ep` (an `ExpertParallel`: stats, rebalancer, summary()).
 
@@ -212,8 +262,11 @@ def expert_parallel(pipe_or_transformer: Any, ctx: Optional[ParallelContext] = N
     num_redundant_experts, window_size, interval, migration, ...). score_dtype: None (default)
     scores the gate as the model's own code does (its spec: "input" for HiDream and NucleusMoE),
     "float32" scores in float32 (a few tokens then pick other experts in bf16).
+    batch_invariant: model.moe.batch_invariant of the MoE layers ("auto": on for CPU ranks, off
+    on GPUs; "on"; "off"); None (default): "auto", or for an adopted transformer what it was loaded with.
     A transformer from `load_transformer` (its MoE blocks already expert-parallel) is adopted
-    as it is: its layers' context, with eplb.num_redundant_experts equal to what it was loaded with.
+    as it is: its layers' context, with eplb.num_redundant_experts equal to what it was loaded with;
+    `ctx` or `parallel`, when given, must have the layout it was loaded with (else ConfigError naming the key).
     compile: torch.compile the transformer's non-MoE blocks and remove its host syncs, in place
     (acceleration.compile_transformer; the first forward compiles; not bit-equal to eager).
     Every rank must call this with the same weights, and then run the same pipeline calls.
@@ -225,17 +278,19 @@ def expert_parallel(pipe_or_transformer: Any, ctx: Optional[ParallelContext] = N
     if isinstance(parallel, dict):
         parallel = _build(ParallelConfig, parallel, "parallel")
     eplb = eplb or EplbConfig()
+    if batch_invariant is not None and batch_invariant not in BATCH_INVARIANT:
+        raise ConfigError("batch_invariant", batch_invariant, f"must be one of {', '.join(BATCH_INVARIANT)} or None")
     if isinstance(getattr(transformer, "moe_ep", None), ExpertParallel):
         raise ValueError(f"{type(transformer).__name__} is expert-parallel already (expert_parallel was called "
                          "on it, or on a pipeline around it): use its `.moe_ep`")
     wrappers = find_wrapped(transformer)
     if wrappers:                          # load_transformer made it: its blocks are expert-parallel already
-        ctx = adopt_wrapped(transformer, wrappers, ctx, eplb, score_dtype)
+        ctx = adopt_wrapped(transformer, wrappers, ctx, eplb, score_dtype, parallel, batch_invariant)
     else:
         device = next(transformer.parameters()).device
         ctx = ctx or _context(parallel, device)
         wrappers, _ = wrap_transformer(transformer, ctx, num_redundant=eplb.num_redundant_experts,
-                                       score_dtype=score_dtype)
+                                       score_dtype=score_dtype, batch_invariant=batch_invariant or "auto")
     convention = CONVENTIONS.get(wrappers[0].spec.name)
     if convention is None:
         raise ValueError(f"no pipeline convention for model family {wrappers[0].spec.name!r}; "
@@ -246,7 +301,10 @@ def expert_parallel(pipe_or_transformer: Any, ctx: Optional[ParallelContext] = N
     handle = ExpertParallel(transformer, wrappers, ctx, eplb, convention, pipeline)
     # cfg / sequence parallel over ctx.layout (None when both are 1): context_parallel.py
     handle.context_parallel = install_context_parallel(transformer, ctx, handle.moe_layers(), convention.guidance,
-                                                       wrappers[0].spec.name, handle.watch._guided)
+                                                       wrappers[0].spec.name, handle.watch._guided,
+                                                       handle.watch.loop_step)
+    if handle.context_parallel is not None:
+        handle.watch.on_new_call.append(handle.context_parallel.reset)
     pipe_or_transformer.moe_ep = handle
     transformer.moe_ep = handle           # a second call, through a pipeline around it, is refused
     return pipe_or_transformer

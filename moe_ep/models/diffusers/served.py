@@ -5,6 +5,7 @@ source per layer, and sampling a batch through a diffusers pipeline around it (s
 """
 from __future__ import annotations
 
+import inspect
 from typing import Optional, Sequence
 
 from ...config import ConfigError
@@ -28,10 +29,24 @@ def preflight(cfg, world_size: int) -> MoEShape:
     info, layers, experts, top_k = check_folder(cfg.model.path, cfg.eplb.num_redundant_experts, ep)
     layout = resolve_layout(cfg.parallel, world_size)
     if layout.sp > 1 or layout.cfg > 1:   # sequence / cfg parallel: the family must have it, heads split
-        family_plan(info.spec.name)
-        check_heads(int(info.config.get("num_attention_heads", 1)), layout)
+        family_plan(info.spec.name, layout)
+        check_heads(attention_heads(info), layout)
     check_pipeline_source(cfg)
     return MoEShape(num_layers=layers, num_experts=experts, top_k=top_k)
+
+
+def attention_heads(info) -> int:
+    """The model's attention heads: config.json's num_attention_heads, else the model class's
+    __init__ default (what diffusers builds when the key is left out). Raises ConfigError."""
+    if "num_attention_heads" in info.config:
+        return int(info.config["num_attention_heads"])
+    import diffusers
+
+    param = inspect.signature(getattr(diffusers, info.model_class).__init__).parameters.get("num_attention_heads")
+    if param is None or param.default is inspect.Parameter.empty:
+        raise ConfigError("model.path", info.path, f"{info.config_file}: no num_attention_heads, and {info.model_class} "
+                                                   "has no default for it; sequence parallel splits the heads")
+    return int(param.default)
 
 
 class DiffusersServedModel(ServedModel):
@@ -54,14 +69,17 @@ class DiffusersServedModel(ServedModel):
         if cfg.model.dtype not in DTYPES:
             raise ConfigError("model.dtype", cfg.model.dtype, "must be one of " + ", ".join(DTYPES))
         loaded = load_transformer(cfg.model.path, ctx, num_redundant=cfg.eplb.num_redundant_experts,
-                                  dtype=DTYPES[cfg.model.dtype])   # scores as the model computes them (spec)
+                                  dtype=DTYPES[cfg.model.dtype],   # scores as the model computes them (spec)
+                                  batch_invariant=cfg.model.moe.batch_invariant)
         if cfg.model.compile:      # the non-MoE blocks compiled, host syncs removed (docs/benchmarks.md 1g)
             compile_transformer(loaded.model)
         pipeline = load_pipeline(cfg, loaded.model, DTYPES[cfg.model.dtype])
         sampler = PipelineSampler(cfg, pipeline, loaded.model, loaded.moe_layers, loaded.info.spec.name)
         # one image over the sp x cfg ranks (they all get the same prompts and seeds): context_parallel.py
-        install_context_parallel(loaded.model, ctx, loaded.moe_layers, CONVENTIONS[loaded.info.spec.name].guidance,
-                                 loaded.info.spec.name, sampler.watch._guided)
+        cp = install_context_parallel(loaded.model, ctx, loaded.moe_layers, CONVENTIONS[loaded.info.spec.name].guidance,
+                                      loaded.info.spec.name, sampler.watch._guided, sampler.watch.loop_step)
+        if cp is not None:
+            sampler.watch.on_new_call.append(cp.reset)     # a sampling call never pairs with an earlier one's
         return cls(cfg, loaded, sampler)
 
     def moe_layers(self) -> list:

@@ -46,7 +46,9 @@ from typing import Any, Literal, Optional
 
 import torch.nn as nn
 
-from ...config import MoEConfig
+from ...config import ConfigError, MoEConfig
+
+BATCH_INVARIANT = ("auto", "on", "off")          # MoEConfig.batch_invariant
 
 ROUTER_INPUTS = ("hidden", "concat(timestep, unmodulated)")
 
@@ -209,12 +211,16 @@ def gate_weight(spec: MoEBlockSpec, block: nn.Module):
     return obj
 
 
-def moe_config(spec: MoEBlockSpec, block: nn.Module, score_dtype: Optional[str] = None) -> MoEConfig:
+def moe_config(spec: MoEBlockSpec, block: nn.Module, score_dtype: Optional[str] = None,
+               batch_invariant: str = "auto") -> MoEConfig:
     """The MoEConfig of one diffusers MoE block, read by the spec's routing rule.
 
     The shared expert is not counted here (num_shared_experts 0): it stays the diffusers
-    module and MoELayer gets it as `shared`.
+    module and MoELayer gets it as `shared`. `batch_invariant` is how the layer runs, not the
+    model's (model.moe.batch_invariant, docs/config.md: "auto", "on", "off").
     """
+    if batch_invariant not in BATCH_INVARIANT:
+        raise ConfigError("model.moe.batch_invariant", batch_invariant, f"must be one of {', '.join(BATCH_INVARIANT)}")
     E, _, F = expert_shapes(spec, block)
     values = {k: (v.read(block) if isinstance(v, Attr) else v) for k, v in spec.routing.items()}
     if values["num_experts"] != E:
@@ -227,7 +233,7 @@ def moe_config(spec: MoEBlockSpec, block: nn.Module, score_dtype: Optional[str] 
                          f"must be between 1 and {E}")
     values["top_k"] = min(int(values["top_k"]), E)   # expert choice: unused
     return MoEConfig(expert_hidden_size=F, num_shared_experts=0,
-                     score_dtype=score_dtype or spec.score_dtype, **values)
+                     score_dtype=score_dtype or spec.score_dtype, batch_invariant=batch_invariant, **values)
 
 
 def spec_registry() -> dict[str, MoEBlockSpec]:

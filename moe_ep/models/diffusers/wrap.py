@@ -67,10 +67,12 @@ def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
 
 
 def make_layer(spec: MoEBlockSpec, block: nn.Module, ctx: ParallelContext, layer_idx: int,
-               num_redundant: int, dtype: torch.dtype, score_dtype: Optional[str] = None) -> MoELayer:
+               num_redundant: int, dtype: torch.dtype, score_dtype: Optional[str] = None,
+               batch_invariant: str = "auto") -> MoELayer:
     """An MoELayer for one diffusers block: its routing rule, sizes and shared expert (the block's
-    own module, moved as it is). Its gate and slots are left for the caller to fill."""
-    cfg = moe_config(spec, block, score_dtype)
+    own module, moved as it is), run batch-invariant or not (model.moe.batch_invariant). Its gate
+    and slots are left for the caller to fill."""
+    cfg = moe_config(spec, block, score_dtype, batch_invariant)
     _, H, _ = expert_shapes(spec, block)
     router_in = gate_weight(spec, block).shape[1]
     shared = getattr(block, spec.shared) if spec.shared else None
@@ -145,7 +147,8 @@ def adoptable(spec: MoEBlockSpec, block: nn.Module, layer: MoELayer) -> Optional
 @torch.no_grad()
 def wrap_block(model: nn.Module, path: str, spec: MoEBlockSpec, ctx: ParallelContext, layer_idx: int,
                num_redundant: int, dtype: Optional[torch.dtype], score_dtype: Optional[str],
-               keep_source: bool = False) -> tuple[EPMoEBlock, Optional[ModuleExpertSource]]:
+               keep_source: bool = False, batch_invariant: str = "auto"
+               ) -> tuple[EPMoEBlock, Optional[ModuleExpertSource]]:
     """Replace the diffusers MoE block at `path` by an EPMoEBlock and let the block go.
 
     Its gate is copied, its shared expert moves as it is, and this rank's slots are filled from
@@ -155,7 +158,7 @@ def wrap_block(model: nn.Module, path: str, spec: MoEBlockSpec, ctx: ParallelCon
     a model holds at most the model plus one layer's new slots."""
     block = model.get_submodule(path)
     gate = gate_weight(spec, block)
-    layer = make_layer(spec, block, ctx, layer_idx, num_redundant, dtype or gate.dtype, score_dtype)
+    layer = make_layer(spec, block, ctx, layer_idx, num_redundant, dtype or gate.dtype, score_dtype, batch_invariant)
     layer.router.gate.weight.copy_(gate)
     stacks = None if keep_source else adoptable(spec, block, layer)
     source = ModuleExpertSource(spec, block) if keep_source or stacks is None else None
@@ -176,8 +179,8 @@ def find_wrapped(model: nn.Module) -> list[EPMoEBlock]:
 @torch.no_grad()
 def wrap_transformer(model: nn.Module, ctx: ParallelContext, num_redundant: int = 0,
                      dtype: Optional[torch.dtype] = None, spec: Optional[MoEBlockSpec] = None,
-                     score_dtype: Optional[str] = None, keep_sources: bool = False
-                     ) -> tuple[list[EPMoEBlock], list]:
+                     score_dtype: Optional[str] = None, keep_sources: bool = False,
+                     batch_invariant: str = "auto") -> tuple[list[EPMoEBlock], list]:
     """Make a diffusers transformer that is already in memory expert-parallel, in place.
 
     Every MoE block becomes an EPMoEBlock whose MoELayer holds the block's gate, its shared
@@ -188,6 +191,7 @@ def wrap_transformer(model: nn.Module, ctx: ParallelContext, num_redundant: int 
     The block's other experts are dropped with the block unless `keep_sources`, in which case
     the returned sources keep them (the rebalancer's fallback; the blocks then stay in memory).
     Every rank must call this with the same model (the same weights), as in any EP job.
+    batch_invariant: model.moe.batch_invariant for the new layers ("auto": on for CPU ranks).
     Returns (wrappers, sources): sources[i] is expert -> (w13, w2) of MoE layer i, or None.
     """
     spec = spec or spec_for(type(model).__name__)
@@ -196,7 +200,8 @@ def wrap_transformer(model: nn.Module, ctx: ParallelContext, num_redundant: int 
         raise ValueError(f"{type(model).__name__} has no {spec.block_class} module to make expert-parallel")
     wrappers, sources = [], []
     for idx, path in enumerate(paths):
-        wrapper, source = wrap_block(model, path, spec, ctx, idx, num_redundant, dtype, score_dtype, keep_sources)
+        wrapper, source = wrap_block(model, path, spec, ctx, idx, num_redundant, dtype, score_dtype, keep_sources,
+                                     batch_invariant)
         wrappers.append(wrapper)
         sources.append(source)
     return wrappers, sources
