@@ -194,7 +194,7 @@ def test_forward_info_describes_this_ranks_rows(cfg, ring, ulysses):
     (2, ["parallel.cfg_parallel_size=2", "sampling.guidance_scale=1.0"], "parallel.cfg_parallel_size"),
     (3, ["parallel.cfg_parallel_size=3"], "parallel.cfg_parallel_size"),
     (8, ["parallel.ulysses_degree=8", "parallel.ep_size=4"], "parallel.ulysses_degree"),          # 4 heads
-    (3, ["parallel.ring_degree=3", "parallel.ep_size=1"], "parallel.sequence_parallel_size"),     # 64 tokens
+    (3, ["parallel.ring_degree=3", "parallel.ep_size=1"], "parallel.ring_degree"),                # 64 tokens: the key given
     (2, ["parallel.sequence_parallel_size=2", 'model.moe.routing="expert_choice"'], "model.moe.routing"),
     (2, ["parallel.sequence_parallel_size=2", "model.compile=true"], "model.compile"),
 ])
