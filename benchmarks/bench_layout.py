@@ -29,6 +29,7 @@ import torch.distributed as tdist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from moe_ep.atomic import write_json_atomic  # noqa: E402
 from moe_ep.config import ModelConfig, MoEConfig, ParallelConfig  # noqa: E402
 from moe_ep.models.moedit.dit import MoEDiT  # noqa: E402
 from moe_ep.parallel import ParallelContext, build_context, init_distributed  # noqa: E402
@@ -160,8 +161,7 @@ def main(argv=None) -> int:
                 "device": str(device), "threads": a.threads, "ep": a.ep, "load_before_after": load}
         print(json.dumps(meta), flush=True)
         if a.json:
-            with open(a.json, "w") as f:
-                json.dump({"meta": meta, "rows": rows}, f, indent=1)
+            write_json_atomic(a.json, {"meta": meta, "rows": rows})
     tdist.barrier()
     tdist.destroy_process_group()
     return 0
