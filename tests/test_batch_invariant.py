@@ -241,15 +241,22 @@ def _job(tmp_path, name: str, world: int, prompts: list[str], extra: list[str]) 
 
 
 def test_job_latents_are_the_same_at_ep_1_2_4_with_rebalancing(tmp_path):
-    """Three prompts in batches of two, bit for bit: at EP 1 (no redundant slots, no rebalancing);
+    """Three prompts, bit for bit: in batches of two at EP 1 (no redundant slots, no rebalancing);
     at EP 2 (4 redundant slots, rebalanced synchronously every 2 forwards: the expert GEMMs mix
-    both ranks' prompts); at EP 4 (rebalanced asynchronously, two ranks idle). What is not promised:
-    the same prompt alone in its batch vs beside another (the dense parts, docs/model.md)."""
+    both ranks' prompts); at EP 4 (rebalanced asynchronously, two ranks idle). And with other
+    prompts in the batch or none: each prompt alone (batch size 1) at EP 1 and at EP 2
+    (rebalanced), all three in one batch at EP 1 (the dense parts run sample by sample)."""
     ep1, _ = _job(tmp_path, "ep1", 1, PROMPTS, [])
     ep2, s2 = _job(tmp_path, "ep2", 2, PROMPTS, ["eplb.migration=sync"] + FORCED)
     ep4, s4 = _job(tmp_path, "ep4", 4, PROMPTS, ["eplb.migration=async"] + FORCED)
-    for s in (s2, s4):                                      # experts did move mid-run
+    alone1, _ = _job(tmp_path, "alone1", 1, PROMPTS, ["sampling.batch_size=1"])
+    alone2, sa = _job(tmp_path, "alone2", 2, PROMPTS, ["sampling.batch_size=1", "eplb.migration=sync"] + FORCED)
+    three1, _ = _job(tmp_path, "three1", 1, PROMPTS, ["sampling.batch_size=3"])
+    for s in (s2, s4, sa):                                  # experts did move mid-run
         assert sum(r["experts_moved"] for r in s["rebalances"]) > 0, s["rebalances"]
     for p in PROMPTS:
         assert ep2[p] == ep1[p], f"{p}: EP 2 vs EP 1"
         assert ep4[p] == ep1[p], f"{p}: EP 4 vs EP 1"
+        assert alone1[p] == ep1[p], f"{p}: alone in its batch vs beside another, EP 1"
+        assert alone2[p] == ep1[p], f"{p}: alone in its batch at EP 2 vs beside another at EP 1"
+        assert three1[p] == ep1[p], f"{p}: in a batch of three vs of two, EP 1"
