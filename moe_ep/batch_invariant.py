@@ -24,6 +24,12 @@ make a token's output the same bit for bit in all of those cases:
    on its own (one row per copy): the pair exchange's partial sums per rank would make the
    association depend on the placement once k >= 3.
 
+The router's gate (`blocked_linear`) follows rule 1 with one weight for every block. The dense
+parts of the built-in MoE-DiT (attention, adaLN, norms, embedders, the final layer, the text
+encoder) run each sample alone (moe_ep/models/moedit/dit.py `per_sample`): a sample's ops then
+have the same shapes and inputs whatever else is in the batch, and the ops between them over the
+whole batch are elementwise + and * (correctly rounded wherever an element sits).
+
 GPU: the Triton grouped GEMMs (kernels/grouped_gemm.py) already compute each row the same way for
 any row count: one fixed tile configuration per GEMM (GATE_UP_CONFIG, DOWN_CONFIG), no autotuning
 on M, no split-K. So on CUDA the layer keeps them (QuACK's GEMMs are switched to Triton: their tile
@@ -31,14 +37,37 @@ scheduling was not checked for this) and applies rules 3. Not measured: no GPU h
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from .router import RoutedCopies
+if TYPE_CHECKING:                 # router.py uses blocked_linear: no import cycle at run time
+    from .router import RoutedCopies
 
 # Rows per GEMM block. 16: the largest waste (15 zero rows per slot per GEMM) stays small next to a
 # slot's rows in a denoising forward (about 60 per slot in the quickstart), and a [16, H] @ [H, 2F]
 # product is large enough for MKL's blocked kernel (m <= 3 takes another path).
 BLOCK_ROWS = 16
+
+
+def resolve(mode: str, device: torch.device) -> bool:
+    """model.moe.batch_invariant ("auto", "on", "off") on a rank of `device` -> on or off
+    ("auto": on for CPU ranks)."""
+    return mode == "on" or (mode == "auto" and device.type == "cpu")
+
+
+def blocked_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ weight.T (weight [N, K], nn.Linear's layout) -> [..., N], every row in a
+    [BLOCK_ROWS, K] @ [K, N] product of one torch.bmm (rule 1, one weight for all blocks;
+    measured: a block's result does not depend on the number of blocks beside it)."""
+    K, N = x.shape[-1], weight.shape[0]
+    rows = x.reshape(-1, K)                                                    # [M, K]
+    M = rows.shape[0]
+    nb = -(-M // BLOCK_ROWS)
+    padded = rows.new_zeros(nb * BLOCK_ROWS, K)                                # [nb*B, K]
+    padded[:M] = rows
+    y = torch.bmm(padded.view(nb, BLOCK_ROWS, K), weight.t().expand(nb, K, N))   # [nb, B, N]
+    return y.view(nb * BLOCK_ROWS, N)[:M].view(*x.shape[:-1], N)
 
 
 def silu_mul(h: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from .config import ConfigError, MoEConfig
-from .batch_invariant import ordered_combine
+from .batch_invariant import ordered_combine, resolve as resolve_batch_invariant
 from .dispatch import combine, dispatch, returned_copies
 from .token_exchange import combine_pairs, dispatch_pairs, overlapped_exchange
 from .experts import DenseMLP, GroupedExperts
@@ -68,7 +68,7 @@ class MoELayer(nn.Module):
         self._side_stream: Optional[torch.cuda.Stream] = None
         self.placement: Placement = contiguous_placement(cfg.num_experts, num_redundant, ctx.ep_size)
         self._install_routing(self.placement)
-        self.batch_invariant = cfg.batch_invariant == "on" or (cfg.batch_invariant == "auto" and dev.type == "cpu")
+        self.batch_invariant = resolve_batch_invariant(cfg.batch_invariant, dev)
 
     # ------------------------------------------------------------ batch invariance
     @property
@@ -83,6 +83,7 @@ class MoELayer(nn.Module):
     def batch_invariant(self, on: bool) -> None:
         self._batch_invariant = on
         self.experts.batch_invariant = on
+        self.router.batch_invariant = on
         if on and self.experts.backend in ("quack", "triton+quack"):
             self.experts.backend = "triton"   # fixed Triton tile configs; QuACK's were not checked
         if hasattr(self.shared, "batch_invariant"):   # moe-ep's DenseMLP (a model's own module: as it is)

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .batch_invariant import blocked_linear
 from .config import MoEConfig
 from .parallel_layout import ParallelLayout
 from .sequence_parallel import unshard_sequence
@@ -79,18 +80,25 @@ class Router(nn.Module):
         # samples are this rank's contiguous shard of each sample's tokens, and expert choice
         # picks over the whole sample (gathered scores), keeping the picks of this shard.
         self.sequence_layout: Optional[ParallelLayout] = None
+        # True: the gate's product in fixed row blocks (moe_ep/batch_invariant.py), so a token's
+        # scores do not depend on the other tokens. Set by MoELayer from model.moe.batch_invariant.
+        self.batch_invariant = False
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., Hr] -> scores [..., E]: float32, or in x's dtype with `score_dtype = "input"`."""
         if self.cfg.score_dtype == "input":
             # The model's own numerics: logits in the input dtype, the non-linearity in float32
             # and rounded back (what diffusers' HiDream and NucleusMoE gates compute).
-            logits = F.linear(x, self.gate.weight.to(x.dtype))
+            w = self.gate.weight.to(x.dtype)
+            logits = blocked_linear(x, w) if self.batch_invariant else F.linear(x, w)
             act = logits.float().softmax(-1) if self.cfg.score_func == "softmax" else logits.float().sigmoid()
             return act.to(x.dtype)
         # float32 scores (as DeepSpeed and DeepSeek do): bf16 logits would flip near-ties and
         # route tokens differently from a float32 reference.
-        logits = fp32_logits(x, self.gate.weight)                         # [..., E] float32
+        if self.batch_invariant:
+            logits = blocked_linear(x.float(), self.gate.weight.float())  # [..., E] float32
+        else:
+            logits = fp32_logits(x, self.gate.weight)                     # [..., E] float32
         return logits.softmax(-1) if self.cfg.score_func == "softmax" else logits.sigmoid()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

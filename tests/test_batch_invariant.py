@@ -241,15 +241,71 @@ def _job(tmp_path, name: str, world: int, prompts: list[str], extra: list[str]) 
 
 
 def test_job_latents_are_the_same_at_ep_1_2_4_with_rebalancing(tmp_path):
-    """Three prompts in batches of two, bit for bit: at EP 1 (no redundant slots, no rebalancing);
+    """Three prompts, bit for bit: in batches of two at EP 1 (no redundant slots, no rebalancing);
     at EP 2 (4 redundant slots, rebalanced synchronously every 2 forwards: the expert GEMMs mix
-    both ranks' prompts); at EP 4 (rebalanced asynchronously, two ranks idle). What is not promised:
-    the same prompt alone in its batch vs beside another (the dense parts, docs/model.md)."""
+    both ranks' prompts); at EP 4 (rebalanced asynchronously, two ranks idle). And with other
+    prompts in the batch or none: each prompt alone (batch size 1) at EP 1 and at EP 2
+    (rebalanced), all three in one batch at EP 1 (the dense parts run sample by sample)."""
     ep1, _ = _job(tmp_path, "ep1", 1, PROMPTS, [])
     ep2, s2 = _job(tmp_path, "ep2", 2, PROMPTS, ["eplb.migration=sync"] + FORCED)
     ep4, s4 = _job(tmp_path, "ep4", 4, PROMPTS, ["eplb.migration=async"] + FORCED)
-    for s in (s2, s4):                                      # experts did move mid-run
+    alone1, _ = _job(tmp_path, "alone1", 1, PROMPTS, ["sampling.batch_size=1"])
+    alone2, sa = _job(tmp_path, "alone2", 2, PROMPTS, ["sampling.batch_size=1", "eplb.migration=sync"] + FORCED)
+    three1, _ = _job(tmp_path, "three1", 1, PROMPTS, ["sampling.batch_size=3"])
+    for s in (s2, s4, sa):                                  # experts did move mid-run
         assert sum(r["experts_moved"] for r in s["rebalances"]) > 0, s["rebalances"]
     for p in PROMPTS:
         assert ep2[p] == ep1[p], f"{p}: EP 2 vs EP 1"
         assert ep4[p] == ep1[p], f"{p}: EP 4 vs EP 1"
+        assert alone1[p] == ep1[p], f"{p}: alone in its batch vs beside another, EP 1"
+        assert alone2[p] == ep1[p], f"{p}: alone in its batch at EP 2 vs beside another at EP 1"
+        assert three1[p] == ep1[p], f"{p}: in a batch of three vs of two, EP 1"
+
+
+# ---------------------------------------------------------------- the built-in model's dense parts
+
+def _model_outputs(batch_invariant: bool, latent: int, prompt_tokens: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A MoE-DiT with a dense block (moe_every 2) and the built-in text encoder, one thread,
+    latents [4, latent, latent], prompts of `prompt_tokens` tokens:
+    -> (sample 0's velocity alone [C, h, w], its velocity in batches of 2, 3 and 4 where it sits
+    at another place each time)."""
+    from moe_ep import config as config_mod
+    from moe_ep.models.moedit.dit import MoEDiT
+    from moe_ep.models.moedit.text import PromptEncoder
+    from moe_ep.parallel import ParallelContext
+
+    model_cfg = dict(TINY_MODEL, num_layers=2, moe_every=2, qk_norm=True, max_prompt_tokens=prompt_tokens)
+    cfg = config_mod.load(QUICKSTART, [f"model={json.dumps(model_cfg)}"])
+    model = MoEDiT(cfg.model, ParallelContext(), 0)
+    model.init_from_seed()
+    assert model.batch_invariant                                       # "auto" on the CPU
+    model.batch_invariant = batch_invariant
+    encode = PromptEncoder(cfg.model, model.text_encoder, torch.device("cpu"), model.dtype)
+    x = torch.randn(4, 4, latent, latent, generator=torch.Generator().manual_seed(0))
+    prompts = ["a red fox", "a blue lake", "", "a green hill on a gray background"]
+
+    def velocity(order: list[int]) -> torch.Tensor:
+        text, mask = encode([prompts[i] for i in order])
+        return model(x[order], torch.tensor([0.7, 0.3, 0.9, 0.5])[order], text, mask)[order.index(0)]
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return velocity([0]), [velocity(o) for o in ([1, 0], [2, 3, 0], [0, 1, 2, 3])]
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("latent,prompt_tokens", [(16, 32), (2, 3)])
+def test_model_sample_ignores_the_other_samples_of_its_batch(latent, prompt_tokens):
+    """The whole built-in model (text encoder, embedders, attention, adaLN, a dense and an MoE
+    feed-forward with its router, the final layer): a sample's velocity alone has the same bits as
+    in a batch of 2, 3 or 4. Off, the same comparison differs (so the test sees what it checks), by
+    float32 rounding only. A 2 x 2 latent is one image token and 3 prompt tokens are 3 rows: a
+    sample alone is then a GEMM of 1 to 3 rows, which MKL computes another way (batch_invariant.py)."""
+    alone, in_batches = _model_outputs(True, latent, prompt_tokens)
+    for i, v in enumerate(in_batches):
+        assert torch.equal(v, alone), f"batch {i}: differs by {(v - alone).abs().max().item()}"
+    plain_alone, plain = _model_outputs(False, latent, prompt_tokens)
+    assert (plain_alone - alone).abs().max() < 1e-4 * alone.abs().max()
+    assert any(not torch.equal(v, plain_alone) for v in plain)

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...batch_invariant import resolve as resolve_batch_invariant
 from ...config import ModelConfig
 from ...experts import DenseMLP, GroupedExperts, init_expert_weights
 from ...layer import MoELayer
@@ -40,6 +41,20 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 # layer_idx -> (expert -> (w13 [H, 2F], w2 [F, H])): where a layer's expert weights come from
 LayerWeightSource = Callable[[int], Callable[[int], tuple[torch.Tensor, torch.Tensor]]]
+
+
+def per_sample(fn: Callable, *tensors: torch.Tensor):
+    """Batch invariance of the dense parts (model.moe.batch_invariant): fn on each sample alone (a
+    batch of one: tensors[j][i:i+1]), the outputs (a tensor or a tuple of them) concatenated along
+    dim 0. Every op of a sample then sees the same shapes and values whatever else is in the batch
+    (GEMM blocking, SDPA's splits, vectorised loops' tails), so its result has the same bits."""
+    B = tensors[0].shape[0]
+    if B <= 1:
+        return fn(*tensors)
+    outs = [fn(*(x[i:i + 1] for x in tensors)) for i in range(B)]
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*outs))
+    return torch.cat(outs)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -126,14 +141,24 @@ class DiTBlock(nn.Module):
         self.timer: Optional[PhaseTimer] = None   # set by telemetry: times the "attention" phase
         # self-attention over the sp shards of one image (None at sp = 1: plain SDPA)
         self.split = ImageSplit(ctx.layout) if ctx.layout.sp > 1 else None
+        # True: everything but the feed-forward runs sample by sample (per_sample; MoEDiT sets it)
+        self.batch_invariant = False
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        if self.batch_invariant:
+            x, h, gate2 = per_sample(self.before_ffn, x, c, text, text_mask)
+        else:
+            x, h, gate2 = self.before_ffn(x, c, text, text_mask)
+        # elementwise * and + only over the whole batch: the same bits wherever a sample sits
+        return x + gate2.unsqueeze(1) * self.ffn(h)                            # MoE sees [B, N, H]
+
+    def before_ffn(self, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor):
+        """-> (x after the attentions [B, N, H], the feed-forward's input h [B, N, H], gate2 [B, H])."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)  # [B, H] each
         with maybe_phase(self.timer, "attention"):                             # self- and cross-attention
             x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1), split=self.split)
             x = x + self.cross_attn(self.norm2(x), text, text_mask)           # text replicated: local
-        h = modulate(self.norm3(x), shift2, scale2)                            # [B, N, H]
-        return x + gate2.unsqueeze(1) * self.ffn(h)                            # MoE sees [B, N, H]
+        return x, modulate(self.norm3(x), shift2, scale2), gate2
 
 
 class FinalLayer(nn.Module):
@@ -174,6 +199,23 @@ class MoEDiT(nn.Module):
         self.to(device=ctx.device, dtype=self.dtype)
         self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
         self.split = ImageSplit(ctx.layout)   # this rank's guidance chunk and token shard of one image
+        self.batch_invariant = resolve_batch_invariant(cfg.moe.batch_invariant, ctx.device)
+
+    @property
+    def batch_invariant(self) -> bool:
+        """True: a sample's output does not depend on the other samples of its batch, bit for bit
+        (model.moe.batch_invariant): the MoE layers' fixed row blocks (moe_ep/batch_invariant.py),
+        the dense feed-forwards' too, and every other part run sample by sample (per_sample)."""
+        return self._batch_invariant
+
+    @batch_invariant.setter
+    def batch_invariant(self, on: bool) -> None:
+        self._batch_invariant = on
+        for block in self.blocks:
+            block.batch_invariant = on
+            block.ffn.batch_invariant = on             # MoELayer or DenseMLP
+        if self.text_encoder is not None:
+            self.text_encoder.batch_invariant = on
 
     # ------------------------------------------------------------ structure
     def moe_layers(self) -> list[MoELayer]:
@@ -230,16 +272,22 @@ class MoEDiT(nn.Module):
         _, _, h, w = x.shape
         p = self.cfg.patch_size
         gh, gw = h // p, w // p
-        tokens = self.x_embedder(x.to(self.dtype)).flatten(2).transpose(1, 2)   # [b, N, H]
-        tokens = split.shard_tokens(tokens + self.pos_embed(gh, gw))             # [b, N/sp, H]: my shard
+        run = per_sample if self.batch_invariant else (lambda fn, *args: fn(*args))
+        tokens, c, ctx_tokens = run(self.embed, x, t, text, text_mask)           # [b, N, H], [b, H], [b, T, H]
+        tokens = split.shard_tokens(tokens)                                      # [b, N/sp, H]: my shard
+        for block in self.blocks:
+            tokens = block(tokens, c, ctx_tokens, text_mask)
+        out = split.unshard_tokens(run(self.final_layer, tokens, c))             # [b, N, p*p*C]
+        return split.join_batch(self.unpatchify(out, gh, gw))                    # [B, C, h, w]
+
+    def embed(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor):
+        """-> (image tokens with positions [B, N, H], conditioning c [B, H], prompt tokens [B, T, H])."""
+        gh, gw = x.shape[2] // self.cfg.patch_size, x.shape[3] // self.cfg.patch_size
+        tokens = self.x_embedder(x.to(self.dtype)).flatten(2).transpose(1, 2)   # [B, N, H]
         mask_f = text_mask.to(text.dtype).unsqueeze(-1)                          # [B, T, 1]
         pooled = (text * mask_f).sum(1) / mask_f.sum(1).clamp_min(1)             # [B, text_dim]
         c = self.t_embedder(t) + self.pooled_proj(pooled)                        # [B, H]
-        ctx_tokens = self.text_proj(text)                                        # [B, T, H]
-        for block in self.blocks:
-            tokens = block(tokens, c, ctx_tokens, text_mask)
-        out = split.unshard_tokens(self.final_layer(tokens, c))                  # [b, N, p*p*C]
-        return split.join_batch(self.unpatchify(out, gh, gw))                    # [B, C, h, w]
+        return tokens + self.pos_embed(gh, gw), c, self.text_proj(text)
 
 
 def _init_value(module: nn.Module, name: str, param: torch.Tensor, g: torch.Generator) -> torch.Tensor:

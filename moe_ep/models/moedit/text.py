@@ -64,9 +64,15 @@ class BuiltinTextEncoder(nn.Module):
         self.pos = nn.Parameter(torch.zeros(max_tokens, text_dim))
         self.blocks = nn.ModuleList(TextBlock(text_dim, heads_for(text_dim)) for _ in range(num_layers))
         self.norm = nn.LayerNorm(text_dim)
+        # True: one prompt at a time, so a prompt's embedding does not depend on the others
+        # (model.moe.batch_invariant; MoEDiT sets it)
+        self.batch_invariant = False
 
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.batch_invariant and len(prompts) > 1:
+            embs, masks = zip(*(self.forward([p]) for p in prompts))
+            return torch.cat(embs), torch.cat(masks)                           # [B, T, D], [B, T]
         dev = self.pos.device
         ids, mask = tokenize(prompts, self.max_tokens)
         ids, mask = ids.to(dev), mask.to(dev)
