@@ -601,7 +601,8 @@ def _run(cfg: Config, ctx: ParallelContext, progress: bool, state: RunState) -> 
         layer.stats = stats
     # resume: finished images of an earlier run of this config are kept, its statistics carried over
     items = prompt_items(cfg)
-    settings = image_settings(cfg, ctx.world_size, ctx.ep_size, ctx.device.type)
+    settings = image_settings(cfg, ctx.world_size, ctx.ep_size, ctx.device.type,
+                              {"cfg": ctx.layout.cfg, "ulysses": ctx.layout.ulysses, "ring": ctx.layout.ring})
     plan, carried = resume_plan(cfg, ctx, items, settings, len(layers), layers[0].cfg.num_experts)
     if carried:
         cfg = dataclasses.replace(cfg, eplb=dataclasses.replace(cfg.eplb, stats_file=carried))

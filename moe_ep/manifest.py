@@ -27,16 +27,20 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence
 
 from .atomic import write_bytes_atomic, write_json_atomic
+import torch
+
+from .batch_invariant import resolve as resolve_batch_invariant
 from .config import Config
 from .prompts import PromptItem
 
 RECORD_FORMAT, RECORD_VERSION = "moe-ep.image-record", 1
 MANIFEST = "manifest.jsonl"
 HEAD_BYTES = 1 << 20     # a checkpoint's identity hashes its first MiB (safetensors header + first tensors)
-IDENTITY_NOTE = ("the batch size decides which prompts share a batch (the dense layers are not batch-invariant), "
-                 "so it is always part of an image's record; unless the expert path is batch-invariant "
-                 "(model.moe.batch_invariant on, or auto on CPU ranks) the world size and EP size decide which rows "
-                 "share an expert GEMM, so they are part of it too")
+IDENTITY_NOTE = ("what decides which rows share a GEMM is part of an image's record unless batch invariance "
+                 "(model.moe.batch_invariant on, or auto on CPU ranks) makes it irrelevant: the world and EP sizes "
+                 "for the experts; the batch size too unless the dense parts are covered (the built-in model with "
+                 "its built-in text encoder, not compiled); and the cfg / sequence-parallel split of an image "
+                 "(its attention and gathers sum in another order) whenever it is not 1")
 
 
 # ---------------------------------------------------------------- what makes an image
@@ -77,17 +81,26 @@ def model_identity(cfg: Config) -> dict:
     return {"config": model, "weights": weights}
 
 
-def image_settings(cfg: Config, world_size: int, ep_size: int, device_type: str = "cpu") -> dict:
+def image_settings(cfg: Config, world_size: int, ep_size: int, device_type: str = "cpu",
+                   split: Optional[dict] = None) -> dict:
     """What every image of this run shares in its record (model identity read once); device_type:
-    the ranks' device ("cpu" / "cuda"), which decides what batch_invariant "auto" means."""
+    the ranks' device ("cpu" / "cuda"), which decides what batch_invariant "auto" means; split:
+    {"cfg", "ulysses", "ring"} of the parallel layout (IDENTITY_NOTE says what goes in "layout")."""
     s = cfg.sampling
     settings = {"sampling": {"num_inference_steps": s.num_inference_steps, "guidance_scale": s.guidance_scale,
                              "height": s.height, "width": s.width, "shift": s.shift},
                 "model": model_identity(cfg)}
-    mode = cfg.model.moe.batch_invariant
-    settings["layout"] = {"batch_size": s.batch_size}
-    if not (mode == "on" or (mode == "auto" and device_type == "cpu")):     # as MoELayer decides it
-        settings["layout"].update(world_size=world_size, ep_size=ep_size)
+    experts_invariant = resolve_batch_invariant(cfg.model.moe.batch_invariant, torch.device(device_type))
+    dense_invariant = (experts_invariant and cfg.model.type == "moe_dit" and cfg.model.text_encoder == "builtin"
+                       and not cfg.model.compile)                       # what docs/model.md says is covered
+    layout = {}
+    if not dense_invariant:
+        layout["batch_size"] = s.batch_size
+    if not experts_invariant:
+        layout.update(world_size=world_size, ep_size=ep_size)
+    if split and any(v != 1 for v in split.values()):
+        layout.update(split)
+    settings["layout"] = layout
     return json.loads(json.dumps(settings))   # as it reads back from a record
 
 

@@ -161,7 +161,7 @@ def test_every_image_has_its_record_and_the_manifest_lists_them(tmp_path, monkey
         assert rec["sampling"] == {"num_inference_steps": 3, "guidance_scale": 4.0, "height": 32, "width": 32,
                                    "shift": 1.0}
         assert rec["model"]["config"]["moe"]["num_experts"] == 8 and rec["model"]["weights"] == {"seed": 0}
-        assert rec["layout"] == {"batch_size": 2}        # batch-invariant experts (auto on the CPU)
+        assert rec["layout"] == {}        # batch invariance (auto on the CPU) covers the built-in model whole
     assert [(x["name"], x["seed"]) for x in summary["images"]] == [(n, r["seed"]) for n, r in zip(names, lines)]
     assert summary["resume"] == {"kept": 0, "sampled": 5}
 
@@ -304,13 +304,19 @@ def test_the_statistics_carry_over_on_resume(tmp_path, monkeypatch, capsys):
     assert fresh["config"]["eplb"]["stats_file"] is None and fresh["resume"]["kept"] == 0
 
 
-def test_the_layout_is_part_of_a_record_only_where_the_experts_are_not_batch_invariant(tmp_path):
-    """The batch size always (the dense layers see the batch); the world and EP sizes only where a
-    token's expert output depends on the rows beside it: model.moe.batch_invariant off, or auto on GPUs."""
+def test_the_layout_is_part_of_a_record_only_where_the_images_depend_on_it(tmp_path):
+    """The world and EP sizes only where a token's expert output depends on the rows beside it
+    (model.moe.batch_invariant off, or auto on GPUs); the batch size too where the dense parts are
+    not covered (a user text encoder, compile, diffusers models); a cfg / sp split always."""
     cfg = cfg_with_file(tmp_path, jsonl(FIVE))
-    assert manifest.image_settings(cfg, 4, 2, "cpu")["layout"] == {"batch_size": 2}
-    assert manifest.image_settings(cfg, 4, 2, "cuda")["layout"] == {"batch_size": 2, "world_size": 4, "ep_size": 2}
+    lay = lambda *a, **k: manifest.image_settings(cfg, *a, **k)["layout"]
+    assert lay(4, 2, "cpu") == {}
+    assert lay(4, 2, "cuda") == {"batch_size": 2, "world_size": 4, "ep_size": 2}
+    assert lay(4, 2, "cpu", {"cfg": 2, "ulysses": 2, "ring": 1}) == {"cfg": 2, "ulysses": 2, "ring": 1}
+    assert lay(4, 2, "cpu", {"cfg": 1, "ulysses": 1, "ring": 1}) == {}
     cfg.model.moe.batch_invariant = "off"
-    assert manifest.image_settings(cfg, 4, 2, "cpu")["layout"] == {"batch_size": 2, "world_size": 4, "ep_size": 2}
+    assert lay(4, 2, "cpu") == {"batch_size": 2, "world_size": 4, "ep_size": 2}
     cfg.model.moe.batch_invariant = "on"
-    assert manifest.image_settings(cfg, 4, 2, "cuda")["layout"] == {"batch_size": 2}
+    assert lay(4, 2, "cuda") == {}
+    cfg.model.compile = True
+    assert lay(4, 2, "cuda") == {"batch_size": 2}
