@@ -193,3 +193,21 @@ def test_bench_transformer_small_runs_on_cpu(tmp_path):
     assert data["meta"]["host_sync_fixes"]
     with pytest.raises(SystemExit):                                  # an unknown option: refused at once
         bench_diffusers.main(["--whole", "--small", "--device", "cpu", "--options", "compile,fast"])
+
+
+def test_bench_parts_small_runs_on_cpu(tmp_path):
+    """benchmarks/bench_parts.py end to end on a tiny HiDream: the parts are positive and add up to
+    the marked forward (rest = total - attention - MoE)."""
+    import importlib.util
+    import json
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_parts.py")
+    spec = importlib.util.spec_from_file_location("bench_parts", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "parts.json"
+    assert mod.main(["--model", "hidream", "--small", "--device", "cpu", "--reps", "2", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    med = res["median_ms"]
+    assert med["attention"] > 0 and med["moe"] > 0 and med["rest"] > 0
+    assert abs(med["attention"] + med["moe"] + med["rest"] - med["total"]) < 1e-6
