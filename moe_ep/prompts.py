@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, _DuplicateKey, _no_duplicate_keys   # the config's JSON rule
 
 FIELD = "sampling.prompts_file"
 JSONL_KEYS = ("prompt", "seed", "negative_prompt", "name")
@@ -71,19 +71,6 @@ def name_problem(name) -> Optional[str]:
     if not NAME.match(name):
         return "may hold only letters, digits, '.', '_' and '-', and not start with '.'"
     return None
-
-
-class _DuplicateKey(Exception):
-    pass
-
-
-def _no_duplicate_keys(pairs: list) -> dict:
-    out = {}
-    for k, v in pairs:
-        if k in out:
-            raise _DuplicateKey(k)
-        out[k] = v
-    return out
 
 
 def _bad(path: str, line: int, what: str) -> ConfigError:
