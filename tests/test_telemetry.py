@@ -350,3 +350,21 @@ def test_a_migration_is_logged_from_each_record_as_it_was_handed_over(tmp_path):
     assert (start.status, start.bytes_moved, start.measured_balancedness) == ("migrating", 0, None)  # unchanged
     with pytest.raises(dataclasses.FrozenInstanceError):
         start.status = "ok"
+
+
+def test_latency_plot_of_a_long_run_draws_bin_means():
+    """More forwards than MAX_LATENCY_BARS: one bar per bin of consecutive forwards, its height
+    the bin's mean (a bar per forward made a 2,000-forward run's final plots take minutes)."""
+    from moe_ep.plots import MAX_LATENCY_BARS, plot_latency
+    n = 1000
+    recs = [{"forward": f, "latency_ms": 2.0 + f, "phase_ms/experts": float(f), "phase_ms/other": 2.0}
+            for f in range(n)]
+    ax = plot_latency(recs).axes[0]
+    size = -(-n // MAX_LATENCY_BARS)                                     # 5 forwards per bar
+    experts = [p for p in ax.patches if p.get_facecolor() == ax.patches[0].get_facecolor()]
+    assert len(experts) == n // size <= MAX_LATENCY_BARS
+    # bin 3 holds forwards 15..19: experts 15..19 -> mean 17
+    assert experts[3].get_height() == pytest.approx(sum(range(15, 20)) / 5)
+    assert experts[3].get_x() + experts[3].get_width() / 2 == pytest.approx(17.0)
+    short = plot_latency(recs[:30]).axes[0]                              # one bar per forward
+    assert len(short.patches) == 2 * 30
