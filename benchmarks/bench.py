@@ -48,6 +48,9 @@ class SwiGLUExpert(nn.Module):
         return swiglu(x, self.w13, self.w2)
 
 
+DENSE_ROW = "dense mm, same FLOPs (yardstick)"
+
+
 def skewed_gate_(gate_weight: torch.Tensor, s: float, seed: int) -> None:
     """docs/anchors.md recipe: channel 0 of the input is 1; its gate weights are a Zipf log-bias
     -s*log(rank) over a random expert order, so every token carries the same bias."""
@@ -153,7 +156,7 @@ def bench_layer(args) -> list[dict]:
     dtype = DTYPES[args.dtype]
     torch.manual_seed(0)
     cfg = MoEConfig(num_experts=args.experts, top_k=args.top_k, expert_hidden_size=args.expert_hidden,
-                    score_func="softmax", renormalize=True)
+                    score_func="softmax", renormalize=args.renormalize)
     ours = MoELayer(args.hidden, cfg, ctx, num_redundant=0, dtype=dtype)
     gate = torch.randn(args.experts, args.hidden, generator=torch.Generator().manual_seed(args.seed)) * 0.02
     if args.skew:
@@ -193,6 +196,10 @@ def bench_layer(args) -> list[dict]:
             ds = build_deepspeed_moe(args, ctx, gate, dtype, drop_tokens=drop)
             name = "DeepSpeed-MoE drop_tokens=False" if not drop else "DeepSpeed-MoE capacity 1.0 (drops)"
             systems.append((name, lambda t, ds=ds: ds(t)[0]))
+    if ctx.device.type == "cuda":     # the yardstick: one dense GEMM with the experts' FLOPs, same clocks
+        rows_a = torch.randn(args.tokens * args.top_k, args.hidden, device=ctx.device, dtype=dtype)
+        cols_b = torch.randn(args.hidden, 3 * args.expert_hidden, device=ctx.device, dtype=dtype)
+        systems.append((DENSE_ROW, lambda t: rows_a @ cols_b))
     ref = None
     with torch.no_grad():
         for name, fn in systems:
@@ -200,7 +207,7 @@ def bench_layer(args) -> list[dict]:
             wire = ours.wire_rows if name.startswith("moe-ep") else None   # rows this rank sent to others
             if ref is None:
                 ref = out
-            rel = float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+            rel = float((out - ref).norm() / ref.norm().clamp_min(1e-30)) if name != DENSE_ROW else float("nan")
             times = time_forward(fn, x, args.iters, args.warmup, ctx.device)
             queued = back_to_back_ms(fn, x, args.iters) if ctx.device.type == "cuda" and ctx.world_size == 1 else None
             rows.append({"system": name, "median_ms": statistics.median(times), "min_ms": min(times),
@@ -210,6 +217,7 @@ def bench_layer(args) -> list[dict]:
         flops = 2 * 3 * args.tokens * args.top_k * args.hidden * args.expert_hidden
         floor_ms = flops / (args.peak_tflops * 1e12) * 1e3
     meta = {"ranks": ctx.world_size, "ep": ctx.ep_size, "device": str(ctx.device), "dtype": args.dtype,
+            "renormalize": args.renormalize,
             "tokens_per_rank": args.tokens, "hidden": args.hidden, "expert_hidden": args.expert_hidden,
             "experts": args.experts, "top_k": args.top_k, "skew": args.skew,
             "max_over_mean_expert_load": round(load_ratio, 2), "floor_ms": floor_ms,
@@ -338,6 +346,8 @@ def main(argv=None):
     lay.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     lay.add_argument("--iters", type=int, default=10)
     lay.add_argument("--warmup", type=int, default=3)
+    lay.add_argument("--no-renormalize", dest="renormalize", action="store_false",
+                     help="top-k weights as the softmax gives them (HiDream-I1), not renormalised to sum 1")
     lay.add_argument("--skew", type=float, default=0.0, help="Zipf exponent of the gate bias (0: random gate)")
     lay.add_argument("--seed", type=int, default=0)
     lay.add_argument("--with-capacity", action="store_true", help="also DeepSpeed with capacity factor 1.0")

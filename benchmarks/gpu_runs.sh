@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu_runs.sh checks      # benchmarks/gpu_check.py: every experts backend in bf16 vs
 #                                           #   float64, phase times, the layer in a CUDA graph (section 1d)
 #   bash benchmarks/gpu_runs.sh layer       # moe-ep vs DeepSpeed-MoE, random and Zipf 1.2 gates (1b, 1d)
+#   bash benchmarks/gpu_runs.sh shapes      # the layer at the anchor and HiDream-I1 shapes: eager / queued /
+#                                           #   CUDA graph, DeepSpeed-MoE, a dense mm of the same FLOPs (issue 31)
 #   bash benchmarks/gpu_runs.sh step        # hunyuan_like step, batch 4, eager vs CUDA graph,
 #                                           #   model.compile off and on (1c, 1d)
 #   bash benchmarks/gpu_runs.sh rebalance   # benchmarks/gpu_rebalance_check.py: forced rebalances,
@@ -70,7 +72,7 @@ else
     --expert-hidden 1024 --text-tokens 128 --reps 20 --warmup 3"
   WHOLE="--device cuda"
 fi
-PARTS="checks, layer, step, rebalance, diffusers, ep1, whole, demo-sweep, ep2-layer, ep2-skew, ep2-migration, ep2-step, ep2-diffusers, simulate, ep2, sp2, cfg2, usp4"
+PARTS="checks, layer, shapes, step, rebalance, diffusers, ep1, whole, demo-sweep, ep2-layer, ep2-skew, ep2-migration, ep2-step, ep2-diffusers, simulate, ep2, sp2, cfg2, usp4"
 two() { $DS --num_gpus 2 --master_port $((29500 + RANDOM % 1000)) "$@"; }
 one() { env $GPU1 $PY "$@"; }
 show() { grep -E "$2" "$1" | cut -c1-400; }
@@ -112,6 +114,22 @@ run_part() {
       timeout 200 $PY benchmarks/bench.py layer $DEV $DT $SHAPE --iters $ITERS --skew $skew \
         --json "$out/layer_skew$skew.json" > "$out/layer_skew$skew.log" 2>&1
       echo "layer skew=$skew rc=$?"; tail -6 "$out/layer_skew$skew.log" | cut -c1-200
+    done;;
+  shapes)
+    # issue 31 part 4: the layer at the anchor shape (random and Zipf 1.2 gates) and at HiDream-I1's
+    # routed experts (4 experts, top-2, 2560 / 6912, no renormalisation) at 4096 / 8192 / 16384 tokens;
+    # eager, queued and CUDA-graph rows, DeepSpeed-MoE, and a dense mm of the same FLOPs in the same run
+    # (DeepSpeed-MoE's top-2 gate always renormalises: at HiDream's shapes its row has the same FLOPs,
+    # not the same output)
+    HD="--hidden 2560 --expert-hidden 6912 --experts 4 --top-k 2 --no-renormalize"; T="4096 8192 16384"
+    [ "${REHEARSE:-0}" = 1 ] && HD="--hidden 64 --expert-hidden 96 --experts 4 --top-k 2 --no-renormalize" T="128 256 512"
+    set -- $T
+    for spec in "anchor|$SHAPE|0" "anchor-zipf|$SHAPE|1.2" "hidream-4k|$HD --tokens $1|0" \
+                "hidream-8k|$HD --tokens $2|0" "hidream-16k|$HD --tokens $3|0"; do
+      IFS='|' read -r name shape skew <<< "$spec"
+      timeout 150 $PY benchmarks/bench.py layer $DEV $DT $shape --iters $ITERS --skew $skew \
+        --json "$out/shapes_$name.json" > "$out/shapes_$name.log" 2>&1
+      echo "shapes $name rc=$?"; show "$out/shapes_$name.log" "^(system|moe-ep|DeepSpeed|dense)"
     done;;
   step)
     for c in false true; do
