@@ -86,8 +86,8 @@ def check_graph_layers(moe_layers: Sequence, backend: "CudaGraphBackend") -> Non
     on the backend's device kind, no phase timer (ValueError)."""
     if not moe_layers:
         raise ValueError("CUDA-graph capture: the model has no MoE layer")
-    check_graph_context(moe_layers[0].ctx, backend)
     check_no_timers(moe_layers)
+    check_graph_context(moe_layers[0].ctx, backend)
 
 
 def check_graph_context(ctx, backend: "CudaGraphBackend") -> None:

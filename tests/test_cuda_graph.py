@@ -289,11 +289,15 @@ def test_expert_parallel_cuda_graph_refused_on_cpu_before_wrapping():
     from moe_ep.models.diffusers.tiny import tiny_nucleus
     from moe_ep.models.diffusers.wrap import find_wrapped
 
+    import torch.distributed as dist
+
     model = tiny_nucleus(0)
+    started = dist.is_initialized()
     with pytest.raises(ConfigError, match="needs a CUDA device") as err:
         moe_ep.expert_parallel(model, cuda_graph=True)
     assert err.value.field_name == "cuda_graph"
     assert not find_wrapped(model) and not hasattr(model, "moe_ep")
+    assert dist.is_initialized() == started              # refused before any process group starts
     with pytest.raises(ConfigError, match="CUDA device") as err:    # a CPU context given: refused too
         moe_ep.expert_parallel(model, ParallelContext(), cuda_graph=True)
     assert err.value.field_name == "cuda_graph" and not find_wrapped(model)
