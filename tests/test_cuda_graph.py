@@ -301,3 +301,42 @@ def test_expert_parallel_cuda_graph_refused_on_cpu_before_wrapping():
     with pytest.raises(ConfigError, match="CUDA device") as err:    # a CPU context given: refused too
         moe_ep.expert_parallel(model, ParallelContext(), cuda_graph=True)
     assert err.value.field_name == "cuda_graph" and not find_wrapped(model)
+
+
+@pytest.mark.parametrize("kind", ["moe_dit", "diffusers"])
+def test_config_model_cuda_graph_reaches_the_served_model(kind, monkeypatch, tmp_path):
+    """The job's served model under model.cuda_graph: on a CPU its build refuses, naming the key;
+    with the device check lifted and the stand-in backend, the pipeline's forwards go through the
+    graph (the module's forward for diffusers, the pipeline's transformer for the built-in model),
+    the images equal the eager ones, and telemetry puts no phase timer on it."""
+    import os
+
+    from moe_ep import cuda_graph as cg
+    from moe_ep.models import build_served_model
+    from moe_ep.models.base import NoHooks
+    from moe_ep.models.diffusers import served as diffusers_served, tiny
+    from moe_ep.models.moedit import graphs, served as moedit_served
+
+    def config(on: bool):
+        over = {"model.cuda_graph": str(on).lower(), "sampling.num_inference_steps": "2", "eplb.enabled": "false"}
+        if kind == "diffusers":
+            folder = tiny.save_tiny_folders(str(tmp_path))["hidream"]
+            root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            over.update({"model.path": folder, "eplb.num_redundant_experts": "0"})
+            return config_mod.load(os.path.join(root, "configs", "hidream_tiny.json"), [f"{k}={v}" for k, v in over.items()])
+        return config_mod.from_dict({"model": {"cuda_graph": on}, "sampling": {"num_inference_steps": 2}})
+
+    with pytest.raises(ConfigError, match="CUDA device") as err:
+        build_served_model(config(True), ParallelContext())
+    assert err.value.field_name == "model.cuda_graph"
+    for module in (diffusers_served, moedit_served):
+        monkeypatch.setattr(module, "check_cuda_graph", lambda ctx, key: None)
+    monkeypatch.setattr(cg, "CudaGraphBackend", FakeBackend)
+    monkeypatch.setattr(graphs, "CudaGraphBackend", FakeBackend)
+    served = {on: build_served_model(config(on), ParallelContext()) for on in (False, True)}
+    images = {on: s.sample(["a red circle"], [0], NoHooks()) for on, s in served.items()}
+    assert np.array_equal(images[True][0], images[False][0])
+    graph = (vars(served[True].loaded.model).get("forward") if kind == "diffusers"
+             else served[True].pipe.transformer)
+    assert isinstance(graph, GraphedForward) and graph.captures >= 1
+    assert served[True].phase_timing() is False and served[False].phase_timing() is True
