@@ -340,3 +340,8 @@ def test_config_model_cuda_graph_reaches_the_served_model(kind, monkeypatch, tmp
              else served[True].pipe.transformer)
     assert isinstance(graph, GraphedForward) and graph.captures >= 1
     assert served[True].phase_timing() is False and served[False].phase_timing() is True
+    from moe_ep.telemetry import Telemetry
+    telemetry = Telemetry(served[True].cfg, ParallelContext(), str(tmp_path))
+    telemetry.attach(served[True])
+    assert telemetry.timer is None and all(layer.timer is None for layer in served[True].moe_layers())
+    assert served[True].sample(["a red circle"], [0], NoHooks())[0].shape == images[True][0].shape   # still runs
