@@ -142,6 +142,32 @@ class CudaGraphBackend:
         graph.replay()
 
 
+class RerunBackend(CudaGraphBackend):
+    """A stand-in for torch.cuda's graphs on any device, for CPU rehearsals and tests: warm-up
+    forwards run (and record), the "capture" runs the forward once more, and a replay runs it again
+    on the static inputs and copies the result into the static output. It exercises the keys, the
+    captures and the statistics' save/restore, not what a real graph bakes in."""
+
+    def check_device(self, device: torch.device) -> None:
+        pass
+
+    def new_pool(self) -> Any:
+        return None
+
+    def capture(self, run: Callable[[], Any], warmup: int, pool: Any, context: Callable) -> tuple[Any, Any]:
+        with context():
+            for _ in range(warmup):
+                run()
+            out = run()
+        return (run, out), out
+
+    def replay(self, graph: Any) -> None:
+        run, out = graph
+        for dst, src in zip(pytree.tree_leaves(out), pytree.tree_leaves(run())):
+            if isinstance(dst, torch.Tensor):
+                dst.copy_(src)
+
+
 @dataclass
 class _Captured:
     graph: Any                              # torch.cuda.CUDAGraph (or a test backend's)

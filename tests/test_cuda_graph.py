@@ -3,19 +3,18 @@
 The statistics' recording that a graph can replay (one persistent per-forward buffer flushed into
 the bucket by the host, persistent branch-label buffers) counts exactly what the plain rule says;
 the graph wrapper's keys and capture bookkeeping are checked with a stand-in backend (no CUDA
-here) whose "replay" runs the forward again on the static inputs; the routes' refusals on a CPU.
+here, cuda_graph.RerunBackend) whose "replay" runs the forward again on the static inputs; the routes' refusals on a CPU.
 The graph itself runs on a GPU: benchmarks/gpu_graph_check.py (gpu_runs.sh part graph-stats)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from torch.utils import _pytree as pytree
 
 import moe_ep
 from moe_ep import config as config_mod
 from moe_ep.config import ConfigError, MoEConfig
-from moe_ep.cuda_graph import GraphedForward, check_cuda_graph_config, install_cuda_graph
+from moe_ep.cuda_graph import GraphedForward, RerunBackend, check_cuda_graph_config, install_cuda_graph
 from moe_ep.parallel import ParallelContext
 from moe_ep.router import RoutedCopies
 from moe_ep.stats import ExpertLoadStats
@@ -134,39 +133,6 @@ def test_label_buffer_is_one_tensor_per_batch_length_and_graph_key():
 
 # ---------------------------------------------------------------- the graph wrapper
 
-class FakeGraph:
-    def __init__(self, run, out):
-        self.run, self.out = run, out
-
-
-class FakeBackend:
-    """Stands in for torch.cuda: warm-up forwards run (and record), 'capture' runs once more, a
-    replay runs the forward again on the static inputs and writes the static output."""
-
-    def __init__(self):
-        self.forwards = 0
-
-    def check_device(self, device):
-        pass
-
-    def new_pool(self):
-        return object()
-
-    def capture(self, run, warmup, pool, context):
-        def counted():
-            self.forwards += 1
-            return run()
-        for _ in range(warmup):
-            counted()
-        graph = FakeGraph(counted, counted())
-        return graph, graph.out
-
-    def replay(self, graph):
-        new = graph.run()
-        for dst, src in zip(pytree.tree_leaves(graph.out), pytree.tree_leaves(new)):
-            dst.copy_(src)
-
-
 def _stack_with_stats(redundant: int = 2):
     layers = make_stack(ParallelContext(), L, MoEConfig(num_experts=E, top_k=2, expert_hidden_size=24), redundant)
     stats = ExpertLoadStats(L, E, torch.device("cpu"), window_size=2, timestep_buckets=2, top_k=2)
@@ -190,7 +156,7 @@ def test_graph_wrapper_keys_captures_and_counts_like_eager():
     every graph and captures afresh; a phase timer is refused."""
     eager_layers, eager_stats = _stack_with_stats()
     layers, stats = _stack_with_stats()
-    backend = FakeBackend()
+    backend = RerunBackend()
     graph = GraphedForward(_forward(layers), layers, backend=backend)
     eager = _forward(eager_layers)
     gen = torch.Generator().manual_seed(0)
@@ -243,7 +209,7 @@ def test_graph_route_with_forced_rebalance_equals_eager():
         pipe.moe_ep.rebalancer.decider.planner, pipe.moe_ep.rebalancer.force = random_planner(3), True
     eager, graphed = pipes
     handle = graphed.moe_ep
-    handle.cuda_graph = install_cuda_graph(graphed.transformer, handle.moe_layers(), backend=FakeBackend())
+    handle.cuda_graph = install_cuda_graph(graphed.transformer, handle.moe_layers(), backend=RerunBackend())
     emb = hidream_embeddings(eager, seed=10, batch=1)
     assert np.array_equal(sample(graphed, emb, [100], steps=3), sample(eager, emb, [100], steps=3))
     for pipe in pipes:
@@ -331,8 +297,8 @@ def test_config_model_cuda_graph_reaches_the_served_model(kind, monkeypatch, tmp
     assert err.value.field_name == "model.cuda_graph"
     for module in (diffusers_served, moedit_served):
         monkeypatch.setattr(module, "check_cuda_graph", lambda ctx, key: None)
-    monkeypatch.setattr(cg, "CudaGraphBackend", FakeBackend)
-    monkeypatch.setattr(graphs, "CudaGraphBackend", FakeBackend)
+    monkeypatch.setattr(cg, "CudaGraphBackend", RerunBackend)
+    monkeypatch.setattr(graphs, "CudaGraphBackend", RerunBackend)
     served = {on: build_served_model(config(on), ParallelContext()) for on in (False, True)}
     images = {on: s.sample(["a red circle"], [0], NoHooks()) for on, s in served.items()}
     assert np.array_equal(images[True][0], images[False][0])
