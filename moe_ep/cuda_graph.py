@@ -182,7 +182,8 @@ def _signature(leaves: list) -> tuple:
 
 class GraphedForward:
     """Callable in place of `forward`; one CUDA graph per key (module doc). Each call copies its
-    tensors into the graph's static inputs, replays, and returns the output as fresh tensors.
+    tensors into the graph's static inputs, replays, and returns the output as fresh tensors
+    (no autograd: for sampling, as pipelines run under no_grad).
     `target`: attribute reads go to it (a stand-in for a whole module). `captures` counts the
     graphs captured, `drops` the times the layers' state changed and every graph was dropped."""
 
@@ -242,6 +243,7 @@ class GraphedForward:
         self.captures += 1
         return _Captured(graph, [x for x in static if isinstance(x, torch.Tensor)], out)
 
+    @torch.no_grad()     # inference only: a replay's outputs have no autograd history
     def __call__(self, *args, **kwargs):
         leaves, spec = pytree.tree_flatten((args, kwargs))
         key = self.key(leaves, spec)
