@@ -311,3 +311,26 @@ def test_config_model_cuda_graph_reaches_the_served_model(kind, monkeypatch, tmp
     telemetry.attach(served[True])
     assert telemetry.timer is None and all(layer.timer is None for layer in served[True].moe_layers())
     assert served[True].sample(["a red circle"], [0], NoHooks())[0].shape == images[True][0].shape   # still runs
+
+
+def test_gpu_graph_check_rehearses_on_the_cpu(capsys):
+    """benchmarks/gpu_graph_check.py (gpu_runs.sh part graph-stats): its arguments, a refusal without
+    CUDA, and one part rehearsed with the stand-in backend through the same route and comparisons."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    try:
+        import gpu_graph_check
+    finally:
+        sys.path.pop(0)
+    for bad in (["--parts", "nucleusmoe,bogus"], ["--steps", "2"]):
+        with pytest.raises(SystemExit) as err:
+            gpu_graph_check.main(bad)
+        assert err.value.code == 2
+    if not torch.cuda.is_available():
+        assert gpu_graph_check.main(["--device", "cuda"]) == 1
+        assert "FAIL setup: CUDA is not available" in capsys.readouterr().out
+    assert gpu_graph_check.main(["--device", "cpu", "--parts", "hidream", "--steps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "FAIL" not in out and out.count("PASS hidream") == 4 and "rehearsal" in out
