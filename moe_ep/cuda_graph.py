@@ -62,6 +62,13 @@ def check_cuda_graph(ctx, key: str) -> None:
         raise ConfigError(key, True, why)
 
 
+def check_cuda_graph_device(device: torch.device, key: str) -> None:
+    """ConfigError naming `key` when `device` cannot run a CUDA graph."""
+    why = graph_refusal(1, 1, 1, device)
+    if why is not None:
+        raise ConfigError(key, True, why)
+
+
 def check_cuda_graph_config(cfg, world_size: int) -> None:
     """`model.cuda_graph` against the config and the world size, before any process group
     (ConfigError naming model.cuda_graph): EP = 1, cfg = sp = 1, a CUDA device."""

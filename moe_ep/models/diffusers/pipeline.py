@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from ...config import ConfigError, EplbConfig, ParallelConfig, _build
 from ...parallel import ParallelContext, build_context, init_distributed, resolve_layout
-from ...cuda_graph import check_cuda_graph, install_cuda_graph
+from ...cuda_graph import check_cuda_graph, check_cuda_graph_device, install_cuda_graph
 from ...driver import ForwardDriver
 from ...rebalance import Rebalancer
 from ...stats import ExpertLoadStats
@@ -303,8 +303,8 @@ def expert_parallel(pipe_or_transformer: Any, ctx: Optional[ParallelContext] = N
             check_cuda_graph(ctx, "cuda_graph")
     else:
         device = next(transformer.parameters()).device
-        if cuda_graph and device.type != "cuda":          # before any process group or wrapping
-            raise ConfigError("cuda_graph", True, f"needs a CUDA device (the transformer is on {device})")
+        if cuda_graph:                                     # before any process group or wrapping
+            check_cuda_graph_device(device, "cuda_graph")
         ctx = ctx or _context(parallel, device)
         if cuda_graph:
             check_cuda_graph(ctx, "cuda_graph")
