@@ -62,6 +62,6 @@ def test_benchmark_shell_scripts_parse_and_gpu_runs_refuses_an_unknown_part(tmp_
         assert proc.returncode == 0, (path, proc.stderr)
     proc = subprocess.run(["bash", os.path.join(root, "benchmarks", "gpu_runs.sh"), "nosuchpart"], capture_output=True,
                           text=True, cwd=root, env=dict(os.environ, OUT=str(tmp_path), REHEARSE="1"))
-    assert ("unknown part nosuchpart (checks, layer, step, rebalance, diffusers, ep1, whole, demo-sweep, ep2-layer, ep2-skew, "
+    assert ("unknown part nosuchpart (checks, layer, step, graph-stats, rebalance, diffusers, ep1, whole, demo-sweep, ep2-layer, ep2-skew, "
             "ep2-migration, ep2-step, ep2-diffusers, simulate, ep2, sp2, cfg2, usp4)") in proc.stdout
     assert proc.returncode == 2
