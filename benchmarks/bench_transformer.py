@@ -13,7 +13,9 @@ pipeline runs one forward per guidance branch), 128 text tokens.
 
 Speed rows, one process, same weights: diffusers' own forward (torch's attention kernel, then
 cuDNN attention); then the model made expert-parallel in place (`wrap_transformer`, EP = 1) and
-moe-ep with each option of `moe_ep.models.diffusers.acceleration` and their combination. Each row:
+moe-ep with each option of `moe_ep.models.diffusers.acceleration` and their combination, and the
+compiled + CUDA-graph forward again through `expert_parallel(pipe, cuda_graph=True)` with expert-load
+statistics on (the documented route; `route_row`). Each row:
 CUDA-event median of `--reps` forwards after `--warmup`, peak memory over the row, host syncs in
 one forward (torch's sync debug mode), and the largest difference from moe-ep eager's output.
 Accuracy: the same at reduced depth (`--accuracy-layers`) against an fp32 run of diffusers' forward
@@ -281,12 +283,47 @@ def speed_phase(rec: Recorder, args, device, dtype) -> Optional[str]:
             if cuda:
                 speed_row(rec, f"moe-ep + host syncs removed{label} + compiled blocks + CUDA graph",
                           _bound(acc.AcceleratedTransformer(model, attn, cuda_graph=True), kw), device, ref)
+                route_row(rec, model, kw, device, ref)
         if "batch_invariant" in args.options:
             batch_invariant_rows(rec, model, kw, attn, device, ref)
     del model
     if cuda:
         torch.cuda.empty_cache()
     return attn
+
+
+ROUTE_ROW = "moe-ep compiled + CUDA graph, stats on (expert_parallel route)"
+
+
+def route_row(rec: Recorder, model: nn.Module, kw: dict, device, ref: Optional[torch.Tensor]) -> None:
+    """The compiled + CUDA-graph forward through the documented route, expert-load statistics on:
+    `moe_ep.expert_parallel(pipe, cuda_graph=True)` adopting the wrapped, compiled transformer (EP = 1,
+    no rebalancing), a guided pipeline's branch labels; its hooks (statistics begin / end, a window
+    closed every 8 forwards) run around every replay. torch's attention kernel. Taken off after."""
+    from types import SimpleNamespace
+
+    import moe_ep
+
+    pipe = SimpleNamespace(transformer=model, do_classifier_free_guidance=True)
+    try:
+        moe_ep.expert_parallel(pipe, eplb={"enabled": False}, cuda_graph=True)
+    except Exception as e:  # recorded, not fatal
+        rec.add(rec.rows, {"variant": ROUTE_ROW, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        return
+    handle = pipe.moe_ep
+    try:
+        row, _ = speed_row(rec, ROUTE_ROW, lambda: model(**kw), device, ref)
+        if "median_ms" in row:
+            rec.meta["route_row_stats"] = {"forwards": handle.stats.forwards, "windows": handle.stats.num_windows,
+                                           "rows_counted": int(handle.stats.total().sum())
+                                           + int(handle.stats.counts.sum()),          # closed + open window
+                                           "captures": handle.cuda_graph.graph.captures}
+            rec.save()
+    finally:
+        handle.remove_hooks()
+        for layer in handle.moe_layers():
+            layer.stats = None
+        del model.moe_ep
 
 
 def batch_invariant_rows(rec: Recorder, model: nn.Module, kw: dict, attn: Optional[str], device,

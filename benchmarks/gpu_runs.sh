@@ -14,6 +14,10 @@
 #                                           #   injected faults, outputs bit-identical (1b)
 #   bash benchmarks/gpu_runs.sh diffusers   # HiDream-I1 / NucleusMoE blocks, moe-ep vs diffusers (docs/diffusers.md)
 #   bash benchmarks/gpu_runs.sh ep1         # checks, layer and step in order
+#   bash benchmarks/gpu_runs.sh graph-stats # benchmarks/gpu_graph_check.py: the CUDA-graph forward with expert-load
+#                                           #   statistics and forced rebalancing vs eager on tiny NucleusMoE, HiDream
+#                                           #   (expert_parallel(pipe, cuda_graph=True)) and the built-in model
+#                                           #   (model.cuda_graph): outputs and statistics identical, recapture (< 2 min)
 #   bash benchmarks/gpu_runs.sh whole       # issue 31: the anchor layer with model.moe.batch_invariant off / on
 #                                           #   (1h); NucleusMoE-Image and HiDream-I1 whole transformers,
 #                                           #   diffusers vs moe-ep eager / compiled / batch-invariant (1g)
@@ -40,7 +44,8 @@
 #   bash benchmarks/gpu_runs.sh cfg2            # 2 GPUs: cfg 2 vs 1 GPU
 #   bash benchmarks/gpu_runs.sh usp4            # 4 GPUs: Ulysses 4, Ulysses 2 x ring 2, cfg 2 x Ulysses 2 vs 1 GPU
 #
-# REHEARSE=1 runs the ep2-* parts and simulate (and layer) on CPU ranks (gloo) at tiny sizes: the
+# REHEARSE=1 runs the ep2-* parts and simulate (and layer, and graph-stats with a stand-in graph
+# backend) on CPU ranks (gloo) at tiny sizes: the
 # same scripts and flags, so the plumbing is known to work before a GPU machine is held (ep2: about
 # 2 minutes on 2 cores).
 # The kernel probes of issue 13 (kernel variants, power, QuACK, profile) were one-off scripts; their
@@ -72,7 +77,7 @@ else
     --expert-hidden 1024 --text-tokens 128 --reps 20 --warmup 3"
   WHOLE="--device cuda"
 fi
-PARTS="checks, layer, shapes, step, rebalance, diffusers, ep1, whole, demo-sweep, ep2-layer, ep2-skew, ep2-migration, ep2-step, ep2-diffusers, simulate, ep2, sp2, cfg2, usp4"
+PARTS="checks, layer, shapes, step, graph-stats, rebalance, diffusers, ep1, whole, demo-sweep, ep2-layer, ep2-skew, ep2-migration, ep2-step, ep2-diffusers, simulate, ep2, sp2, cfg2, usp4"
 two() { $DS --num_gpus 2 --master_port $((29500 + RANDOM % 1000)) "$@"; }
 one() { env $GPU1 $PY "$@"; }
 show() { grep -E "$2" "$1" | cut -c1-400; }
@@ -137,6 +142,9 @@ run_part() {
         --steps 5 --cuda-graph --json "$out/step_compile_$c.json" > "$out/step_compile_$c.log" 2>&1
       echo "step compile=$c rc=$?"; grep step_ms_median "$out/step_compile_$c.log" | cut -c1-900
     done;;
+  graph-stats)
+    timeout 150 $PY benchmarks/gpu_graph_check.py $DEV > "$out/graph_stats_check.log" 2>&1
+    echo "graph-stats check rc=$?"; show "$out/graph_stats_check.log" "^(PASS|FAIL|Traceback|[A-Za-z]*Error)";;
   rebalance)
     timeout 300 $PY benchmarks/gpu_rebalance_check.py > "$out/rebalance_check.log" 2>&1
     echo "rebalance check rc=$?"; tail -12 "$out/rebalance_check.log" | cut -c1-300;;

@@ -75,6 +75,9 @@ class ModelConfig:
     # removed ("diffusers": acceleration.compile_transformer): inductor fuses the norms, modulation,
     # gates and residuals around the attention; the MoE layers stay eager (docs/config.md)
     compile: bool = False
+    # replay the transformer forward from a CUDA graph captured once per input shape (moe_ep/cuda_graph.py):
+    # no CPU launch gaps; statistics and rebalancing kept, phase timings not. EP = 1, cfg = sp = 1, CUDA
+    cuda_graph: bool = False
     moe: MoEConfig = field(default_factory=MoEConfig)
 
 
@@ -423,6 +426,23 @@ def sequence_parallel_field(p: ParallelConfig) -> str:
     return " x ".join(given) or "parallel.sequence_parallel_size"
 
 
+def check_cuda_graph_fields(cfg: Config) -> None:
+    """model.cuda_graph against the parallel section alone (the world size is checked in the job's
+    preflight, moe_ep.cuda_graph.check_cuda_graph_config): a CUDA-graph forward runs EP = 1, one
+    image on one rank, on a GPU."""
+    p = cfg.parallel
+    ulysses, ring = sequence_parallel_degrees(p)
+    if p.device == "cpu":
+        raise ConfigError("model.cuda_graph", True, "needs a CUDA device (parallel.device is 'cpu')")
+    if p.ep_size is not None and p.ep_size != 1:
+        raise ConfigError("model.cuda_graph", True, f"needs EP = 1 (parallel.ep_size is {p.ep_size}): EP > 1 reads "
+                                                    "split sizes back to the host between kernels")
+    if p.cfg_parallel_size * ulysses * ring > 1:
+        raise ConfigError("model.cuda_graph", True, f"needs one image on one rank (parallel.cfg_parallel_size "
+                                                    f"{p.cfg_parallel_size}, sequence parallel {ulysses * ring}): "
+                                                    "their collectives are not captured")
+
+
 def validate(cfg: Config) -> Config:
     """Range and consistency checks that need no process group. Raises ConfigError."""
     m, moe, e, s = cfg.model, cfg.model.moe, cfg.eplb, cfg.sampling
@@ -443,6 +463,8 @@ def validate(cfg: Config) -> Config:
     # file's lines are checked when it is read, moe_ep/prompts.py)
     if not s.prompts_file and s.seed + len(s.prompts) - 1 >= 2 ** 64:
         raise ConfigError("sampling.seed", s.seed, "must be < 2**64 - (number of prompts - 1): prompt i uses seed + i")
+    if m.cuda_graph:
+        check_cuda_graph_fields(cfg)
     if m.moe_every > m.num_layers:
         raise ConfigError("model.moe_every", m.moe_every,
                           f"must be <= model.num_layers ({m.num_layers}), or the model has no MoE layer")

@@ -46,6 +46,7 @@ import torch.distributed as dist
 from eplb.checks import check_topology
 
 from .config import Config, ConfigError
+from .cuda_graph import check_cuda_graph_config
 from .driver import ForwardDriver
 from .images import save_png
 from .manifest import ResumePlan, image_settings, plan_resume, stale_image_files, write_manifest, write_record
@@ -153,6 +154,7 @@ def preflight(cfg: Config, world_size: int) -> None:
     path (moe_ep/paths.py), the model family's checks (checkpoint header, text encoder, model
     folder), the eplb files' contents."""
     ep = derive_ep_size(cfg.parallel, world_size)
+    check_cuda_graph_config(cfg, world_size)   # model.cuda_graph: EP = 1 at this world size, a GPU
     check_gpus_per_node(cfg)
     check_paths(cfg)
     prompt_items(cfg)                        # sampling.prompts_file: every line (moe_ep/prompts.py)

@@ -32,6 +32,14 @@ class ExpertLoadStats:
     counts [buckets, branches, L, E] int64 on the device accumulate the open window;
     `end_forward` closes the window every `window_size` forward passes.
 
+    A CUDA graph can replay the recording (moe_ep/cuda_graph.py): layers add into one persistent
+    per-forward buffer `pending` [2, L, E] (never reallocated), and the host adds it into the
+    open bucket (`counts[bucket] += pending`, on the device, no sync) when the forward ends, the
+    bucket changes or someone reads `counts`; the branch labels a layer reads live in one
+    persistent buffer per batch length. So the tensors a captured forward writes and reads stay
+    the same objects from forward to forward; what a capture bakes in from Python is
+    `graph_key()`.
+
     Host memory and the work per call stay bounded however long the run: closed windows
     add into running totals [B, 2, L, E] (`total()`, `bucket_load()` are O(1) in the run
     length), `windows` keeps only the last `max_windows` window loads [L, E] (oldest
@@ -48,20 +56,23 @@ class ExpertLoadStats:
         self.max_windows = max_windows
         self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
         self.window_size, self.timestep_buckets = window_size, timestep_buckets
-        self.counts = torch.zeros(timestep_buckets, len(BRANCHES), num_layers, num_experts,
-                                  dtype=torch.int64, device=device)        # [B, 2, L, E] open window
+        self._counts = torch.zeros(timestep_buckets, len(BRANCHES), num_layers, num_experts,
+                                   dtype=torch.int64, device=device)       # [B, 2, L, E] open window
+        # [2, L, E] what the layers recorded since the last flush, all in bucket `_bucket`
+        self.pending = torch.zeros(len(BRANCHES), num_layers, num_experts, dtype=torch.int64, device=device)
         self._bucket = 0
         self._cond_rows: Optional[int] = None
         self._sample_branch: Optional[torch.Tensor] = None                  # [B] branch per sample
         self._branch_tuple: Optional[tuple] = None                          # the same on the host
         self._label_cache: dict[tuple, torch.Tensor] = {}                    # branch tuple -> [B] on the device
+        self._label_buffers: dict[int, torch.Tensor] = {}                   # B -> the [B] labels layers read
         self._forwards_in_window = 0
         self.forwards = 0                                                   # forward passes seen
         self.num_windows = 0                                                # windows closed over the run
         self.windows: deque = deque(maxlen=max_windows)                     # last closed windows' [L, E] int64
         self.window_forwards: deque = deque(maxlen=max_windows)             # [B] forwards per bucket, same windows
         self.last_window: Optional[np.ndarray] = None                       # [B, 2, L, E] of the last closed window
-        self._total = np.zeros(tuple(self.counts.shape), dtype=np.int64)    # [B, 2, L, E] over all closed windows
+        self._total = np.zeros(tuple(self._counts.shape), dtype=np.int64)    # [B, 2, L, E] over all closed windows
         self._bucket_total: Optional[np.ndarray] = None                     # cache of bucket_load() (float64)
         self.version = 0                                                    # bumped when the loads change
         self._bucket_forwards = np.zeros(timestep_buckets, dtype=np.int64)  # [B] open window
@@ -70,6 +81,36 @@ class ExpertLoadStats:
         # called after every window closes, by end_forward or close_window (the rebalancer measures
         # its moves there), so whoever closes the last, partial window needs no special case
         self.on_window_closed: list[Callable[[], None]] = []
+
+    # ------------------------------------------------------------ the open window
+    @property
+    def counts(self) -> torch.Tensor:
+        """[B, 2, L, E] int64 on the device: the open window, the pending forward flushed in."""
+        self.flush()
+        return self._counts
+
+    def flush(self) -> None:
+        """Add the pending rows into the open bucket and clear them (device ops, no host sync)."""
+        self._counts[self._bucket] += self.pending
+        self.pending.zero_()
+
+    def save_pending(self) -> torch.Tensor:
+        """A copy of the pending [2, L, E] (for a CUDA-graph capture: its warm-up forwards record
+        rows that must not count; `restore_pending` puts this back afterwards, keeping what this
+        forward recorded before the capture)."""
+        return self.pending.clone()
+
+    def restore_pending(self, saved: torch.Tensor) -> None:
+        """Undo whatever was recorded since `save_pending` returned `saved` (a device copy)."""
+        self.pending.copy_(saved)
+
+    def graph_key(self) -> tuple:
+        """What a captured forward's recording bakes in from Python: with sample branches, their
+        number (the labels buffer of that length and the rows per sample derive from it); else
+        `cond_rows` (compared as a Python int). A graph is valid only while this is unchanged."""
+        if self._sample_branch is not None and self._sample_branch.numel():
+            return ("sample_branch", self._sample_branch.numel())
+        return ("cond_rows", self._cond_rows)
 
     # ------------------------------------------------------------ recording
     def bucket_of(self, timestep: float) -> int:
@@ -84,7 +125,10 @@ class ExpertLoadStats:
         1 unconditional; a layer's input [B, S, H] has S rows per sample), or else from
         `cond_rows` (the first `cond_rows` rows are conditional); with neither, all rows count
         as conditional."""
-        self._bucket = self.bucket_of(timestep)
+        bucket = self.bucket_of(timestep)
+        if bucket != self._bucket:
+            self.flush()          # rows recorded since the last flush belong to the old bucket
+        self._bucket = bucket
         self._cond_rows = cond_rows
         self.set_sample_branch(sample_branch)                                                       # [B]
 
@@ -98,16 +142,24 @@ class ExpertLoadStats:
         other samples than the hooks described (cfg parallel: its chunk of the batch, or the other
         guidance branch's forward) gives the branches of the rows its MoE layers really see."""
         self._branch_tuple = None if sample_branch is None else tuple(int(b) for b in sample_branch)
-        self._sample_branch = None if sample_branch is None else self._labels(self._branch_tuple)
+        if self._branch_tuple is None:
+            self._sample_branch = None
+            return
+        n = len(self._branch_tuple)
+        buffer = self._label_buffers.get(n)
+        if buffer is None:                      # made once per batch length, never replaced
+            buffer = self._label_buffers[n] = torch.zeros(n, dtype=torch.int64, device=self._counts.device)
+        buffer.copy_(self._labels(self._branch_tuple))                    # device to device, no sync
+        self._sample_branch = buffer                                      # [B]
 
     def _labels(self, branches: tuple) -> torch.Tensor:
         """Branch labels [B] on the device, made once per distinct tuple (a host-to-device copy
-        per forward would wait for the GPU's queue)."""
+        per forward would wait for the GPU's queue); copied into the persistent buffer layers read."""
         cache = self._label_cache
         if branches not in cache:
             if len(cache) > 64:
                 cache.clear()
-            cache[branches] = torch.tensor(branches, dtype=torch.int64, device=self.counts.device)
+            cache[branches] = torch.tensor(branches, dtype=torch.int64, device=self._counts.device)
         return cache[branches]
 
     def record(self, layer: int, expert_ids: torch.Tensor) -> None:
@@ -117,13 +169,14 @@ class ExpertLoadStats:
 
     def record_copies(self, layer: int, copies: RoutedCopies, rows_per_sample: Optional[int] = None) -> None:
         """Add the routed copies of MoE layer `layer` (each counts 1 for its expert, in its
-        row's branch); on the device, no sync. `rows_per_sample`: S of a [B, S, H] input."""
+        row's branch) to `pending`; on the device, no sync, capturable in a CUDA graph.
+        `rows_per_sample`: S of a [B, S, H] input."""
         if not copies.num_copies:
             return
         branch = self._branch_of_rows(copies.rows(), copies.num_tokens, rows_per_sample)   # [N] 0/1
         L, E = self.num_layers, self.num_experts
         flat = branch * (L * E) + layer * E + copies.expert                                # [N] into [2, L, E]
-        self.counts[self._bucket].view(-1).scatter_add_(0, flat, torch.ones_like(flat))
+        self.pending.view(-1).scatter_add_(0, flat, torch.ones_like(flat))
 
     def _branch_of_rows(self, rows: torch.Tensor, num_rows: int, rows_per_sample: Optional[int]) -> torch.Tensor:
         """rows [N] input rows -> [N] int64 branch (0 conditional, 1 unconditional)."""
@@ -140,6 +193,7 @@ class ExpertLoadStats:
         `groups` (the EP and DP groups; None entries are skipped), store it, start a new
         one, and return True. Collective when it closes a window: every rank calls it
         after every forward."""
+        self.flush()
         self._forwards_in_window += 1
         self.forwards += 1
         self._bucket_forwards[self._bucket] += 1
@@ -149,7 +203,8 @@ class ExpertLoadStats:
         return True
 
     def close_window(self, groups=()) -> None:
-        window = self.counts.clone()
+        self.flush()
+        window = self._counts.clone()
         for group in groups:
             if group is not None:
                 dist.all_reduce(window, group=group)
@@ -162,7 +217,7 @@ class ExpertLoadStats:
         self.version += 1
         self.window_forwards.append(self._bucket_forwards.copy())
         self._bucket_forwards[:] = 0
-        self.counts.zero_()
+        self._counts.zero_()
         self._forwards_in_window = 0
         for listener in self.on_window_closed:
             listener()

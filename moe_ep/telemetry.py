@@ -196,9 +196,14 @@ class Telemetry:
         """Put one PhaseTimer on every MoE layer (router, dispatch, experts, combine) and on the
         blocks that time "attention"; keep `stats` for the per-window load heatmap. `model` is a
         served model (moe_ep.models.base.ServedModel: `moe_layers()`, `attention_blocks()`) or any
-        object with `moe_layers()` and optionally `blocks`."""
+        object with `moe_layers()` and optionally `blocks`. A model whose `phase_timing()` is False
+        (its forward replays from a CUDA graph) gets no timers: its records show latency alone."""
         from .timing import PhaseTimer
 
+        self.stats = stats
+        if hasattr(model, "phase_timing") and not model.phase_timing():   # a CUDA-graph forward: latency only
+            self.timer, self.shown_phases = None, ("other",)
+            return
         self.timer = PhaseTimer(self.ctx.device)
         blocks = model.attention_blocks() if hasattr(model, "attention_blocks") else getattr(model, "blocks", [])
         for block in blocks:
@@ -206,7 +211,6 @@ class Telemetry:
         self.shown_phases = tuple(p for p in ALL_PHASES if blocks or p != "attention")
         for layer in model.moe_layers():
             layer.timer = self.timer
-        self.stats = stats
 
     def _gather_phases(self, latency_ms: float) -> np.ndarray:
         """-> [world, len(PHASES) + 1]: every rank's phase milliseconds of this forward and its

@@ -21,6 +21,8 @@ from moe_ep.models.diffusers import acceleration as acc
 from moe_ep.models.diffusers import tiny, wrap_transformer
 from moe_ep.parallel import ParallelContext
 from moe_ep.stats import ExpertLoadStats
+from moe_ep.config import ConfigError
+from moe_ep.timing import PhaseTimer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -162,9 +164,14 @@ def test_bad_options_fail_early():
     with pytest.raises(ValueError, match="no module of class"):
         acc.compile_blocks(model, classes=["NoSuchBlock"])
     layer = model.double_stream_blocks[0].block.ff_i.moe
-    layer.stats = ExpertLoadStats(1, layer.cfg.num_experts, torch.device("cpu"))
-    with pytest.raises(ValueError, match="stats and phase timers must be off"):
+    layer.timer = PhaseTimer(torch.device("cpu"))
+    with pytest.raises(ValueError, match="phase timers must be off"):
         acc.CudaGraphTransformer(model)
+    layer.timer = None      # statistics are kept under a graph (tests/test_cuda_graph.py); a CPU is refused
+    layer.stats = ExpertLoadStats(1, layer.cfg.num_experts, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="CUDA device") as err:
+        acc.CudaGraphTransformer(model)
+    assert err.value.field_name == "parallel.device"
 
 
 def test_bench_transformer_small_runs_on_cpu(tmp_path):

@@ -113,6 +113,12 @@ class ServedModel(ABC):
         """Modules with a `timer` attribute that time their "attention" phase (telemetry); none by default."""
         return []
 
+    def phase_timing(self) -> bool:
+        """Whether telemetry may put phase timers on the MoE layers and attention blocks: not when
+        the forward replays from a CUDA graph (`model.cuda_graph`; a timer's host-side events
+        cannot be replayed), where a step record has its latency alone."""
+        return True
+
     def close(self) -> None:
         """Release open files (checkpoint readers) at the end of the job."""
 

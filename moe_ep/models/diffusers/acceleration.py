@@ -18,8 +18,8 @@ callable used in place of the transformer (attributes read through to it):
   attention="cudnn"|...       the scaled-dot-product-attention kernel (torch's `sdpa_kernel`) for
                               every forward; None leaves torch's own choice. Not bit-exact.
   cuda_graph=True             `CudaGraphTransformer`: the forward captured once per input signature
-                              and replayed (needs EP = 1, stats and phase timers off, no host sync:
-                              use with remove_host_syncs).
+                              and replayed (moe_ep/cuda_graph.py; needs EP = 1, phase timers off,
+                              no host sync: use with remove_host_syncs; statistics are kept).
 
   compile_transformer(model)  remove_host_syncs + compile_blocks, in place: the chosen setting
                               (`expert_parallel(pipe, compile=True)`, config `model.compile`).
@@ -29,12 +29,10 @@ docs/benchmarks.md ("Whole transformer on one GPU") says which of these paid on 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
-from torch.utils import _pytree as pytree
 
 ATTENTION_BACKENDS = ("flash", "cudnn", "efficient", "math")
 
@@ -143,13 +141,6 @@ def attention_context(backend: Optional[str]):
 
 # ---------------------------------------------------------------- CUDA graph
 
-@dataclass
-class _Captured:
-    graph: Any                              # torch.cuda.CUDAGraph
-    inputs: list[torch.Tensor]              # static copies the graph reads (flattened args)
-    output: Any                             # the static output structure the graph writes
-
-
 def _moe_layers(model: nn.Module) -> list:
     from ...layer import MoELayer
 
@@ -157,56 +148,31 @@ def _moe_layers(model: nn.Module) -> list:
 
 
 class CudaGraphTransformer:
-    """Callable like the transformer; one CUDA graph per input signature (tensor shapes, dtypes,
-    devices and the values of non-tensor arguments). Each call copies its tensors into the
-    graph's static inputs, replays, and returns the output with fresh tensors."""
+    """Callable like the transformer; one CUDA graph per input signature, statistics state and
+    placement (moe_ep/cuda_graph.py, `GraphedForward`). Each call runs `model(...)` with the
+    graph put in as its forward for the call, so the module's hooks (expert_parallel's statistics
+    and rebalancer) run eagerly around the replay. Needs EP = 1, sp = cfg = 1, a CUDA device and
+    phase timers off; expert-load statistics are kept."""
 
-    def __init__(self, model: nn.Module, warmup: int = 2, context: Optional[Callable] = None):
-        for layer in _moe_layers(model):
-            if layer.ctx.ep_size != 1:
-                raise ValueError("CUDA-graph capture needs EP = 1 (EP > 1 reads split sizes back to the host)")
-            if layer.stats is not None or layer.timer is not None:
-                raise ValueError(f"MoE layer {layer.layer_idx}: expert-load stats and phase timers must be off "
-                                 "(None) to capture the forward in a CUDA graph")
-        self.model, self.warmup = model, warmup
-        self.context = context or contextlib.nullcontext
-        self._graphs: dict[tuple, _Captured] = {}
-        self._pool = None
+    def __init__(self, model: nn.Module, warmup: int = 2, context: Optional[Callable] = None, backend=None):
+        from ...cuda_graph import GraphedForward
+
+        if "forward" in vars(model):
+            raise ValueError(f"{type(model).__name__}.forward was replaced already (a CUDA graph installed by "
+                             "expert_parallel(cuda_graph=True), or cfg / sequence parallel)")
+        self.model = model
+        self.graph = GraphedForward(model.forward, _moe_layers(model), warmup=warmup, context=context,
+                                    backend=backend)
 
     def __getattr__(self, name):
         return getattr(self.model, name)
 
-    @staticmethod
-    def _signature(leaves: list) -> tuple:
-        return tuple((tuple(x.shape), x.dtype, str(x.device)) if isinstance(x, torch.Tensor) else repr(x)
-                     for x in leaves)
-
-    def _capture(self, leaves: list, spec) -> _Captured:
-        static = [x.clone() if isinstance(x, torch.Tensor) else x for x in leaves]
-        args, kwargs = pytree.tree_unflatten(static, spec)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), self.context():     # warm-up: kernels compiled, handles made
-            for _ in range(self.warmup):
-                self.model(*args, **kwargs)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with self.context(), torch.cuda.graph(graph, pool=self._pool):
-            out = self.model(*args, **kwargs)
-        return _Captured(graph, [x for x in static if isinstance(x, torch.Tensor)], out)
-
     def __call__(self, *args, **kwargs):
-        leaves, spec = pytree.tree_flatten((args, kwargs))
-        key = (self._signature(leaves), str(spec))
-        cap = self._graphs.get(key)
-        if cap is None:
-            cap = self._graphs[key] = self._capture(leaves, spec)
-        for dst, src in zip(cap.inputs, (x for x in leaves if isinstance(x, torch.Tensor))):
-            dst.copy_(src)
-        cap.graph.replay()
-        return pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, cap.output)
+        self.model.forward = self.graph
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            del self.model.forward
 
 
 # ---------------------------------------------------------------- all together

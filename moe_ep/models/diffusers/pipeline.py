@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from ...config import ConfigError, EplbConfig, ParallelConfig, _build
 from ...parallel import ParallelContext, build_context, init_distributed, resolve_layout
+from ...cuda_graph import check_cuda_graph, check_cuda_graph_device, install_cuda_graph
 from ...driver import ForwardDriver
 from ...rebalance import Rebalancer
 from ...stats import ExpertLoadStats
@@ -172,10 +173,14 @@ class ExpertParallel(ForwardDriver):
                 layer.idle = False
 
     def remove_hooks(self) -> None:
-        """Take moe-ep's hooks off the transformer: the statistics' watch and, under cfg / sequence
-        parallel, the forward replacement, attention processors and hooks (context_parallel.py).
-        The MoE blocks stay expert-parallel."""
+        """Take moe-ep's hooks off the transformer: the statistics' watch, the CUDA graph
+        (cuda_graph=True) and, under cfg / sequence parallel, the forward replacement, attention
+        processors and hooks (context_parallel.py). The MoE blocks stay expert-parallel."""
         self.watch.remove()
+        graph = getattr(self, "cuda_graph", None)
+        if graph is not None:
+            graph.remove()
+            self.cuda_graph = None
         cp = getattr(self, "context_parallel", None)
         if cp is not None:
             cp.remove()
@@ -252,7 +257,7 @@ def _check_same_layout(want, own, parallel: Optional[ParallelConfig]) -> None:
 def expert_parallel(pipe_or_transformer: Any, ctx: Optional[ParallelContext] = None, *,
                     eplb: EplbConfig | dict | None = None, parallel: ParallelConfig | dict | None = None,
                     score_dtype: Optional[str] = None, batch_invariant: Optional[str] = None,
-                    compile: bool = False) -> Any:
+                    compile: bool = False, cuda_graph: bool = False) -> Any:
     """Make a diffusers pipeline (anything with `.transformer`) or transformer expert-parallel,
     in place, and return it with `.moe_ep` (an `ExpertParallel`: stats, rebalancer, summary()).
 
@@ -269,6 +274,11 @@ def expert_parallel(pipe_or_transformer: Any, ctx: Optional[ParallelContext] = N
     `ctx` or `parallel`, when given, must have the layout it was loaded with (else ConfigError naming the key).
     compile: torch.compile the transformer's non-MoE blocks and remove its host syncs, in place
     (acceleration.compile_transformer; the first forward compiles; not bit-equal to eager).
+    cuda_graph: replay the transformer's forward from a CUDA graph, captured once per input
+    signature (moe_ep/cuda_graph.py; host syncs removed first): the forward becomes an instance
+    attribute, so `pipe.transformer` stays the module and the statistics and rebalancing hooks run
+    around every replay; a rebalance leads to a fresh capture. Bit-equal to eager; with `compile`,
+    to compiled. Needs EP = 1, cfg = sp = 1 and a CUDA device (ConfigError naming `cuda_graph`).
     Every rank must call this with the same weights, and then run the same pipeline calls.
     """
     transformer = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
@@ -283,12 +293,21 @@ def expert_parallel(pipe_or_transformer: Any, ctx: Optional[ParallelContext] = N
     if isinstance(getattr(transformer, "moe_ep", None), ExpertParallel):
         raise ValueError(f"{type(transformer).__name__} is expert-parallel already (expert_parallel was called "
                          "on it, or on a pipeline around it): use its `.moe_ep`")
+    if cuda_graph and "forward" in vars(transformer):
+        raise ValueError(f"cuda_graph: {type(transformer).__name__}.forward was replaced already; a CUDA graph "
+                         "wraps the module's own forward")
     wrappers = find_wrapped(transformer)
     if wrappers:                          # load_transformer made it: its blocks are expert-parallel already
         ctx = adopt_wrapped(transformer, wrappers, ctx, eplb, score_dtype, parallel, batch_invariant)
+        if cuda_graph:
+            check_cuda_graph(ctx, "cuda_graph")
     else:
         device = next(transformer.parameters()).device
+        if cuda_graph:                                     # before any process group or wrapping
+            check_cuda_graph_device(device, "cuda_graph")
         ctx = ctx or _context(parallel, device)
+        if cuda_graph:
+            check_cuda_graph(ctx, "cuda_graph")
         wrappers, _ = wrap_transformer(transformer, ctx, num_redundant=eplb.num_redundant_experts,
                                        score_dtype=score_dtype, batch_invariant=batch_invariant or "auto")
     convention = CONVENTIONS.get(wrappers[0].spec.name)
@@ -299,6 +318,11 @@ def expert_parallel(pipe_or_transformer: Any, ctx: Optional[ParallelContext] = N
         from .acceleration import compile_transformer
         compile_transformer(transformer)
     handle = ExpertParallel(transformer, wrappers, ctx, eplb, convention, pipeline)
+    handle.cuda_graph = None
+    if cuda_graph:          # installed before any other forward replacement (none: cfg = sp = 1)
+        from .acceleration import remove_host_syncs
+        remove_host_syncs(transformer)
+        handle.cuda_graph = install_cuda_graph(transformer, handle.moe_layers())
     # cfg / sequence parallel over ctx.layout (None when both are 1): context_parallel.py
     handle.context_parallel = install_context_parallel(transformer, ctx, handle.moe_layers(), convention.guidance,
                                                        wrappers[0].spec.name, handle.watch._guided,

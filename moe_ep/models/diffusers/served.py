@@ -12,7 +12,8 @@ from ...config import ConfigError
 from ...parallel import ParallelContext, derive_ep_size, resolve_layout
 from ...sequence_parallel import check_heads
 from ..base import MoEShape, ServedModel
-from .acceleration import compile_transformer
+from ...cuda_graph import check_cuda_graph, install_cuda_graph
+from .acceleration import compile_transformer, remove_host_syncs
 from .context_parallel import family_plan, install_context_parallel
 from .loader import DTYPES, LoadedTransformer, check_folder, load_transformer
 from .pipeline import CONVENTIONS
@@ -80,6 +81,10 @@ class DiffusersServedModel(ServedModel):
                                       loaded.info.spec.name, sampler.watch._guided, sampler.watch.loop_step)
         if cp is not None:
             sampler.watch.on_new_call.append(cp.reset)     # a sampling call never pairs with an earlier one's
+        if cfg.model.cuda_graph:   # the forward replayed from a CUDA graph; the watch's hooks stay around it
+            check_cuda_graph(ctx, "model.cuda_graph")
+            remove_host_syncs(loaded.model)
+            install_cuda_graph(loaded.model, loaded.moe_layers)
         return cls(cfg, loaded, sampler)
 
     def moe_layers(self) -> list:
@@ -94,6 +99,9 @@ class DiffusersServedModel(ServedModel):
 
     def sample(self, prompts: Sequence[str], seeds: Sequence[int], hooks) -> list:
         return self.sampler.sample(prompts, seeds, hooks)
+
+    def phase_timing(self) -> bool:
+        return not self.cfg.model.cuda_graph
 
     def describe(self) -> dict:
         info, layers = self.loaded.info, self.loaded.moe_layers

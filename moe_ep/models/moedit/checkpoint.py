@@ -5,7 +5,7 @@ Keys (docs/model.md):
   experts.<l>.<e>.w13     [H, 2F] of logical expert e of MoE layer l
   experts.<l>.<e>.w2      [F, H]
 Metadata: format "moe-ep.checkpoint", version "1", dtype, model_config (JSON of the
-architecture: every `model.*` field except seed, checkpoint, dtype, compile and moe.batch_invariant).
+architecture: every `model.*` field except seed, checkpoint, dtype, compile, cuda_graph and moe.batch_invariant).
 
 Files are written by a streaming safetensors writer (header first, then one tensor at a
 time), so saving never needs all experts in memory or on one rank: `save_from_seed` makes
@@ -33,7 +33,7 @@ from ...parallel import ParallelContext
 
 FORMAT, VERSION = "moe-ep.checkpoint", "1"
 ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-NOT_ARCHITECTURE = ("seed", "checkpoint", "dtype", "compile")   # a file loads into any of these
+NOT_ARCHITECTURE = ("seed", "checkpoint", "dtype", "compile", "cuda_graph")   # a file loads into any of these
 NOT_MOE_ARCHITECTURE = ("batch_invariant",)                      # ... and of model.moe: how it runs
 
 

@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ...config import Config, ConfigError
+from ...cuda_graph import check_cuda_graph
 from ...experts import init_expert_weights
 from ...images import decode_latents
 from ...parallel import ParallelContext, check_layout, derive_ep_size, launcher_local_world, resolve_layout
@@ -141,15 +142,22 @@ class MoEDiTModel(ServedModel):
         """Seed-initialised, or loaded from `model.checkpoint` (header already checked by preflight)."""
         from .dit import MoEDiT
 
+        if cfg.model.cuda_graph:
+            check_cuda_graph(ctx, "model.cuda_graph")
         model = MoEDiT(cfg.model, ctx, num_redundant=cfg.eplb.num_redundant_experts)
         if cfg.model.compile:
             model.compile()      # nn.Module.compile: traced at the first forward; MoE layers stay eager
         if cfg.model.checkpoint:
             reader = load_checkpoint(model, cfg.model.checkpoint)
-            return cls(cfg, model, reader.layer_source, reader)
-        model.init_from_seed()
-        H, F, seed = cfg.model.hidden_size, cfg.model.moe.expert_hidden_size, cfg.model.seed
-        return cls(cfg, model, lambda layer: lambda e: init_expert_weights(seed, layer, e, H, F, model.dtype))
+            served = cls(cfg, model, reader.layer_source, reader)
+        else:
+            model.init_from_seed()
+            H, F, seed = cfg.model.hidden_size, cfg.model.moe.expert_hidden_size, cfg.model.seed
+            served = cls(cfg, model, lambda layer: lambda e: init_expert_weights(seed, layer, e, H, F, model.dtype))
+        if cfg.model.cuda_graph:   # the pipeline calls the graph; its forward hooks stay around each call
+            from .graphs import CudaGraphForward
+            served.pipe.transformer = CudaGraphForward(model)
+        return served
 
     # ------------------------------------------------------------ ServedModel
     def moe_layers(self) -> list:
@@ -173,7 +181,10 @@ class MoEDiTModel(ServedModel):
 
     def attention_blocks(self) -> list:
         # compiled, the attention is fused with its neighbours: no phase boundary to time it by
-        return [] if self.cfg.model.compile else list(self.transformer.blocks)
+        return [] if self.cfg.model.compile or self.cfg.model.cuda_graph else list(self.transformer.blocks)
+
+    def phase_timing(self) -> bool:
+        return not self.cfg.model.cuda_graph
 
     def describe(self) -> dict:
         m = self.cfg.model
