@@ -1,7 +1,8 @@
 """Run a function on N CPU ranks over gloo (the multi-process test harness).
 
 Ranks are fresh processes for every call, forked from one forkserver that has imported torch,
-moe_ep, eplb, diffusers and pytest once per test session. Spawning them instead (each rank
+moe_ep (its job, models and samplers), eplb, diffusers (its transformer and pipeline classes) and
+pytest once per test session. Spawning them instead (each rank
 importing torch anew) cost about 1.5 s per 2 ranks and 3.5 s per 4 ranks on a 2-core machine,
 about half of the multi-rank tests' time.
 """
@@ -18,8 +19,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-# Imported once in the forkserver; every rank forks from it with these already loaded.
-_PRELOAD = ["torch", "torch.distributed", "numpy", "pytest", "moe_ep", "eplb", "diffusers", "transformers"]
+# Imported once in the forkserver; every rank forks from it with these already loaded
+# (tests/rank_preload.py: the modules the packages below import lazily, on first use).
+_PRELOAD = ["torch", "torch.distributed", "numpy", "pytest", "moe_ep", "eplb", "diffusers", "transformers",
+            "rank_preload"]
 multiprocessing.set_forkserver_preload(_PRELOAD)
 
 

@@ -217,7 +217,8 @@ def _ranks_job(rank, world, config, overrides):
 def test_launcher_quickstart_sp_gives_the_images_of_one_rank(tmp_path):
     """deepspeed --num_gpus 4 launch/infer.py --config configs/quickstart_sp.json (cfg 2 x
     Ulysses 2, EP 4, experts moved mid-run), then Ulysses 2 x dp 2 through job.run on 4 gloo
-    ranks: the images of one rank, one file each; stats.json and the tokens count each token once."""
+    ranks: the images of one rank, one file each; stats.json and the tokens count each token once.
+    The launcher's ranks take ranks_per_node (4) from it."""
     import json
     import os
     import subprocess
@@ -239,6 +240,9 @@ def test_launcher_quickstart_sp_gives_the_images_of_one_rank(tmp_path):
            "--set", *sets, f"output_dir={out}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # parallel.ranks_per_node is null: one launcher started all 4 ranks on this node (LOCAL_SIZE=4);
+    # test_multinode checks 2 per node when each of two launchers starts 2
+    assert json.load(open(os.path.join(out, "summary.json")))["ranks_per_node"] == 4
     (tmp_path / "dpsp").mkdir()
     run_ranks(4, _ranks_job, QUICKSTART, sets + ["parallel.ulysses_degree=2", "parallel.data_parallel_size=2",
                                                  f"output_dir={tmp_path / 'dpsp'}"])

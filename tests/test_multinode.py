@@ -7,8 +7,11 @@ node R (here ranks 2R and 2R+1) and tells them LOCAL_SIZE=2, CROSS_RANK=R, CROSS
 
 Checked: ranks per node come from the launcher (not the world size), one EP group of 4 spans both
 nodes, the hierarchical planner (eplb.num_groups=2) keeps each expert group on one node, the images
-equal those of the same config on one node (one launcher, 4 ranks), and a node that stops answering
-ends the job on the other node within parallel.timeout_s with one error line per rank and exit 1.
+equal those of the same config on one node (4 ranks of one process group), and a node that stops
+answering ends the job on the other node within parallel.timeout_s with one error line per rank and
+exit 1. The one-node run goes through job.run on 4 gloo ranks of the test harness (tests/mp.py):
+starting it under a third launcher cost 30 s more on 2 cores and checks nothing the two-node run and
+test_image_parallel's 4-rank launcher job (its ranks_per_node from one launcher) do not.
 """
 from __future__ import annotations
 
@@ -22,7 +25,11 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+from moe_ep import config as config_mod
+from mp import run_ranks
 from tiny_job import ROOT, QUICKSTART, TINY_MODEL_SET, free_port
 
 pytestmark = pytest.mark.slow   # spawned ranks or launchers
@@ -101,10 +108,20 @@ def read_images(folder: str) -> dict[str, np.ndarray]:
     return {n: np.asarray(Image.open(os.path.join(d, n))) for n in sorted(os.listdir(d)) if n.endswith(".png")}
 
 
+def _one_node_rank(rank: int, world: int, overrides: list[str]) -> None:
+    """One rank of the one-node run: the job on a world of 4 gloo ranks that tests/mp.py started
+    on one machine (LOCAL_WORLD_SIZE=4: ranks_per_node 4, one node for the planner)."""
+    from moe_ep.job import run
+    from moe_ep.parallel import build_context
+
+    cfg = config_mod.load(QUICKSTART, overrides)
+    run(cfg, build_context(cfg.parallel, rank, world, torch.device("cpu")), progress=False)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The two-node run (two launchers) and the one-node run of the same config (one launcher,
-    4 ranks). -> {"two": (out, logs, summary), "one": (out, log, summary)}."""
+    """The two-node run (two launchers) and the one-node run of the same config (4 ranks of one
+    process group on one machine). -> {"two": (out, logs, summary), "one": (out, summary)}."""
     tmp = tmp_path_factory.mktemp("two_nodes")
     out2 = str(tmp / "out")
     nodes = Nodes(tmp, out2)
@@ -116,23 +133,21 @@ def runs(tmp_path_factory):
     assert rcs == [0, 0], "\n".join(log[-3000:] for log in logs)
 
     out1 = str(tmp_path_factory.mktemp("one_node") / "out")
-    cmd = [os.path.join(BINDIR, "deepspeed"), "--num_gpus", str(WORLD), "--master_port", str(free_port()),
-           "launch/infer.py", "--config", QUICKSTART, "--no-progress", "--set", *SMALL, f"output_dir={out1}"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_ranks(WORLD, _one_node_rank, SMALL + [f"output_dir={out1}"])
     load = lambda out: json.load(open(os.path.join(out, "summary.json")))  # noqa: E731
-    return {"two": (out2, logs, load(out2)), "one": (out1, proc.stdout + proc.stderr, load(out1))}
+    return {"two": (out2, logs, load(out2)), "one": (out1, load(out1))}
 
 
 def test_ranks_per_node_come_from_the_launcher(runs):
     """parallel.ranks_per_node is null: each rank takes it from its node's launcher (LOCAL_SIZE),
-    2 on each of the two nodes, 4 when one launcher starts all 4 ranks."""
+    2 on each of the two nodes (not the world size, 4), 4 when 4 ranks run on one machine (one
+    launcher starting all 4: test_image_parallel's launcher job checks that one)."""
     _, logs, summary = runs["two"]
     assert summary["config"]["parallel"]["ranks_per_node"] is None
     assert summary["world_size"] == WORLD and summary["ranks_per_node"] == RANKS_PER_NODE
     for n, log in enumerate(logs):  # each launcher started its own two ranks
         assert f"nnodes={NODES}, num_local_procs={RANKS_PER_NODE}, node_rank={n}" in log, log[-3000:]
-    assert runs["one"][2]["ranks_per_node"] == WORLD
+    assert runs["one"][1]["ranks_per_node"] == WORLD
 
 
 def test_ep_group_spans_both_nodes(runs):
@@ -169,6 +184,7 @@ def test_hierarchical_planner_keeps_each_expert_group_on_one_node(runs):
 def test_images_identical_to_the_one_node_run(runs):
     """Same config and seed on 2 nodes x 2 ranks and on 1 node x 4 ranks: identical pixels (the
     placements differ: one planner packs onto 2 nodes, the other onto 1)."""
+    assert runs["one"][1]["placement"] != runs["two"][2]["placement"]   # two different layouts were compared
     two, one = read_images(runs["two"][0]), read_images(runs["one"][0])
     assert sorted(two) == sorted(one) == ["000.png", "001.png", "002.png", "003.png"]
     for name in two:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -156,22 +157,39 @@ def _hung_rank_lines(lines: list[str]) -> bool:
                     for ln in lines))
 
 
+DEAD = "5:1"                 # MOE_EP_TEST_DIE_AT_STEP of the dead-rank run
+DEAD_TIMEOUT_S = 10
+
+
+@pytest.fixture(scope="module")
+def dead_run(tmp_path_factory):
+    """The launcher job whose rank 1 dies before forward 5 (round 1), run once for the two tests
+    that check it: what it prints and leaves (test_lost_rank_...[dead]) and what the same command
+    run again does in a copy of its folder (test_a_killed_run_...). -> (process, seconds, out)."""
+    out = str(tmp_path_factory.mktemp("dead") / "out")
+    proc, took = launch(out, [f"parallel.timeout_s={DEAD_TIMEOUT_S}"], env={"MOE_EP_TEST_DIE_AT_STEP": DEAD})
+    return proc, took, out
+
+
 @pytest.mark.parametrize("timeout_s, die_at, lines_ok, traceback_free", [
     # dead: rank 1 exits (os._exit(1)) before forward 5, in the second round. Rank 0's all-to-all
     # fails at once (connection reset); it writes stats.json, prints one line and exits 1.
-    pytest.param(10, "5:1", _dead_rank_lines, True, id="dead"),
+    pytest.param(DEAD_TIMEOUT_S, DEAD, _dead_rank_lines, True, id="dead"),
     # hung: rank 1 sleeps before forward 5: rank 0's collective times out after parallel.timeout_s,
     # it exits 1, and the launcher's SIGTERM ends rank 1 through its error path too.
     pytest.param(5, "5:1:hang", _hung_rank_lines, False, id="hung"),
 ])
 @pytest.mark.slow   # starts jobs under DeepSpeed's launcher
-def test_lost_rank_stops_the_job_and_keeps_finished_work(tmp_path, full_runs, timeout_s, die_at, lines_ok,
+def test_lost_rank_stops_the_job_and_keeps_finished_work(request, tmp_path, full_runs, timeout_s, die_at, lines_ok,
                                                          traceback_free):
     """A dead or hung rank 1 (MOE_EP_TEST_DIE_AT_STEP): the launcher exits non-zero within 60 s,
     each rank prints the expected one-line error (no traceback for the dead rank), and the output
     holds what was finished. Nothing waits forever."""
-    out = str(tmp_path / "out")
-    proc, took = launch(out, [f"parallel.timeout_s={timeout_s}"], env={"MOE_EP_TEST_DIE_AT_STEP": die_at})
+    if die_at == DEAD:   # the job test_a_killed_run_... starts again: the fixture runs it once for both
+        proc, took, out = request.getfixturevalue("dead_run")
+    else:
+        out = str(tmp_path / "out")
+        proc, took = launch(out, [f"parallel.timeout_s={timeout_s}"], env={"MOE_EP_TEST_DIE_AT_STEP": die_at})
     log = proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.returncode != 0, log
     assert took < 60, log
@@ -182,19 +200,22 @@ def test_lost_rank_stops_the_job_and_keeps_finished_work(tmp_path, full_runs, ti
 
 
 @pytest.mark.slow   # starts jobs under DeepSpeed's launcher
-def test_a_killed_run_run_again_keeps_its_finished_images_and_ends_as_an_uninterrupted_one(tmp_path, full_runs):
+def test_a_killed_run_run_again_keeps_its_finished_images_and_ends_as_an_uninterrupted_one(tmp_path, full_runs,
+                                                                                           dead_run):
     """Rank 1 dies before forward 5 (round 1); the same command again keeps round 0's PNGs and
     records untouched (same inode and mtime), samples only round 1, and the folder then holds the
-    bytes of an uninterrupted run (full_runs["a"]), with a manifest of all four images."""
-    out = str(tmp_path / "out")
-    proc, _ = launch(out, ["parallel.timeout_s=10"], env={"MOE_EP_TEST_DIE_AT_STEP": "5:1"})
+    bytes of an uninterrupted run (full_runs["a"]), with a manifest of all four images. The killed
+    run is dead_run's, in a copy of its folder (files, mtimes; records name images by relative path)."""
+    proc, _, dead_out = dead_run
     assert proc.returncode != 0, proc.stderr[-2000:]
+    out = str(tmp_path / "out")
+    shutil.copytree(dead_out, out)
     images = os.path.join(out, "images")
     finished = ["000.json", "000.png", "001.json", "001.png"]
     assert sorted(os.listdir(images)) == finished
     before = {n: (os.stat(os.path.join(images, n)).st_ino, os.stat(os.path.join(images, n)).st_mtime_ns)
               for n in finished}
-    proc, _ = launch(out, ["parallel.timeout_s=10"])
+    proc, _ = launch(out, [f"parallel.timeout_s={DEAD_TIMEOUT_S}"])
     log = proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.returncode == 0, log
     assert f"moe-ep: {out} held earlier images: keeping 2 of 4 images (finished, same record)" in proc.stderr, log
