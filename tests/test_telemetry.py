@@ -8,6 +8,7 @@ import json
 import os
 import re
 import struct
+import time
 
 import pytest
 
@@ -67,8 +68,19 @@ def wandb_records(path: str):
             yield rec
 
 
+def offline_run_files(run_dir: str, wait_s: float = 30.0) -> list[str]:
+    """The offline run's .wandb files. wandb's service process writes the file; on a loaded
+    machine it can appear a moment after `finish()` returns (seen once in a full suite run)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        files = glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "run-*.wandb"))
+        if files or time.monotonic() > deadline:
+            return files
+        time.sleep(0.2)
+
+
 def history_and_summary(run_dir: str) -> tuple[list[dict], dict, object]:
-    files = glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "run-*.wandb"))
+    files = offline_run_files(run_dir)
     assert len(files) == 1, files
     history, summary, run_rec = [], {}, None
     for rec in wandb_records(files[0]):
