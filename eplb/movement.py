@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 
 def _gpu_counts(phy2log: torch.Tensor, num_gpus: int, num_experts: int) -> torch.Tensor:
@@ -60,6 +59,9 @@ def minimize_movement(phy2log: torch.Tensor, previous: torch.Tensor, num_gpus: i
     layer keeps whichever of the relabelled and the original plan moves fewer experts, so this never
     moves more than not relabelling. The assignments are solved per layer (small ``P x P`` problems).
     """
+    # imported here: scipy.optimize costs 0.7 s of start-up in every rank, most of which never relabel
+    from scipy.optimize import linear_sum_assignment
+
     L, R = phy2log.shape
     E = int(max(int(phy2log.max()), int(previous.max()))) + 1
     P, N = num_gpus, num_nodes
