@@ -23,7 +23,13 @@ and the state of the MoE layers (`layer_state`): per layer its Placement object 
 installs a new one, with new routing tables), the addresses of its expert weights, its expert
 backend, idle flag and path switches, and its statistics object. A change of that state (a
 rebalance, weights moved to new tensors) drops every graph -- their memory is freed -- and the
-next call captures afresh.
+next call captures afresh. Each placement change costs a capture and its warm-up forwards: with
+`eplb.migration` "async" (one layer installed per forward) a rebalance recaptures once per MoE
+layer, and a timestep-aware plan recaptures at each phase switch; prefer "sync" moves under a graph.
+What the key does not see is baked in too: a change outside the MoE layers (new LoRA weights,
+another attention processor, a replaced router or shared-expert parameter) needs `clear()` (or
+`remove()` of the installed graph), and the inputs should be GPU tensors (a host tensor's value is
+what it was at capture).
 
 Capture: a few warm-up forwards on a side stream (kernels compiled, handles made), then the
 capture; the statistics' pending rows are saved before and restored after, so warm-up forwards
@@ -198,15 +204,15 @@ class GraphedForward:
                  context: Optional[Callable] = None, backend: Optional[CudaGraphBackend] = None,
                  target: Any = None):
         self.__dict__["_target"] = target          # before anything __getattr__ could look for
-        self.backend = backend or CudaGraphBackend()
-        self.moe_layers = list(moe_layers)
-        check_graph_layers(self.moe_layers, self.backend)
-        self.forward, self.warmup = forward, warmup
-        self.context = context or contextlib.nullcontext
+        self._backend = backend or CudaGraphBackend()
+        self._moe_layers = list(moe_layers)
+        check_graph_layers(self._moe_layers, self._backend)
+        self._forward, self._warmup = forward, warmup
+        self._context = context or contextlib.nullcontext
         self._graphs: dict[tuple, _Captured] = {}
         self._pool = None
         self._state: Optional[tuple] = None
-        self._held: list = []          # the Placement objects of `_state` (their ids stay unique while held)
+        self._held: list = []          # the Placement and statistics objects of `_state` (held: their ids stay unique)
         self.captures = self.drops = 0
 
     def __getattr__(self, name):
@@ -217,7 +223,7 @@ class GraphedForward:
 
     def _stats(self) -> list:
         seen, out = set(), []
-        for layer in self.moe_layers:
+        for layer in self._moe_layers:
             if layer.stats is not None and id(layer.stats) not in seen:
                 seen.add(id(layer.stats))
                 out.append(layer.stats)
@@ -226,27 +232,30 @@ class GraphedForward:
     def key(self, leaves: list, spec) -> tuple:
         """The graph a call with these flattened arguments replays (module doc); drops every graph
         when the layers' state changed since the last call."""
-        check_no_timers(self.moe_layers)
-        state = tuple(layer_state(layer) for layer in self.moe_layers)
+        check_no_timers(self._moe_layers)
+        state = tuple(layer_state(layer) for layer in self._moe_layers)
         if state != self._state:
             if self._graphs:
                 self.drops += 1
             self._graphs.clear()
             self._pool = None                    # a fresh pool: the old graphs' memory is freed
-            self._state, self._held = state, [layer.placement for layer in self.moe_layers]
+            self._state = state
+            self._held = [layer.placement for layer in self._moe_layers] + [l.stats for l in self._moe_layers]
         return (_signature(leaves), str(spec), tuple(s.graph_key() for s in self._stats()))
 
     def _capture(self, leaves: list, spec) -> _Captured:
         static = [x.clone() if isinstance(x, torch.Tensor) else x for x in leaves]
         args, kwargs = pytree.tree_unflatten(static, spec)
         if self._pool is None:
-            self._pool = self.backend.new_pool()
+            self._pool = self._backend.new_pool()
         stats = self._stats()
         saved = [s.save_pending() for s in stats]           # warm-up rows must not count
-        graph, out = self.backend.capture(lambda: self.forward(*args, **kwargs), self.warmup, self._pool,
-                                          self.context)
-        for s, pending in zip(stats, saved):
-            s.restore_pending(pending)
+        try:
+            graph, out = self._backend.capture(lambda: self._forward(*args, **kwargs), self._warmup, self._pool,
+                                               self._context)
+        finally:                                            # also when the capture fails (a host sync)
+            for s, pending in zip(stats, saved):
+                s.restore_pending(pending)
         self.captures += 1
         return _Captured(graph, [x for x in static if isinstance(x, torch.Tensor)], out)
 
@@ -259,7 +268,7 @@ class GraphedForward:
             cap = self._graphs[key] = self._capture(leaves, spec)
         for dst, src in zip(cap.inputs, (x for x in leaves if isinstance(x, torch.Tensor))):
             dst.copy_(src)
-        self.backend.replay(cap.graph)
+        self._backend.replay(cap.graph)
         return pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, cap.output)
 
     def clear(self) -> None:

@@ -160,6 +160,7 @@ def test_graph_wrapper_keys_captures_and_counts_like_eager():
     graph = GraphedForward(_forward(layers), layers, backend=backend)
     eager = _forward(eager_layers)
     gen = torch.Generator().manual_seed(0)
+    pending = stats.pending              # a real graph writes this tensor by address: never replaced
     plan = [  # (t, batch, cond_rows, sample_branch) -> captures expected after it
         (0.9, 2, None, [0, 1], 1), (0.7, 2, None, [1, 0], 1), (0.4, 2, 4, None, 2), (0.2, 2, 4, None, 2),
         (0.1, 3, None, [0, 0, 1], 3), (0.6, 2, None, [1, 1], 3)]
@@ -173,6 +174,7 @@ def test_graph_wrapper_keys_captures_and_counts_like_eager():
         assert torch.equal(y, y_eager) and graph.captures == captures, i
         eager_stats.end_forward(), stats.end_forward()
         assert torch.equal(stats.counts, eager_stats.counts), i
+        assert stats.pending is pending, i
     assert np.array_equal(stats.total(), eager_stats.total()) and stats.num_windows == 3
     # a new placement (a rebalance): every graph dropped, the next call captures afresh
     new = torch.tensor([4, 3, 2, 1, 0, 0, 1])
@@ -193,6 +195,25 @@ def test_graph_wrapper_keys_captures_and_counts_like_eager():
     layers[0].timer = PhaseTimer(torch.device("cpu"))
     with pytest.raises(ValueError, match="phase timers must be off"):
         graph(x)
+
+
+def test_a_failed_capture_counts_none_of_its_warm_up_forwards():
+    """A capture that raises (e.g. a host sync in the forward) after its warm-up forwards ran:
+    the statistics hold what this forward recorded before the call, nothing of the warm-ups."""
+    class FailingCapture(RerunBackend):
+        def capture(self, run, warmup, pool, context):
+            for _ in range(warmup):
+                run()
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    layers, stats = _stack_with_stats()
+    graph = GraphedForward(_forward(layers), layers, backend=FailingCapture())
+    stats.begin_forward(0.9, sample_branch=[0, 1])
+    stats.record(0, torch.tensor([[1, 2]]))
+    before = stats.pending.clone()
+    with pytest.raises(RuntimeError, match="capturing"):
+        graph(torch.randn(2, 4, H))
+    assert torch.equal(stats.pending, before) and int(before.sum()) == 2
 
 
 def test_graph_route_with_forced_rebalance_equals_eager():
