@@ -72,6 +72,7 @@ def model_identity(cfg: Config) -> dict:
     model = dict(cfg.to_dict()["model"])
     for key in ("checkpoint", "path"):   # the path may move; the weights' identity is what counts
         model.pop(key, None)
+    model.pop("cuda_graph", None)        # a replay runs the same kernels: it cannot change an image
     if m.checkpoint:
         weights = {"checkpoint": file_identity(m.checkpoint)}
     elif m.type == "diffusers" and m.path:

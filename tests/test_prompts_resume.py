@@ -320,3 +320,15 @@ def test_the_layout_is_part_of_a_record_only_where_the_images_depend_on_it(tmp_p
     assert lay(4, 2, "cuda") == {}
     cfg.model.compile = True
     assert lay(4, 2, "cuda") == {"batch_size": 2}
+
+
+def test_a_cuda_graph_is_not_part_of_an_images_identity(tmp_path):
+    """model.cuda_graph replays the same kernels: records written with it, without it, or by a
+    version before the key existed all match (a resume keeps them)."""
+    cfg = cfg_with_file(tmp_path, jsonl(FIVE))
+    plain = manifest.image_settings(cfg, 1, 1, "cuda")
+    cfg.model.cuda_graph = True
+    assert manifest.image_settings(cfg, 1, 1, "cuda") == plain
+    assert "cuda_graph" not in plain["model"]["config"]
+    cfg.model.compile = True                                       # compiling does change the bits
+    assert manifest.image_settings(cfg, 1, 1, "cuda")["model"] != plain["model"]
