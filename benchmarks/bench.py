@@ -207,7 +207,7 @@ def bench_layer(args) -> list[dict]:
             wire = ours.wire_rows if name.startswith("moe-ep") else None   # rows this rank sent to others
             if ref is None:
                 ref = out
-            rel = float((out - ref).norm() / ref.norm().clamp_min(1e-30)) if name != DENSE_ROW else float("nan")
+            rel = float((out - ref).norm() / ref.norm().clamp_min(1e-30)) if name != DENSE_ROW else None
             times = time_forward(fn, x, args.iters, args.warmup, ctx.device)
             queued = back_to_back_ms(fn, x, args.iters) if ctx.device.type == "cuda" and ctx.world_size == 1 else None
             rows.append({"system": name, "median_ms": statistics.median(times), "min_ms": min(times),
@@ -231,7 +231,7 @@ def bench_layer(args) -> list[dict]:
             wire = "" if r["rows_sent_to_peers"] is None else str(r["rows_sent_to_peers"])
             queued = "" if r["back_to_back_ms"] is None else f"{r['back_to_back_ms']:.2f}"
             print(f"{r['system']:40s} {r['median_ms']:10.2f} {r['min_ms']:9.2f} {r['median_ms'] / base:9.2f}x "
-                  f"{r['rel_err_vs_moe_ep']:9.1e} {wire:>9s} {queued:>10s}")
+                  f"{'' if r['rel_err_vs_moe_ep'] is None else format(r['rel_err_vs_moe_ep'], '9.1e'):>9s} {wire:>9s} {queued:>10s}")
         if args.json:
             write_json_atomic(args.json, {"meta": meta, "rows": rows})
     return rows

@@ -154,11 +154,13 @@ MAX_LATENCY_BARS = 200
 
 
 def _bin_means(values: np.ndarray, size: int) -> np.ndarray:
-    """values [n] -> [ceil(n / size)] mean of each run of `size` consecutive values."""
+    """values [n] -> [ceil(n / size)] mean of each run of `size` consecutive values, NaN (a value
+    missing) left out; a bin with no value is 0."""
     n = len(values)
     pad = (-n) % size
     full = np.concatenate([values, np.full(pad, np.nan)]).reshape(-1, size)        # [bins, size]
-    return np.nanmean(full, axis=1)
+    have = ~np.isnan(full)
+    return np.where(have, full, 0.0).sum(1) / np.maximum(have.sum(1), 1)
 
 
 def plot_latency(records: Sequence[dict], max_bars: int = MAX_LATENCY_BARS):
@@ -173,17 +175,18 @@ def plot_latency(records: Sequence[dict], max_bars: int = MAX_LATENCY_BARS):
         return fig
     size = -(-len(recs) // max_bars)                        # forwards per bar (1: one bar per forward)
     x = _bin_means(np.array([r["forward"] for r in recs], dtype=np.float64), size)
+    width = 0.8 * size                                      # bar width in forwards
     bottom = np.zeros(len(x))
     has_phases = any(k.startswith("phase_ms/") for r in recs for k in r)
     if has_phases:
         for p in (p for p in ALL_PHASES if any(f"phase_ms/{p}" in r for r in recs)):   # the timed ones
             v = _bin_means(np.array([r.get(f"phase_ms/{p}", np.nan) for r in recs], dtype=np.float64), size)
             v = np.nan_to_num(v)
-            ax.bar(x, v, bottom=bottom, color=PHASE_COLORS[p], label=p, width=0.8 * size)
+            ax.bar(x, v, bottom=bottom, color=PHASE_COLORS[p], label=p, width=width)
             bottom += v
     else:
         ax.bar(x, _bin_means(np.array([r.get("latency_ms", 0.0) for r in recs], dtype=np.float64), size),
-               color=PHASE_COLORS["other"], label="step (no phases)", width=0.8 * size)
+               color=PHASE_COLORS["other"], label="step (no phases)", width=width)
     ranks = sorted({int(k[4:].split("/")[0]) for r in recs for k in r if k.startswith("rank") and k.endswith("/latency_ms")})
     if ranks:
         slow = np.array([max(r.get(f"rank{k}/latency_ms", 0.0) for k in ranks) for r in recs], dtype=np.float64)

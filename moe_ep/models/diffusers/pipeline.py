@@ -277,7 +277,8 @@ def expert_parallel(pipe_or_transformer: Any, ctx: Optional[ParallelContext] = N
     cuda_graph: replay the transformer's forward from a CUDA graph, captured once per input
     signature (moe_ep/cuda_graph.py; host syncs removed first): the forward becomes an instance
     attribute, so `pipe.transformer` stays the module and the statistics and rebalancing hooks run
-    around every replay; a rebalance leads to a fresh capture. Bit-equal to eager; with `compile`,
+    around every replay; a rebalance leads to a fresh capture (per layer with async moves: prefer eplb.migration "sync").
+    Bit-equal to eager where eager is reproducible; with `compile`,
     to compiled. Needs EP = 1, cfg = sp = 1 and a CUDA device (ConfigError naming `cuda_graph`).
     Every rank must call this with the same weights, and then run the same pipeline calls.
     """
