@@ -66,7 +66,8 @@ def close_wandb_run(run, exit_code: Optional[int] = None) -> None:
     import wandb
 
     run.finish(exit_code=exit_code)
-    wandb.teardown(exit_code)
+    if wandb.run is None:     # not while another run is open in this process (a user's): it would end too
+        wandb.teardown(exit_code)
 
 
 class Telemetry:
@@ -127,6 +128,9 @@ class Telemetry:
 
                 self.run = wandb.init(mode=t.wandb_mode, dir=out_dir, project=t.project, name=t.run_name,
                                       tags=list(t.tags) or None, config=cfg.to_dict(),
+                                      # a run of its own even where one is open in this process (a user's
+                                      # script, another job): "return_previous" would log into that one
+                                      reinit="create_new",
                                       settings=wandb.Settings(console="off", x_disable_stats=True))
             except Exception as err:  # telemetry never stops a run
                 warnings.warn(f"wandb disabled: {err}")

@@ -305,13 +305,15 @@ def test_config_model_cuda_graph_reaches_the_served_model(kind, monkeypatch, tmp
     from moe_ep.models.moedit import graphs, served as moedit_served
 
     def config(on: bool):
-        over = {"model.cuda_graph": str(on).lower(), "sampling.num_inference_steps": "2", "eplb.enabled": "false"}
+        over = {"model.cuda_graph": str(on).lower(), "sampling.num_inference_steps": "2", "eplb.enabled": "false",
+                "telemetry.wandb": "false"}            # no wandb run left open in this process
         if kind == "diffusers":
             folder = tiny.save_tiny_folders(str(tmp_path))["hidream"]
             root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
             over.update({"model.path": folder, "eplb.num_redundant_experts": "0"})
             return config_mod.load(os.path.join(root, "configs", "hidream_tiny.json"), [f"{k}={v}" for k, v in over.items()])
-        return config_mod.from_dict({"model": {"cuda_graph": on}, "sampling": {"num_inference_steps": 2}})
+        return config_mod.from_dict({"model": {"cuda_graph": on}, "sampling": {"num_inference_steps": 2},
+                                     "telemetry": {"wandb": False}})
 
     with pytest.raises(ConfigError, match="CUDA device") as err:
         build_served_model(config(True), ParallelContext())

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import struct
-import time
 
 import pytest
 
@@ -68,19 +67,8 @@ def wandb_records(path: str):
             yield rec
 
 
-def offline_run_files(run_dir: str, wait_s: float = 30.0) -> list[str]:
-    """The offline run's .wandb files. wandb's service process writes the file; on a loaded
-    machine it can appear a moment after `finish()` returns (seen once in a full suite run)."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        files = glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "run-*.wandb"))
-        if files or time.monotonic() > deadline:
-            return files
-        time.sleep(0.2)
-
-
 def history_and_summary(run_dir: str) -> tuple[list[dict], dict, object]:
-    files = offline_run_files(run_dir)
+    files = glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "run-*.wandb"))
     assert len(files) == 1, files
     history, summary, run_rec = [], {}, None
     for rec in wandb_records(files[0]):
@@ -210,6 +198,8 @@ def test_abort_leaves_readable_offline_run(tmp_path):
     cfg = config_mod.load(QUICKSTART, TINY + [f"output_dir={out}"])
     ctx = types.SimpleNamespace(is_main=True, rank=0, world_size=1, device=torch.device("cpu"))
     tel = Telemetry(cfg, ctx, out)
+    # a run of its own (a wandb run another test left open in this process would be returned instead)
+    assert tel.run is not None and os.path.realpath(tel.run.dir).startswith(os.path.realpath(out)), tel.run
     for f in range(5):
         tel.log_step({"forward": f, "latency_ms": 1.0 + f, "tokens": 8, "tokens_per_s": 8.0})
     assert len(tel._deferred) == 5
@@ -380,3 +370,32 @@ def test_latency_plot_of_a_long_run_draws_bin_means():
     assert experts[3].get_x() + experts[3].get_width() / 2 == pytest.approx(17.0)
     short = plot_latency(recs[:30]).axes[0]                              # one bar per forward
     assert len(short.patches) == 2 * 30
+
+
+def test_a_job_logs_into_its_own_wandb_run_when_one_is_open(tmp_path):
+    """A wandb run already open in the process (a user's script, an earlier job that was not
+    finished): the job's telemetry makes a run of its own and leaves the other one alone."""
+    import types
+
+    import torch
+    import wandb
+
+    from moe_ep.telemetry import Telemetry
+
+    other = wandb.init(mode="offline", dir=str(tmp_path), project="users-own")   # wandb.run is this one
+    try:
+        out = str(tmp_path / "job")
+        cfg = config_mod.load(QUICKSTART, TINY + [f"output_dir={out}"])
+        ctx = types.SimpleNamespace(is_main=True, rank=0, world_size=1, device=torch.device("cpu"))
+        tel = Telemetry(cfg, ctx, out)
+        assert tel.run is not None and tel.run is not other
+        assert os.path.realpath(tel.run.dir).startswith(os.path.realpath(out))
+        tel.log_step({"forward": 0, "latency_ms": 1.0, "tokens": 8, "tokens_per_s": 8.0})
+        tel.finish({})
+        assert not other._is_finished and wandb.run is other
+        other.log({"users_metric": 1.0})                 # the user's run still works
+    finally:
+        other.finish()
+        wandb.teardown()
+    history, _, _ = history_and_summary(out)
+    assert [h["forward"] for h in history if "forward" in h] == [0]
