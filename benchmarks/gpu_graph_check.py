@@ -30,24 +30,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench_migration import random_planner  # noqa: E402  (random valid placements: every rebalance moves experts)
+
 REL_TOL = 1e-2
 PARTS = ("nucleusmoe", "nucleusmoe-bi", "hidream", "builtin")
 EPLB = {"enabled": True, "num_redundant_experts": 2, "window_size": 2, "interval": 2, "min_gain": -1.0,
         "timestep_buckets": 2}
-
-
-def random_planner(seed: int):
-    """Random valid placements (deterministic in the call count): every rebalance moves experts."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def plan(weight, num_replicas, num_groups, num_nodes, num_gpus, policy="default", previous_phy2log=None):
-        L, E = weight.shape
-        rows = []
-        for _ in range(L):
-            ids = torch.cat([torch.arange(E), torch.randint(0, E, (num_replicas - E,), generator=gen)])
-            rows.append(ids[torch.randperm(num_replicas, generator=gen)])
-        return torch.stack(rows), None, None
-    return plan
 
 
 class Report:
