@@ -8,6 +8,8 @@
 #   bash benchmarks/gpu_runs.sh layer       # moe-ep vs DeepSpeed-MoE, random and Zipf 1.2 gates (1b, 1d)
 #   bash benchmarks/gpu_runs.sh shapes      # the layer at the anchor and HiDream-I1 shapes: eager / queued /
 #                                           #   CUDA graph, DeepSpeed-MoE, a dense mm of the same FLOPs (issue 31)
+#   bash benchmarks/gpu_runs.sh gemm-variants  # gate/up and down GEMM configurations at those shapes, torch._grouped_mm,
+#                                           #   the row copy, the layer eager / queued / graph (issue 31 part 4)
 #   bash benchmarks/gpu_runs.sh step        # hunyuan_like step, batch 4, eager vs CUDA graph,
 #                                           #   model.compile off and on (1c, 1d)
 #   bash benchmarks/gpu_runs.sh rebalance   # benchmarks/gpu_rebalance_check.py: forced rebalances,
@@ -77,7 +79,7 @@ else
     --expert-hidden 1024 --text-tokens 128 --reps 20 --warmup 3"
   WHOLE="--device cuda"
 fi
-PARTS="checks, layer, shapes, step, graph-stats, rebalance, diffusers, ep1, whole, demo-sweep, ep2-layer, ep2-skew, ep2-migration, ep2-step, ep2-diffusers, simulate, ep2, sp2, cfg2, usp4"
+PARTS="checks, layer, shapes, gemm-variants, step, graph-stats, rebalance, diffusers, ep1, whole, demo-sweep, ep2-layer, ep2-skew, ep2-migration, ep2-step, ep2-diffusers, simulate, ep2, sp2, cfg2, usp4"
 two() { $DS --num_gpus 2 --master_port $((29500 + RANDOM % 1000)) "$@"; }
 one() { env $GPU1 $PY "$@"; }
 show() { grep -E "$2" "$1" | cut -c1-400; }
@@ -136,6 +138,9 @@ run_part() {
         --json "$out/shapes_$name.json" > "$out/shapes_$name.log" 2>&1
       echo "shapes $name rc=$?"; show "$out/shapes_$name.log" "^(system|moe-ep|DeepSpeed|dense)"
     done;;
+  gemm-variants)   # grouped-GEMM configurations at the shapes above (benchmarks/gemm_variants.py; GPU only)
+    OUT=$out timeout 300 $PY benchmarks/gemm_variants.py > "$out/gemm_variants.log" 2>&1
+    echo "gemm-variants rc=$?"; cut -c1-600 "$out/gemm_variants.log" | tail -8;;
   step)
     for c in false true; do
       timeout 240 $PY benchmarks/bench.py step $STEP_SET --set telemetry.wandb=false --set model.compile=$c \
