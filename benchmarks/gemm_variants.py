@@ -67,6 +67,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("gemm_variants.py needs a CUDA GPU (Triton grouped GEMMs)", file=sys.stderr)
         return 2
+    from moe_ep.atomic import write_json_atomic
     from moe_ep.config import MoEConfig
     from moe_ep.experts import init_expert_weights
     from moe_ep.kernels.grouped_gemm import DOWN_CONFIG, GATE_UP_CONFIG, GemmConfig, grouped_gemm
@@ -152,7 +153,7 @@ def main() -> int:
         results[name] = r
         print(name, json.dumps(r), flush=True)
     out = os.environ.get("OUT", ".")
-    json.dump(results, open(os.path.join(out, "gemm_variants.json"), "w"), indent=1)
+    write_json_atomic(os.path.join(out, "gemm_variants.json"), results)
     return 0
 
 
