@@ -36,37 +36,11 @@ def ev_time(fn, iters: int = 20, warm: int = 5) -> float:
     return statistics.median(times)
 
 
-def queued(fn, iters: int = 20) -> float:
-    """Mean milliseconds with `iters` calls queued back to back (launch gaps hidden, as in a model)."""
-    fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(iters):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / iters
-
-
-def graph_of(fn):
-    """`fn` captured in a CUDA graph (after 3 warm-ups on a side stream) -> its replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 def main() -> int:
     if not torch.cuda.is_available():
         print("gemm_variants.py needs a CUDA GPU (Triton grouped GEMMs)", file=sys.stderr)
         return 2
+    from bench import back_to_back_ms, layer_graph   # benchmarks/bench.py, beside this script
     from moe_ep.atomic import write_json_atomic
     from moe_ep.config import MoEConfig
     from moe_ep.experts import init_expert_weights
@@ -107,8 +81,9 @@ def main() -> int:
         with torch.no_grad():
             f = lambda: layer(x)  # noqa: E731
             r["layer_eager"] = ev_time(f)
-            r["layer_queued"] = queued(f)
-            r["layer_graph"] = ev_time(graph_of(f))
+            r["layer_queued"] = back_to_back_ms(layer, x, 20)
+            replay = layer_graph(layer, x)
+            r["layer_graph"] = ev_time(lambda: replay(x))
             # the GEMM inputs
             M = T * k
             _, ids = layer.router(x)
