@@ -6,8 +6,10 @@ and the built-in model (the served path of `model.cuda_graph`), at EP = 1 with f
 (random placements, 2 redundant slots, every 2 forwards): three copies with the same weights run the
 same forwards -- eager, eager again (a control: is eager itself bit-reproducible here?), and through
 the graph. Checks, each a PASS / FAIL line:
-  - outputs bit-identical to eager after every forward (where the control is; else within 1e-2
-    relative, and the line says eager is not reproducible);
+  - outputs bit-identical to eager after every forward where the control is. Where it is not (expert
+    choice on CUDA tops its scores with atomics: near-ties pick other tokens from run to run), the
+    graph's distance from eager may be no more than eager's own from its control, doubled, or 1e-2
+    relative, whichever is larger; the line gives both distances;
   - statistics identical (the open window after every forward; every bucket and branch of the
     run's totals at the end) and the same placements;
   - a rebalance happened and led to a fresh capture (graph.drops >= 1, captures > 1).
@@ -56,26 +58,32 @@ class Report:
             self.line(False, name, f"{type(err).__name__}: {err}"[:400])
 
 
+def relative(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((a.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12))
+
+
 class Outputs:
     """Compares graph vs eager outputs forward by forward, with the eager control beside them."""
 
     def __init__(self):
-        self.forwards, self.graph_equal, self.control_equal, self.worst = 0, True, True, 0.0
+        self.forwards, self.graph_equal, self.control_equal, self.worst, self.control_worst = 0, True, True, 0.0, 0.0
 
     def add(self, eager: torch.Tensor, control: torch.Tensor, graph: torch.Tensor) -> None:
         self.forwards += 1
         self.control_equal &= torch.equal(eager, control)
         self.graph_equal &= torch.equal(eager, graph)
-        rel = float((graph.float() - eager.float()).norm() / eager.float().norm().clamp_min(1e-12))
-        self.worst = max(self.worst, rel)
+        self.worst = max(self.worst, relative(graph, eager))
+        self.control_worst = max(self.control_worst, relative(control, eager))
 
     def verdict(self) -> tuple[bool, str]:
         if self.graph_equal:
             return True, f"bit-identical to eager at all {self.forwards} comparisons"
         if self.control_equal:
             return False, f"differs from eager (max relative {self.worst:.2e}) though eager is bit-reproducible"
-        return self.worst < REL_TOL, (f"eager itself is not bit-reproducible here; graph vs eager max relative "
-                                      f"{self.worst:.2e} (limit {REL_TOL})")
+        limit = max(REL_TOL, 2 * self.control_worst)     # the graph may not drift further than eager does itself
+        return self.worst <= limit, (f"eager itself is not bit-reproducible here (control vs eager max relative "
+                                     f"{self.control_worst:.2e}); graph vs eager max relative {self.worst:.2e} "
+                                     f"(limit {limit:.2e})")
 
 
 def check_stats(report: Report, name: str, eager, control, graph, outputs: Outputs, counts_equal: bool,

@@ -10,6 +10,8 @@
 #                                           #   CUDA graph, DeepSpeed-MoE, a dense mm of the same FLOPs (issue 31)
 #   bash benchmarks/gpu_runs.sh gemm-variants  # gate/up and down GEMM configurations at those shapes, torch._grouped_mm,
 #                                           #   the row copy, the layer eager / queued / graph (issue 31 part 4)
+#   bash benchmarks/gpu_runs.sh gemm-sweep  # every tile configuration of the two grouped GEMMs per (K, N) at those
+#                                           #   shapes, with the row copy or gather as the layer pays it (<= 10 min)
 #   bash benchmarks/gpu_runs.sh step        # hunyuan_like step, batch 4, eager vs CUDA graph,
 #                                           #   model.compile off and on (1c, 1d)
 #   bash benchmarks/gpu_runs.sh rebalance   # benchmarks/gpu_rebalance_check.py: forced rebalances,
@@ -79,7 +81,7 @@ else
     --expert-hidden 1024 --text-tokens 128 --reps 20 --warmup 3"
   WHOLE="--device cuda"
 fi
-PARTS="checks, layer, shapes, gemm-variants, step, graph-stats, rebalance, diffusers, ep1, whole, demo-sweep, ep2-layer, ep2-skew, ep2-migration, ep2-step, ep2-diffusers, simulate, ep2, sp2, cfg2, usp4"
+PARTS="checks, layer, shapes, gemm-variants, gemm-sweep, step, graph-stats, rebalance, diffusers, ep1, whole, demo-sweep, ep2-layer, ep2-skew, ep2-migration, ep2-step, ep2-diffusers, simulate, ep2, sp2, cfg2, usp4"
 two() { $DS --num_gpus 2 --master_port $((29500 + RANDOM % 1000)) "$@"; }
 one() { env $GPU1 $PY "$@"; }
 show() { grep -E "$2" "$1" | cut -c1-400; }
@@ -141,6 +143,11 @@ run_part() {
   gemm-variants)   # grouped-GEMM configurations at the shapes above (benchmarks/gemm_variants.py; GPU only)
     OUT=$out timeout 300 $PY benchmarks/gemm_variants.py > "$out/gemm_variants.log" 2>&1
     echo "gemm-variants rc=$?"; cut -c1-600 "$out/gemm_variants.log" | tail -8;;
+  gemm-sweep)      # every tile configuration per (K, N) at the anchor and HiDream-I1 shapes (benchmarks/gemm_sweep.py)
+    for fam in anchor hidream; do
+      OUT=$out timeout 280 $PY benchmarks/gemm_sweep.py $fam > "$out/gemm_sweep_$fam.log" 2>&1
+      echo "gemm-sweep $fam rc=$?"; grep -vE "failed:" "$out/gemm_sweep_$fam.log" | cut -c1-200 | tail -40
+    done;;
   step)
     for c in false true; do
       timeout 240 $PY benchmarks/bench.py step $STEP_SET --set telemetry.wandb=false --set model.compile=$c \

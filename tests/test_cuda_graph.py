@@ -357,3 +357,18 @@ def test_gpu_graph_check_rehearses_on_the_cpu(capsys):
     assert gpu_graph_check.main(["--device", "cpu", "--parts", "hidream", "--steps", "3"]) == 0
     out = capsys.readouterr().out
     assert "FAIL" not in out and out.count("PASS hidream") == 4 and "rehearsal" in out
+
+    # the output verdict where eager is not reproducible: the graph may drift as far as eager's own
+    # control does (doubled) or 1e-2, not further; bit-identical passes, drift with a reproducible eager fails
+    base = torch.ones(8)
+    outputs = gpu_graph_check.Outputs()
+    outputs.add(base, base * (1 + 3e-2), base * (1 + 5e-2))
+    assert outputs.verdict()[0] and "control vs eager max relative 3.00e-02" in outputs.verdict()[1]
+    outputs.add(base, base, base * (1 + 7e-2))
+    assert not outputs.verdict()[0]                       # 7e-2 > 2 x 3e-2
+    strict = gpu_graph_check.Outputs()
+    strict.add(base, base, base * (1 + 1e-4))
+    assert not strict.verdict()[0] and "though eager is bit-reproducible" in strict.verdict()[1]
+    strict = gpu_graph_check.Outputs()
+    strict.add(base, base, base.clone())
+    assert strict.verdict() == (True, "bit-identical to eager at all 1 comparisons")

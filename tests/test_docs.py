@@ -70,9 +70,10 @@ def test_benchmark_shell_scripts_parse_and_gpu_runs_refuses_an_unknown_part(tmp_
     assert proc.returncode == 2
 
 
-def test_gemm_variants_refuses_without_a_gpu():
-    """benchmarks/gemm_variants.py (gpu_runs.sh gemm-variants) needs CUDA: on a CPU machine it
-    says so and exits 2 before any work (a GPU-only benchmark that would otherwise crash)."""
+def test_gemm_benchmarks_refuse_without_a_gpu():
+    """benchmarks/gemm_variants.py and gemm_sweep.py (gpu_runs.sh gemm-variants, gemm-sweep) need
+    CUDA: on a CPU machine each says so and exits 2 before any work (a GPU-only benchmark that would
+    otherwise crash)."""
     import subprocess
     import sys
 
@@ -81,6 +82,7 @@ def test_gemm_variants_refuses_without_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU is here: the benchmark would run")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "gemm_variants.py")],
-                          capture_output=True, text=True, cwd=root, timeout=120)
-    assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr, (proc.returncode, proc.stderr[-500:])
+    for script in ("gemm_variants.py", "gemm_sweep.py"):
+        proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", script)],
+                              capture_output=True, text=True, cwd=root, timeout=120)
+        assert proc.returncode == 2 and f"{script} needs a CUDA GPU" in proc.stderr, (script, proc.stderr[-500:])

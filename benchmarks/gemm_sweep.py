@@ -1,0 +1,170 @@
+"""Sweep the grouped GEMMs' tile configurations, one (K, N) at a time (issue 31 part 4; GPU only).
+
+    python benchmarks/gemm_sweep.py anchor            # or hidream; gpu_runs.sh gemm-sweep runs both
+
+Each family has two GEMMs, each timed through `grouped_gemm` as the layer calls it:
+  * gate/up with the row index (so a configuration that copies x[row_index] first pays the copy,
+    and one that gathers rows on load does not), SwiGLU epilogue;
+  * down with the routed weights' scale epilogue.
+Round 1 times every configuration of the grid that fits the shared memory and the registers once
+(GROUP_M 8); the best 6, each also with GROUP_M 4 and 16, and the shipped one then run 3 interleaved
+rounds (clocks drift), best of 3 kept. Round 1 stops after ROUND1_BUDGET_S (grid order: tiles
+of the shipped size first; the JSON says how many were swept). HiDream's finalists are also timed
+at 4096 and 16384 tokens: a configuration may be chosen per (K, N, dtype, GPU) only, never per row count (grouped_gemm.py's
+batch-invariance argument), so the pick must hold at every row count. Writes
+${OUT:-.}/gemm_sweep_<family>.json and prints the finalists.
+"""
+import dataclasses
+import itertools
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# family -> (tokens, experts, top-k, hidden, expert hidden, renormalise, other token counts to check)
+FAMILIES = {"anchor": (8192, 64, 8, 4096, 3072, True, ()),
+            "hidream": (8192, 4, 2, 2560, 6912, False, (4096, 16384))}
+ROUND1_BUDGET_S = 100         # per GEMM: a family fits about 5 minutes
+SMEM_BYTES = 220 * 1024        # Hopper: 227 KB per block, less Triton's barriers and scratch
+
+
+def ev_time(fn, iters: int, warm: int = 2) -> float:
+    """Median milliseconds of `fn` alone (CUDA events, a sync after each)."""
+    for _ in range(warm):
+        fn()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def grid(GemmConfig, gate_up: bool) -> list:
+    """Every configuration worth a compile: an output tile of at least 128 x 128 (accumulators
+    included), that fits shared memory (stages x the A and B tiles) and keeps the fp32
+    accumulators at <= 128 registers a thread."""
+    out = []
+    accs = 2 if gate_up else 1
+    for bm, bn, bk, warps, stages, ws in itertools.product(
+            (64, 128, 256), (64, 128, 256), (64, 128), (4, 8), (3, 4, 5), (False, True)):
+        if (gate_up and bn == 256) or accs * bm * bn < 128 * 128:
+            continue
+        smem = stages * (bm * bk + accs * bk * bn) * 2
+        regs = accs * bm * bn // (warps * 32)
+        if smem > SMEM_BYTES or regs > 128:
+            continue
+        variants = [dict(gather_on_load=False)]
+        if gate_up and not ws:
+            variants.append(dict(gather_on_load=True))       # pointer-gathered A, TMA for the weights
+        for extra in variants:
+            out.append(GemmConfig(BM=bm, BN=bn, BK=bk, GROUP_M=8, num_warps=warps, num_stages=stages,
+                                  desc=True, warp_specialize=ws, **extra))
+    # output tiles of 128 x 256 (the shipped shape) first, then larger, then smaller: what a cut
+    # round 1 leaves out is the least likely to win
+    return sorted(out, key=lambda c: abs(math.log2(accs * c.BM * c.BN) - 15))
+
+
+def name(c) -> str:
+    return (f"BM{c.BM} BN{c.BN} BK{c.BK} G{c.GROUP_M} w{c.num_warps} s{c.num_stages}"
+            f"{' ws' if c.warp_specialize else ''}{' gather' if c.gather_on_load else ''}")
+
+
+def inputs(T, E, k, H, F, renorm, dev):
+    from moe_ep.config import MoEConfig
+    from moe_ep.experts import init_expert_weights
+    from moe_ep.layer import MoELayer
+    from moe_ep.parallel import ParallelContext
+
+    torch.manual_seed(0)
+    cfg = MoEConfig(num_experts=E, top_k=k, expert_hidden_size=F, score_func="softmax", renormalize=renorm)
+    layer = MoELayer(H, cfg, ParallelContext(device=dev), dtype=torch.bfloat16)
+    layer.router.gate.weight.data.normal_(std=0.02)
+    layer.load_expert_weights(lambda e: init_expert_weights(0, 0, e, H, F, torch.bfloat16, dev))
+    x = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
+    with torch.no_grad():
+        _, ids = layer.router(x)
+    counts = torch.bincount(ids.reshape(-1), minlength=E).to(torch.int64)
+    order = torch.argsort(ids.reshape(-1), stable=True)
+    M = T * k
+    return dict(x=x, rows=order // k, counts=counts, w13=layer.experts.w13, w2=layer.experts.w2,
+                h=torch.randn(M, F, device=dev, dtype=torch.bfloat16), scale=torch.rand(M, device=dev))
+
+
+def runner(grouped_gemm, d, gate_up: bool, c):
+    if gate_up:
+        return lambda: grouped_gemm(d["x"], d["w13"], d["counts"], swiglu=True, row_index=d["rows"], config=c)
+    return lambda: grouped_gemm(d["h"], d["w2"], d["counts"], row_scale=d["scale"], config=c)
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("gemm_sweep.py needs a CUDA GPU (Triton grouped GEMMs)", file=sys.stderr)
+        return 2
+    family = sys.argv[1] if len(sys.argv) > 1 else "anchor"
+    if family not in FAMILIES:
+        print(f"gemm_sweep.py: family must be one of {sorted(FAMILIES)}, got {family!r}", file=sys.stderr)
+        return 2
+    from moe_ep.atomic import write_json_atomic
+    from moe_ep.kernels.grouped_gemm import DOWN_CONFIG, GATE_UP_CONFIG, GemmConfig, grouped_gemm
+
+    dev = torch.device("cuda")
+    T, E, k, H, F, renorm, others = FAMILIES[family]
+    d = inputs(T, E, k, H, F, renorm, dev)
+    other_inputs = {t: inputs(t, E, k, H, F, renorm, dev) for t in others}
+    result = {"family": family, "gpu": torch.cuda.get_device_name(), "tokens": T, "experts": E, "top_k": k,
+              "hidden": H, "expert_hidden": F}
+    t_start = time.perf_counter()
+    for role, gate_up, shipped in (("gate_up", True, GATE_UP_CONFIG), ("down", False, DOWN_CONFIG)):
+        flops = 2 * T * k * H * F * (2 if gate_up else 1)
+        first, configs = {}, grid(GemmConfig, gate_up)
+        t_role = time.perf_counter()
+        for c in configs:
+            if time.perf_counter() - t_role > ROUND1_BUDGET_S:     # compiles dominate: keep the call's limit
+                print(f"{family} {role}: round 1 stopped at {len(first)} of {len(configs)} configurations "
+                      f"after {ROUND1_BUDGET_S} s", flush=True)
+                break
+            try:
+                first[c] = ev_time(runner(grouped_gemm, d, gate_up, c), iters=5)
+            except Exception as e:  # noqa: BLE001 - a configuration that cannot compile or run
+                print(family, role, name(c), "failed:", repr(e)[:160], flush=True)
+        top = sorted(first, key=first.get)[:6]
+        finalists = [shipped] + [dataclasses.replace(c, GROUP_M=g) for c in top for g in (4, 8, 16)]
+        finalists = list(dict.fromkeys(finalists))
+        times = {c: [] for c in finalists}
+        for _ in range(3):
+            for c in finalists:
+                try:
+                    times[c].append(ev_time(runner(grouped_gemm, d, gate_up, c), iters=10))
+                except Exception as e:  # noqa: BLE001
+                    print(family, role, name(c), "failed:", repr(e)[:160], flush=True)
+        best = {c: min(v) for c, v in times.items() if v}
+        rows = []
+        for c in sorted(best, key=best.get):
+            row = {"config": dataclasses.asdict(c), "name": name(c), "ms": best[c],
+                   "tflops": flops / best[c] / 1e9, "shipped": c == shipped}
+            for t, od in other_inputs.items():
+                row[f"ms_at_{t}"] = ev_time(runner(grouped_gemm, od, gate_up, c), iters=10)
+            rows.append(row)
+            print(f"{family} {role:7s} {row['ms']:7.3f} ms {row['tflops']:5.0f} TFLOP/s  {row['name']}"
+                  f"{'  (shipped)' if row['shipped'] else ''}"
+                  + "".join(f"  @{t}: {row[f'ms_at_{t}']:.3f}" for t in other_inputs), flush=True)
+        result[role] = {"swept": len(first), "of": len(configs), "finalists": rows,
+                        "round1": {name(c): v for c, v in sorted(first.items(), key=lambda kv: kv[1])}}
+        result["seconds"] = time.perf_counter() - t_start
+        write_json_atomic(os.path.join(os.environ.get("OUT", "."), f"gemm_sweep_{family}.json"), result)
+    print(f"{family}: swept in {result['seconds']:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
