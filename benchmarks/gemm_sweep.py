@@ -115,7 +115,7 @@ def main() -> int:
         print(f"gemm_sweep.py: family must be one of {sorted(FAMILIES)}, got {family!r}", file=sys.stderr)
         return 2
     from moe_ep.atomic import write_json_atomic
-    from moe_ep.kernels.grouped_gemm import DOWN_CONFIG, GATE_UP_CONFIG, GemmConfig, grouped_gemm
+    from moe_ep.kernels.grouped_gemm import GemmConfig, config_for, grouped_gemm
 
     dev = torch.device("cuda")
     T, E, k, H, F, renorm, others = FAMILIES[family]
@@ -124,7 +124,8 @@ def main() -> int:
     result = {"family": family, "gpu": torch.cuda.get_device_name(), "tokens": T, "experts": E, "top_k": k,
               "hidden": H, "expert_hidden": F}
     t_start = time.perf_counter()
-    for role, gate_up, shipped in (("gate_up", True, GATE_UP_CONFIG), ("down", False, DOWN_CONFIG)):
+    for role, gate_up, w in (("gate_up", True, d["w13"]), ("down", False, d["w2"])):
+        shipped = config_for(role, w)                  # what the layer runs now at this (K, N)
         flops = 2 * T * k * H * F * (2 if gate_up else 1)
         first, configs = {}, grid(GemmConfig, gate_up)
         t_role = time.perf_counter()

@@ -5,7 +5,7 @@
 For each shape (the anchor: 8192 tokens, 64 experts, top-8, hidden 4096 / 3072; HiDream-I1's routed
 experts: 4 experts, top-2, 2560 / 6912, at 4096 / 8192 / 16384 tokens): the whole layer eager, queued
 back to back and in a CUDA graph; the gate/up (SwiGLU epilogue) and down GEMMs alone with the shipped
-configurations (GATE_UP_CONFIG, DOWN_CONFIG) and a few others, interleaved over two rounds (clocks
+configurations ("cur": `config_for`'s pick at the shape; "default": GATE_UP_CONFIG, DOWN_CONFIG) and a few others, interleaved over two rounds (clocks
 drift) and the best of the two kept; `torch._grouped_mm` without the fused epilogues; the row copy;
 a dense mm of the same FLOPs. Writes ${OUT:-.}/gemm_variants.json.
 
@@ -44,7 +44,7 @@ def main() -> int:
     from moe_ep.atomic import write_json_atomic
     from moe_ep.config import MoEConfig
     from moe_ep.experts import init_expert_weights
-    from moe_ep.kernels.grouped_gemm import DOWN_CONFIG, GATE_UP_CONFIG, GemmConfig, grouped_gemm
+    from moe_ep.kernels.grouped_gemm import DOWN_CONFIG, GATE_UP_CONFIG, GemmConfig, config_for, grouped_gemm
     from moe_ep.layer import MoELayer
     from moe_ep.parallel import ParallelContext
 
@@ -52,14 +52,14 @@ def main() -> int:
     SHAPES = [("anchor", 8192, 64, 8, 4096, 3072, True), ("hidream-4k", 4096, 4, 2, 2560, 6912, False),
               ("hidream-8k", 8192, 4, 2, 2560, 6912, False), ("hidream-16k", 16384, 4, 2, 2560, 6912, False)]
     only = sys.argv[1:] or [s[0] for s in SHAPES]
-    GU = {"cur": GATE_UP_CONFIG,
+    GU = {"cur": GATE_UP_CONFIG, "default": GATE_UP_CONFIG,
           "s3": GemmConfig(128, 128, 64, 8, 8, 3, desc=True, gather_on_load=False),
           "g16": GemmConfig(128, 128, 64, 16, 8, 4, desc=True, gather_on_load=False),
           "g4": GemmConfig(128, 128, 64, 4, 8, 4, desc=True, gather_on_load=False),
           "bn64w4": GemmConfig(128, 64, 64, 8, 4, 4, desc=True, gather_on_load=False),
           "bn64w4s6": GemmConfig(128, 64, 64, 8, 4, 6, desc=True, gather_on_load=False),
           "ws": GemmConfig(128, 128, 64, 8, 8, 4, desc=True, gather_on_load=False, warp_specialize=True)}
-    DN = {"cur": DOWN_CONFIG,
+    DN = {"cur": DOWN_CONFIG, "default": DOWN_CONFIG,
           "s4": GemmConfig(128, 256, 64, 8, 8, 4, desc=True),
           "bn128": GemmConfig(128, 128, 64, 8, 8, 4, desc=True),
           "bn128w4": GemmConfig(128, 128, 64, 8, 4, 4, desc=True),
@@ -91,6 +91,7 @@ def main() -> int:
             order = torch.argsort(ids.reshape(-1), stable=True)
             xp = x[order // k].contiguous()
             w13, w2 = layer.experts.w13, layer.experts.w2
+            GU["cur"], DN["cur"] = config_for("gate_up", w13), config_for("down", w2)   # the layer's, at this (K, N)
             scale = torch.rand(M, device=dev)
             h = torch.randn(M, F, device=dev, dtype=torch.bfloat16)
             flops_gu, flops_dn = 2 * M * H * 2 * F, 2 * M * F * H

@@ -31,8 +31,8 @@ have the same shapes and inputs whatever else is in the batch, and the ops betwe
 whole batch are elementwise + and * (correctly rounded wherever an element sits).
 
 GPU: the Triton grouped GEMMs (kernels/grouped_gemm.py) already compute each row the same way for
-any row count: one fixed tile configuration per GEMM (GATE_UP_CONFIG, DOWN_CONFIG), no autotuning
-on M, no split-K. So on CUDA the layer keeps them (QuACK's GEMMs are switched to Triton: their tile
+any row count: one fixed tile configuration per GEMM and weight shape (kernels/gemm_configs.py),
+no autotuning on M, no split-K. So on CUDA the layer keeps them (QuACK's GEMMs are switched to Triton: their tile
 scheduling was not checked for this) and applies rules 3. Not measured: no GPU here.
 """
 from __future__ import annotations

@@ -60,12 +60,13 @@ def triton_swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: 
     epilogue, the row scale in the second's. x [Ma, H] (row i is x[row_index[i]] with a row
     index), w13 [S, H, 2F], w2 [S, F, H], counts [S] rows per slot -> [M, H].
     quack_down: the down GEMM through QuACK (kernels/quack_gemm.py) instead of Triton."""
-    from .kernels.grouped_gemm import DOWN_CONFIG, GATE_UP_CONFIG, grouped_gemm
-    h = grouped_gemm(x, w13, counts, swiglu=True, row_index=row_index, config=GATE_UP_CONFIG)   # [M, F]
+    from .kernels.gemm_configs import config_for
+    from .kernels.grouped_gemm import grouped_gemm
+    h = grouped_gemm(x, w13, counts, swiglu=True, row_index=row_index, config=config_for("gate_up", w13))  # [M, F]
     if quack_down:
         from .kernels.quack_gemm import cu_seqlens, down_gemm
         return down_gemm(h, w2, cu_seqlens(counts), row_scale)                               # [M, H]
-    return grouped_gemm(h, w2, counts, row_scale=row_scale, config=DOWN_CONFIG)                # [M, H]
+    return grouped_gemm(h, w2, counts, row_scale=row_scale, config=config_for("down", w2))      # [M, H]
 
 
 def quack_swiglu(x: torch.Tensor, w13_pairs: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor,

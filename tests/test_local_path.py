@@ -157,3 +157,19 @@ def test_cuda_graph_forward_refuses_ep_above_one_and_cpu(ep_size, device, field)
     model = SimpleNamespace(ctx=ParallelContext(ep_size=ep_size, device=torch.device(device)))
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         CudaGraphForward(model)
+
+
+def test_gemm_config_depends_on_the_weights_shape_dtype_and_gpu_only(monkeypatch):
+    """kernels/gemm_configs.config_for: a tuned entry for (GEMM, K, Nb, dtype, GPU major) is taken
+    whatever the slot count (EP size, redundant slots) and row count; other shapes, dtypes and GPUs
+    get the defaults. A key on the slot count would make an image depend on the EP layout."""
+    from moe_ep.kernels import gemm_configs as gc
+    for (gemm, K, N, dtype, major), cfg in gc.TUNED_CONFIGS.items():   # the shipped table is well formed
+        assert gemm in ("gate_up", "down") and K > 0 and N > 0 and major >= 8 and isinstance(cfg, gc.GemmConfig)
+    picked = gc.GemmConfig(BM=64, BN=256, GROUP_M=4)
+    monkeypatch.setitem(gc.TUNED_CONFIGS, ("down", 48, 32, torch.float32, 0), picked)
+    for slots in (1, 3, 8):                                    # the same (K, Nb) at any slot count
+        assert gc.config_for("down", torch.zeros(slots, 48, 32)) is picked
+    assert gc.config_for("gate_up", torch.zeros(3, 48, 32)) is gc.GATE_UP_CONFIG       # another GEMM
+    assert gc.config_for("down", torch.zeros(3, 32, 48)) is gc.DOWN_CONFIG            # another shape
+    assert gc.config_for("down", torch.zeros(3, 48, 32, dtype=torch.bfloat16)) is gc.DOWN_CONFIG

@@ -23,9 +23,9 @@ measurement and off: it made gate/up 30% slower and the layer no faster (docs/be
 round 5).
 
 Batch invariance (moe_ep/batch_invariant.py): a row's result does not depend on the other rows of
-the launch. Each GEMM runs one fixed configuration (GATE_UP_CONFIG, DOWN_CONFIG: chosen once, never
-from M or the counts; no autotuning), each output tile is one program that walks the whole K
-dimension in BK steps in the same order (no split-K, no reduction across programs), and the kernel
+the launch. Each GEMM runs one fixed configuration for its weights' shape (kernels/gemm_configs.py:
+chosen per (K, N, dtype, GPU), never from M, the counts or the slot count; no autotuning), each
+output tile is one program that walks the whole K dimension in BK steps in the same order (no split-K, no reduction across programs), and the kernel
 choice (TMA or pointer loads) depends on K, N, the dtype and the GPU only. A row's tile-mates are
 computed and masked, never mixed into it. Keep it so: a config picked per token count would make
 the images depend on the batch and the EP size. (Argued from the code; no GPU here to measure.)
@@ -33,7 +33,6 @@ the images depend on the batch and the EP size. (Argued from the code; no GPU he
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -46,30 +45,7 @@ except ImportError:  # pragma: no cover - older Triton
     TensorDescriptor = None
 
 
-@dataclass(frozen=True)
-class GemmConfig:
-    """Tile shape and pipelining of one grouped GEMM launch."""
-
-    BM: int = 128
-    BN: int = 128
-    BK: int = 64
-    GROUP_M: int = 8
-    num_warps: int = 8
-    num_stages: int = 4
-    desc: bool = False     # TMA descriptors for the tiles (Hopper), else pointer loads
-    gather_on_load: bool = True   # with a row index: gather A rows while loading (else copy x[idx] first)
-    warp_specialize: bool = False  # TMA kernel: Triton's warp-specialised K loop (producer/consumer warps)
-    persistent: bool = False   # one program per SM looping over tiles; applies where the TMA kernel
-                               # runs with A not gathered on load (else ignored), never warp-specialised
-
-
-# Chosen on one H200 (kernel variants, docs/benchmarks.md section 1d): TMA for the
-# weights (and for A where it is not gathered); on GPUs before Hopper the pointer-load kernel runs.
-# Gate/up: copying the gathered rows first and loading A by TMA (4.99 ms) beat gathering A by
-# pointer loads inside the kernel (5.15-5.52 ms) although the copy costs 0.27 ms.
-GATE_UP_CONFIG = GemmConfig(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, desc=True,
-                            gather_on_load=False)
-DOWN_CONFIG = GemmConfig(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, desc=True)
+from .gemm_configs import DOWN_CONFIG, GATE_UP_CONFIG, TUNED_CONFIGS, GemmConfig, config_for  # noqa: F401
 
 
 @triton.jit
