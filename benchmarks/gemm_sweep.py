@@ -7,12 +7,15 @@ Each family has two GEMMs, each timed through `grouped_gemm` as the layer calls 
     and one that gathers rows on load does not), SwiGLU epilogue;
   * down with the routed weights' scale epilogue.
 Round 1 times every configuration of the grid that fits the shared memory and the registers once
-(GROUP_M 8); the best 6, each also with GROUP_M 4 and 16, and the shipped one then run 3 interleaved
+(GROUP_M 8); the best 4, each also with GROUP_M 4 and 16, and the shipped one then run 3 interleaved
 rounds (clocks drift), best of 3 kept. Round 1 stops after ROUND1_BUDGET_S (grid order: tiles
 of the shipped size first; the JSON says how many were swept). HiDream's finalists are also timed
-at 4096 and 16384 tokens: a configuration may be chosen per (K, N, dtype, GPU) only, never per row count (grouped_gemm.py's
-batch-invariance argument), so the pick must hold at every row count. Writes
-${OUT:-.}/gemm_sweep_<family>.json and prints the finalists.
+at 4096 and 16384 tokens: a configuration may be chosen per (K, N, dtype, GPU) only, never per row
+count (grouped_gemm.py's batch-invariance argument), so the pick must hold at every row count: the finalist with the lowest
+mean time relative to the shipped one over every row count, if 1% better. Then the whole layer, in a
+CUDA graph, with the shipped configurations and with the picks, side by side (outputs compared), and
+the picks as TUNED_CONFIGS entries (kernels/gemm_configs.py). Writes ${OUT:-.}/gemm_sweep_<family>.json
+and prints the finalists.
 """
 import dataclasses
 import itertools
@@ -30,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # family -> (tokens, experts, top-k, hidden, expert hidden, renormalise, other token counts to check)
 FAMILIES = {"anchor": (8192, 64, 8, 4096, 3072, True, ()),
             "hidream": (8192, 4, 2, 2560, 6912, False, (4096, 16384))}
-ROUND1_BUDGET_S = 100         # per GEMM: a family fits about 5 minutes
+ROUND1_BUDGET_S = 75          # per GEMM: a family fits about 4.5 minutes
 SMEM_BYTES = 220 * 1024        # Hopper: 227 KB per block, less Triton's barriers and scratch
 
 
@@ -96,7 +99,7 @@ def inputs(T, E, k, H, F, renorm, dev):
     counts = torch.bincount(ids.reshape(-1), minlength=E).to(torch.int64)
     order = torch.argsort(ids.reshape(-1), stable=True)
     M = T * k
-    return dict(x=x, rows=order // k, counts=counts, w13=layer.experts.w13, w2=layer.experts.w2,
+    return dict(layer=layer, x=x, rows=order // k, counts=counts, w13=layer.experts.w13, w2=layer.experts.w2,
                 h=torch.randn(M, F, device=dev, dtype=torch.bfloat16), scale=torch.rand(M, device=dev))
 
 
@@ -124,6 +127,7 @@ def main() -> int:
     result = {"family": family, "gpu": torch.cuda.get_device_name(), "tokens": T, "experts": E, "top_k": k,
               "hidden": H, "expert_hidden": F}
     t_start = time.perf_counter()
+    picks = {}
     for role, gate_up, w in (("gate_up", True, d["w13"]), ("down", False, d["w2"])):
         shipped = config_for(role, w)                  # what the layer runs now at this (K, N)
         flops = 2 * T * k * H * F * (2 if gate_up else 1)
@@ -138,7 +142,7 @@ def main() -> int:
                 first[c] = ev_time(runner(grouped_gemm, d, gate_up, c), iters=5)
             except Exception as e:  # noqa: BLE001 - a configuration that cannot compile or run
                 print(family, role, name(c), "failed:", repr(e)[:160], flush=True)
-        top = sorted(first, key=first.get)[:6]
+        top = sorted(first, key=first.get)[:4]
         finalists = [shipped] + [dataclasses.replace(c, GROUP_M=g) for c in top for g in (4, 8, 16)]
         finalists = list(dict.fromkeys(finalists))
         times = {c: [] for c in finalists}
@@ -159,12 +163,60 @@ def main() -> int:
             print(f"{family} {role:7s} {row['ms']:7.3f} ms {row['tflops']:5.0f} TFLOP/s  {row['name']}"
                   f"{'  (shipped)' if row['shipped'] else ''}"
                   + "".join(f"  @{t}: {row[f'ms_at_{t}']:.3f}" for t in other_inputs), flush=True)
+        pick = choose(rows, list(other_inputs))
+        if pick is not None:
+            picks[(role, w.shape[1], w.shape[2], w.dtype, torch.cuda.get_device_capability()[0])] = pick
         result[role] = {"swept": len(first), "of": len(configs), "finalists": rows,
+                        "pick": None if pick is None else dataclasses.asdict(pick),
                         "round1": {name(c): v for c, v in sorted(first.items(), key=lambda kv: kv[1])}}
         result["seconds"] = time.perf_counter() - t_start
         write_json_atomic(os.path.join(os.environ.get("OUT", "."), f"gemm_sweep_{family}.json"), result)
     print(f"{family}: swept in {result['seconds']:.0f} s", flush=True)
+    if picks:
+        result["layer_ab"] = {str(t): layer_ab(od["layer"], od["x"], picks) for t, od in [(T, d), *other_inputs.items()]}
+        for t, ab in result["layer_ab"].items():
+            print(f"{family} layer at {t} tokens, CUDA graph: shipped {ab['shipped_ms']:.3f} ms, picks "
+                  f"{ab['picked_ms']:.3f} ms ({ab['shipped_ms'] / ab['picked_ms']:.3f}x), outputs equal: {ab['equal']}",
+                  flush=True)
+        print("TUNED_CONFIGS entries:", flush=True)
+        for key, c in picks.items():
+            print(f"    {key!r}: {c!r},", flush=True)
+        write_json_atomic(os.path.join(os.environ.get("OUT", "."), f"gemm_sweep_{family}.json"), result)
     return 0
+
+
+def choose(rows: list[dict], others: list[int]):
+    """The finalist with the lowest mean time relative to the shipped configuration over every row
+    count timed, if that is at least 1% better; else None (keep the shipped one)."""
+    from moe_ep.kernels.gemm_configs import GemmConfig
+    shipped = next((r for r in rows if r["shipped"]), None)
+    if shipped is None:
+        return None
+    cols = ["ms"] + [f"ms_at_{t}" for t in others]
+    score = lambda r: statistics.mean(r[c] / shipped[c] for c in cols)   # noqa: E731
+    best = min(rows, key=score)
+    return GemmConfig(**best["config"]) if score(best) < 0.99 else None
+
+
+def layer_ab(layer, x, picks: dict, rounds: int = 5) -> dict:
+    """The whole layer in a CUDA graph with the shipped configurations and with the picks, captured
+    side by side and timed in alternating rounds (clocks drift); outputs compared bit for bit."""
+    from bench import layer_graph   # benchmarks/bench.py, beside this script
+    from moe_ep.kernels.gemm_configs import TUNED_CONFIGS
+    saved = dict(TUNED_CONFIGS)
+    try:
+        shipped = layer_graph(layer, x)
+        TUNED_CONFIGS.update(picks)
+        picked = layer_graph(layer, x)
+    finally:
+        TUNED_CONFIGS.clear()
+        TUNED_CONFIGS.update(saved)
+    equal = torch.equal(shipped(x), picked(x))
+    a, b = [], []
+    for _ in range(rounds):
+        a.append(ev_time(lambda: shipped(x), iters=20))
+        b.append(ev_time(lambda: picked(x), iters=20))
+    return {"shipped_ms": statistics.median(a), "picked_ms": statistics.median(b), "equal": equal}
 
 
 if __name__ == "__main__":
