@@ -8,8 +8,8 @@ same forwards -- eager, eager again (a control: is eager itself bit-reproducible
 the graph. Checks, each a PASS / FAIL line:
   - outputs bit-identical to eager after every forward where the control is. Where it is not (expert
     choice on CUDA tops its scores with atomics: near-ties pick other tokens from run to run), the
-    graph's distance from eager may be no more than eager's own from its control, doubled, or 1e-2
-    relative, whichever is larger; the line gives both distances;
+    graph's distance from eager may be no more than eager's own from its control, doubled, or
+    REL_TOL (3e-2) relative, whichever is larger; the line gives both distances per forward;
   - statistics identical (the open window after every forward; every bucket and branch of the
     run's totals at the end) and the same placements;
   - a rebalance happened and led to a fresh capture (graph.drops >= 1, captures > 1).
@@ -34,7 +34,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench_migration import random_planner  # noqa: E402  (random valid placements: every rebalance moves experts)
 
-REL_TOL = 1e-2
+# Where eager is not reproducible (NucleusMoE's expert choice on CUDA), two eager runs of the tiny
+# NucleusMoE were measured 1.1e-2 apart at one forward in eight, the graph the same
+# (docs/data/h100_graph_stats_nucleus_per_forward_2026-12-07.log): a near-tie picks another token, which
+# is an event, not a drift, so the floor is set above it. A stale graph shows up as O(1).
+REL_TOL = 3e-2
 PARTS = ("nucleusmoe", "nucleusmoe-bi", "hidream", "builtin")
 EPLB = {"enabled": True, "num_redundant_experts": 2, "window_size": 2, "interval": 2, "min_gain": -1.0,
         "timestep_buckets": 2}
@@ -67,13 +71,15 @@ class Outputs:
 
     def __init__(self):
         self.forwards, self.graph_equal, self.control_equal, self.worst, self.control_worst = 0, True, True, 0.0, 0.0
+        self.per_forward: list[str] = []            # "control/graph" distances from eager
 
     def add(self, eager: torch.Tensor, control: torch.Tensor, graph: torch.Tensor) -> None:
         self.forwards += 1
         self.control_equal &= torch.equal(eager, control)
         self.graph_equal &= torch.equal(eager, graph)
-        self.worst = max(self.worst, relative(graph, eager))
-        self.control_worst = max(self.control_worst, relative(control, eager))
+        rel_graph, rel_control = relative(graph, eager), relative(control, eager)
+        self.worst, self.control_worst = max(self.worst, rel_graph), max(self.control_worst, rel_control)
+        self.per_forward.append(f"{rel_control:.1e}/{rel_graph:.1e}")
 
     def verdict(self) -> tuple[bool, str]:
         if self.graph_equal:
@@ -83,7 +89,7 @@ class Outputs:
         limit = max(REL_TOL, 2 * self.control_worst)     # the graph may not drift further than eager does itself
         return self.worst <= limit, (f"eager itself is not bit-reproducible here (control vs eager max relative "
                                      f"{self.control_worst:.2e}); graph vs eager max relative {self.worst:.2e} "
-                                     f"(limit {limit:.2e})")
+                                     f"(limit {limit:.2e}); control/graph per forward: {' '.join(self.per_forward)}")
 
 
 def check_stats(report: Report, name: str, eager, control, graph, outputs: Outputs, counts_equal: bool,
