@@ -325,6 +325,8 @@ def test_config_model_cuda_graph_reaches_the_served_model(kind, monkeypatch, tmp
     served = {on: build_served_model(config(on), ParallelContext()) for on in (False, True)}
     images = {on: s.sample(["a red circle"], [0], NoHooks()) for on, s in served.items()}
     assert np.array_equal(images[True][0], images[False][0])
+    if kind == "diffusers":     # the exact host-sync fix is on with or without the graph (HiDream: patchify)
+        assert all("patchify" in vars(s.loaded.model) for s in served.values())
     graph = (vars(served[True].loaded.model).get("forward") if kind == "diffusers"
              else served[True].pipe.transformer)
     assert isinstance(graph, GraphedForward) and graph.captures >= 1

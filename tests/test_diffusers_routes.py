@@ -109,6 +109,9 @@ def test_expert_parallel_adopts_a_loaded_transformer(folders, name):
     model = moe_ep.expert_parallel(loaded.model, eplb=EPLB)                    # ctx: the layers' own
     handle = model.moe_ep
     assert handle.wrappers == loaded.wrappers                                  # adopted, not wrapped again
+    # the exact host-sync fix of the family is on (the comparisons below check it is exact)
+    fixed = "patchify" in vars(model) if name == "hidream" else "forward" in vars(model.pos_embed)
+    assert fixed and len(handle.host_sync_fixes) == 1, handle.host_sync_fixes
     handle.rebalancer.decider.planner, handle.rebalancer.force = random_planner(7), True
     start = placements(handle)
     with torch.no_grad():

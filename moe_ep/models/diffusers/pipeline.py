@@ -272,10 +272,12 @@ def expert_parallel(pipe_or_transformer: Any, ctx: Optional[ParallelContext] = N
     A transformer from `load_transformer` (its MoE blocks already expert-parallel) is adopted
     as it is: its layers' context, with eplb.num_redundant_experts equal to what it was loaded with;
     `ctx` or `parallel`, when given, must have the layout it was loaded with (else ConfigError naming the key).
-    compile: torch.compile the transformer's non-MoE blocks and remove its host syncs, in place
+    The transformer's known host syncs are removed in place on every route (acceleration.remove_host_syncs,
+    exact; `.moe_ep.host_sync_fixes` lists them).
+    compile: torch.compile the transformer's non-MoE blocks, in place
     (acceleration.compile_transformer; the first forward compiles; not bit-equal to eager).
     cuda_graph: replay the transformer's forward from a CUDA graph, captured once per input
-    signature (moe_ep/cuda_graph.py; host syncs removed first): the forward becomes an instance
+    signature (moe_ep/cuda_graph.py): the forward becomes an instance
     attribute, so `pipe.transformer` stays the module and the statistics and rebalancing hooks run
     around every replay; a rebalance leads to a fresh capture (per layer with async moves: prefer eplb.migration "sync").
     Bit-equal to eager where eager is reproducible; with `compile`,
@@ -315,14 +317,15 @@ def expert_parallel(pipe_or_transformer: Any, ctx: Optional[ParallelContext] = N
     if convention is None:
         raise ValueError(f"no pipeline convention for model family {wrappers[0].spec.name!r}; "
                          f"known: {sorted(CONVENTIONS)}")
+    from .acceleration import compile_transformer, remove_host_syncs
+    # exact, and 10% of NucleusMoE-Image's eager forward on an H100 (docs/benchmarks.md 1g)
+    host_sync_fixes = remove_host_syncs(transformer)
     if compile:
-        from .acceleration import compile_transformer
         compile_transformer(transformer)
     handle = ExpertParallel(transformer, wrappers, ctx, eplb, convention, pipeline)
+    handle.host_sync_fixes = host_sync_fixes
     handle.cuda_graph = None
     if cuda_graph:          # installed before any other forward replacement (none: cfg = sp = 1)
-        from .acceleration import remove_host_syncs
-        remove_host_syncs(transformer)
         handle.cuda_graph = install_cuda_graph(transformer, handle.moe_layers())
     # cfg / sequence parallel over ctx.layout (None when both are 1): context_parallel.py
     handle.context_parallel = install_context_parallel(transformer, ctx, handle.moe_layers(), convention.guidance,
