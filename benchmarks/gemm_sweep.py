@@ -19,7 +19,6 @@ and prints the finalists.
 """
 import dataclasses
 import itertools
-import json
 import math
 import os
 import statistics
@@ -29,27 +28,13 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from gemm_variants import ev_time  # noqa: E402  (benchmarks/, beside this script)
 
 # family -> (tokens, experts, top-k, hidden, expert hidden, renormalise, other token counts to check)
 FAMILIES = {"anchor": (8192, 64, 8, 4096, 3072, True, ()),
             "hidream": (8192, 4, 2, 2560, 6912, False, (4096, 16384))}
 ROUND1_BUDGET_S = 75          # per GEMM: a family fits about 4.5 minutes
 SMEM_BYTES = 220 * 1024        # Hopper: 227 KB per block, less Triton's barriers and scratch
-
-
-def ev_time(fn, iters: int, warm: int = 2) -> float:
-    """Median milliseconds of `fn` alone (CUDA events, a sync after each)."""
-    for _ in range(warm):
-        fn()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def grid(GemmConfig, gate_up: bool) -> list:
@@ -139,7 +124,7 @@ def main() -> int:
                       f"after {ROUND1_BUDGET_S} s", flush=True)
                 break
             try:
-                first[c] = ev_time(runner(grouped_gemm, d, gate_up, c), iters=5)
+                first[c] = ev_time(runner(grouped_gemm, d, gate_up, c), iters=5, warm=2)
             except Exception as e:  # noqa: BLE001 - a configuration that cannot compile or run
                 print(family, role, name(c), "failed:", repr(e)[:160], flush=True)
         top = sorted(first, key=first.get)[:4]
@@ -149,7 +134,7 @@ def main() -> int:
         for _ in range(3):
             for c in finalists:
                 try:
-                    times[c].append(ev_time(runner(grouped_gemm, d, gate_up, c), iters=10))
+                    times[c].append(ev_time(runner(grouped_gemm, d, gate_up, c), iters=10, warm=2))
                 except Exception as e:  # noqa: BLE001
                     print(family, role, name(c), "failed:", repr(e)[:160], flush=True)
         best = {c: min(v) for c, v in times.items() if v}
@@ -158,7 +143,7 @@ def main() -> int:
             row = {"config": dataclasses.asdict(c), "name": name(c), "ms": best[c],
                    "tflops": flops / best[c] / 1e9, "shipped": c == shipped}
             for t, od in other_inputs.items():
-                row[f"ms_at_{t}"] = ev_time(runner(grouped_gemm, od, gate_up, c), iters=10)
+                row[f"ms_at_{t}"] = ev_time(runner(grouped_gemm, od, gate_up, c), iters=10, warm=2)
             rows.append(row)
             print(f"{family} {role:7s} {row['ms']:7.3f} ms {row['tflops']:5.0f} TFLOP/s  {row['name']}"
                   f"{'  (shipped)' if row['shipped'] else ''}"
