@@ -9,7 +9,9 @@ the graph. Checks, each a PASS / FAIL line:
   - outputs bit-identical to eager after every forward where the control is. Where it is not (expert
     choice on CUDA tops its scores with atomics: near-ties pick other tokens from run to run), the
     graph's distance from eager may be no more than eager's own from its control, doubled, or
-    REL_TOL (3e-2) relative, whichever is larger; the line gives both distances per forward;
+    REL_TOL (3e-2) relative, whichever is larger, and never more than MAX_TOL (0.1); the line gives
+    both distances per forward. NucleusMoE on CUDA gets that limit even when the control happened to
+    match eager in the run (one near-tie in eight forwards, measured);
   - statistics identical (the open window after every forward; every bucket and branch of the
     run's totals at the end) and the same placements;
   - a rebalance happened and led to a fresh capture (graph.drops >= 1, captures > 1).
@@ -39,6 +41,7 @@ from bench_migration import random_planner  # noqa: E402  (random valid placemen
 # (docs/data/h100_graph_stats_nucleus_per_forward_2026-12-07.log): a near-tie picks another token, which
 # is an event, not a drift, so the floor is set above it. A stale graph shows up as O(1).
 REL_TOL = 3e-2
+MAX_TOL = 1e-1      # the limit never grows past this, however far the control drifts
 PARTS = ("nucleusmoe", "nucleusmoe-bi", "hidream", "builtin")
 EPLB = {"enabled": True, "num_redundant_experts": 2, "window_size": 2, "interval": 2, "min_gain": -1.0,
         "timestep_buckets": 2}
@@ -69,7 +72,10 @@ def relative(a: torch.Tensor, ref: torch.Tensor) -> float:
 class Outputs:
     """Compares graph vs eager outputs forward by forward, with the eager control beside them."""
 
-    def __init__(self):
+    def __init__(self, nondeterministic: bool = False):
+        # nondeterministic: eager is known not to be bit-reproducible here (NucleusMoE's expert choice
+        # on CUDA), so a control that happened to match eager in this run proves nothing
+        self.nondeterministic = nondeterministic
         self.forwards, self.graph_equal, self.control_equal, self.worst, self.control_worst = 0, True, True, 0.0, 0.0
         self.per_forward: list[str] = []            # "control/graph" distances from eager
 
@@ -84,10 +90,11 @@ class Outputs:
     def verdict(self) -> tuple[bool, str]:
         if self.graph_equal:
             return True, f"bit-identical to eager at all {self.forwards} comparisons"
-        if self.control_equal:
+        if self.control_equal and not self.nondeterministic:
             return False, f"differs from eager (max relative {self.worst:.2e}) though eager is bit-reproducible"
-        limit = max(REL_TOL, 2 * self.control_worst)     # the graph may not drift further than eager does itself
-        return self.worst <= limit, (f"eager itself is not bit-reproducible here (control vs eager max relative "
+        # the graph may not drift further than eager does itself, nor past MAX_TOL
+        limit = min(MAX_TOL, max(REL_TOL, 2 * self.control_worst))
+        return self.worst <= limit, (f"eager is not bit-reproducible here (control vs eager max relative "
                                      f"{self.control_worst:.2e}); graph vs eager max relative {self.worst:.2e} "
                                      f"(limit {limit:.2e}); control/graph per forward: {' '.join(self.per_forward)}")
 
@@ -119,9 +126,9 @@ def check_stats(report: Report, name: str, eager, control, graph, outputs: Outpu
 
 def diffusers_check(report: Report, part: str, device: torch.device, dtype: torch.dtype, steps: int,
                     rehearsal: bool) -> None:
-    """part: "nucleusmoe", "hidream", or "nucleusmoe-bi" (model.moe.batch_invariant "on": a
-    deterministic expert path, so bit-identity is checked even where eager expert choice is not
-    reproducible)."""
+    """part: "nucleusmoe", "hidream", or "nucleusmoe-bi" (model.moe.batch_invariant "on": the
+    batch-invariant expert path through the graph; its eager is no more reproducible on CUDA than the
+    default's, expert choice being the same)."""
     import moe_ep
     from moe_ep.cuda_graph import RerunBackend, install_cuda_graph
     from moe_ep.models.diffusers import acceleration, tiny
@@ -142,7 +149,7 @@ def diffusers_check(report: Report, part: str, device: torch.device, dtype: torc
             pipe.moe_ep.cuda_graph = install_cuda_graph(model, pipe.moe_ep.moe_layers(), backend=RerunBackend())
         pipe.moe_ep.rebalancer.decider.planner, pipe.moe_ep.rebalancer.force = random_planner(3), True
         pipes.append(pipe)
-    outputs, counts_equal = Outputs(), True
+    outputs, counts_equal = Outputs(nondeterministic=family == "nucleusmoe" and device.type == "cuda"), True
     t0 = time.perf_counter()
     for step in range(steps):
         t = 1.0 - step / steps

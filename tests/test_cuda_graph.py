@@ -374,6 +374,12 @@ def test_gpu_graph_check_rehearses_on_the_cpu(capsys):
     assert floor.verdict()[0] and gpu_graph_check.REL_TOL == 3e-2   # the measured near-tie event passes
     floor.add(base, base, base * 1.5)
     assert not floor.verdict()[0]                         # a stale graph's O(1) does not
+    wild = gpu_graph_check.Outputs()
+    wild.add(base, base * 1.4, base * 1.5)
+    assert not wild.verdict()[0]                          # the limit stops at MAX_TOL, whatever the control does
+    lucky = gpu_graph_check.Outputs(nondeterministic=True)   # NucleusMoE on CUDA: the control happened to match
+    lucky.add(base, base, base * (1 + 1.1e-2))
+    assert lucky.verdict()[0] and "limit 3.00e-02" in lucky.verdict()[1]
     strict = gpu_graph_check.Outputs()
     strict.add(base, base, base * (1 + 1e-4))
     assert not strict.verdict()[0] and "though eager is bit-reproducible" in strict.verdict()[1]

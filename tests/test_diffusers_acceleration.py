@@ -62,6 +62,13 @@ def test_nucleus_rope_cache_is_exact():
     plain = wrapped("nucleus")                                      # same weights, no fix
     kw2 = tiny.nucleus_inputs(model, 2, 2, 0.3)                     # other inputs, same shapes: cache hit
     assert torch.equal(model(**kw2)[0], plain(**kw2)[0])
+    # bounded: the least recently used shapes drop out, the ones in use stay
+    cache = model.pos_embed.forward.cache
+    for n in range(2, 2 + 2 * acc.ROPE_CACHE_ENTRIES):
+        model.pos_embed([(1, 4, 4)] * 2, torch.device("cpu"), max_txt_seq_len=5)
+        model.pos_embed([(1, n, n)], torch.device("cpu"), max_txt_seq_len=5)
+    assert len(cache) == acc.ROPE_CACHE_ENTRIES
+    assert model.pos_embed([(1, 4, 4)] * 2, torch.device("cpu"), max_txt_seq_len=5) is first
 
 
 @torch.no_grad()

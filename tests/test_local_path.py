@@ -173,3 +173,5 @@ def test_gemm_config_depends_on_the_weights_shape_dtype_and_gpu_only(monkeypatch
     assert gc.config_for("gate_up", torch.zeros(3, 48, 32)) is gc.GATE_UP_CONFIG       # another GEMM
     assert gc.config_for("down", torch.zeros(3, 32, 48)) is gc.DOWN_CONFIG            # another shape
     assert gc.config_for("down", torch.zeros(3, 48, 32, dtype=torch.bfloat16)) is gc.DOWN_CONFIG
+    with pytest.raises(KeyError):                                                     # a misspelt GEMM
+        gc.config_for("gateup", torch.zeros(3, 48, 32))

@@ -7,6 +7,7 @@ the batch and the EP size (grouped_gemm.py's batch-invariance argument).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -42,9 +43,19 @@ DOWN_CONFIG = GemmConfig(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stag
 TUNED_CONFIGS: dict[tuple[str, int, int, torch.dtype, int], GemmConfig] = {}
 
 
+DEFAULTS = {"gate_up": GATE_UP_CONFIG, "down": DOWN_CONFIG}
+
+
 def config_for(gemm: str, weights: torch.Tensor) -> GemmConfig:
     """The configuration of one grouped GEMM ("gate_up" or "down") over `weights` [S, K, Nb]: the
     sweep's pick for this (K, Nb, dtype, GPU) where there is one, else GATE_UP_CONFIG / DOWN_CONFIG."""
-    major = torch.cuda.get_device_capability(weights.device)[0] if weights.is_cuda else 0
-    default = GATE_UP_CONFIG if gemm == "gate_up" else DOWN_CONFIG
+    default = DEFAULTS[gemm]
+    if not TUNED_CONFIGS:                  # the shipped table: no lookup on the launch path
+        return default
+    major = _major(weights.device) if weights.is_cuda else 0
     return TUNED_CONFIGS.get((gemm, weights.shape[1], weights.shape[2], weights.dtype, major), default)
+
+
+@functools.lru_cache(maxsize=None)
+def _major(device: torch.device) -> int:
+    return torch.cuda.get_device_capability(device)[0]

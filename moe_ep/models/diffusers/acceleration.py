@@ -28,6 +28,8 @@ docs/benchmarks.md ("Whole transformer on one GPU") says which of these paid on 
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import contextlib
 from typing import Callable, Optional
 
@@ -62,16 +64,25 @@ def _hidream_patchify(model: nn.Module) -> Callable:
     return patchify
 
 
+ROPE_CACHE_ENTRIES = 8     # a job meets a few image sizes and batch sizes; a long mixed one stays bounded
+
+
 def _cached_rope(rope: nn.Module) -> Callable:
-    """NucleusMoE's rotary embedding, computed once per (image shapes, text length, device)."""
-    original, cache = rope.forward, {}
+    """NucleusMoE's rotary embedding, computed once per (image shapes, text length, device); the
+    ROPE_CACHE_ENTRIES most recently used are kept."""
+    original, cache = rope.forward, OrderedDict()
 
     def forward(video_fhw, device=None, max_txt_seq_len=None):
         key = (repr(video_fhw), str(device), repr(max_txt_seq_len))   # an int text length (no mask)
-        if key not in cache:
+        if key in cache:
+            cache.move_to_end(key)
+        else:
             cache[key] = original(video_fhw, device=device, max_txt_seq_len=max_txt_seq_len)
+            if len(cache) > ROPE_CACHE_ENTRIES:
+                cache.popitem(last=False)
         return cache[key]
 
+    forward.cache = cache                     # for tests
     return forward
 
 

@@ -273,7 +273,7 @@ def expert_parallel(pipe_or_transformer: Any, ctx: Optional[ParallelContext] = N
     as it is: its layers' context, with eplb.num_redundant_experts equal to what it was loaded with;
     `ctx` or `parallel`, when given, must have the layout it was loaded with (else ConfigError naming the key).
     The transformer's known host syncs are removed in place on every route (acceleration.remove_host_syncs,
-    exact; `.moe_ep.host_sync_fixes` lists them).
+    exact; `.moe_ep.host_sync_fixes` lists what this call changed: empty where they were on already).
     compile: torch.compile the transformer's non-MoE blocks, in place
     (acceleration.compile_transformer; the first forward compiles; not bit-equal to eager).
     cuda_graph: replay the transformer's forward from a CUDA graph, captured once per input
