@@ -109,6 +109,21 @@ def back_to_back_ms(fn, x, iters: int) -> float:
     return start.elapsed_time(end) / iters
 
 
+def ev_time(fn, iters: int = 20, warm: int = 5) -> float:
+    """CUDA: median milliseconds of `fn` alone (CUDA events around each call, a sync after each)."""
+    for _ in range(warm):
+        fn()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
 def init_device(ctx):
     """Make expert weights on the GPU when there is one (CPU generation of 64 large experts is slow)."""
     return ctx.device if ctx.device.type == "cuda" else None

@@ -28,7 +28,6 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from gemm_variants import ev_time  # noqa: E402  (benchmarks/, beside this script)
 
 # family -> (tokens, experts, top-k, hidden, expert hidden, renormalise, other token counts to check)
 FAMILIES = {"anchor": (8192, 64, 8, 4096, 3072, True, ()),
@@ -104,8 +103,10 @@ def main() -> int:
     if family not in FAMILIES:
         print(f"gemm_sweep.py: family must be one of {sorted(FAMILIES)}, got {family!r}", file=sys.stderr)
         return 2
+    from bench import ev_time   # benchmarks/bench.py, beside this script
     from moe_ep.atomic import write_json_atomic
-    from moe_ep.kernels.grouped_gemm import GemmConfig, config_for, grouped_gemm
+    from moe_ep.kernels.gemm_configs import GemmConfig, capability, config_for
+    from moe_ep.kernels.grouped_gemm import grouped_gemm
 
     dev = torch.device("cuda")
     T, E, k, H, F, renorm, others = FAMILIES[family]
@@ -152,7 +153,7 @@ def main() -> int:
                   + "".join(f"  @{t}: {row[f'ms_at_{t}']:.3f}" for t in other_inputs), flush=True)
         pick = choose(rows, list(other_inputs))
         if pick is not None:
-            picks[(role, w.shape[1], w.shape[2], w.dtype, torch.cuda.get_device_capability()[0])] = pick
+            picks[(role, w.shape[1], w.shape[2], w.dtype, capability(w.device)[0])] = pick
         result[role] = {"swept": len(first), "of": len(configs), "finalists": rows,
                         "pick": None if pick is None else dataclasses.asdict(pick),
                         "round1": {name(c): v for c, v in sorted(first.items(), key=lambda kv: kv[1])}}
@@ -188,7 +189,7 @@ def choose(rows: list[dict], others: list[int]):
 def layer_ab(layer, x, picks: dict, rounds: int = 5) -> dict:
     """The whole layer in a CUDA graph with the shipped configurations and with the picks, captured
     side by side and timed in alternating rounds (clocks drift); outputs compared bit for bit."""
-    from bench import layer_graph   # benchmarks/bench.py, beside this script
+    from bench import ev_time, layer_graph   # benchmarks/bench.py, beside this script
     from moe_ep.kernels.gemm_configs import TUNED_CONFIGS
     saved = dict(TUNED_CONFIGS)
     try:

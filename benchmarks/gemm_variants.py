@@ -5,7 +5,8 @@
 For each shape (the anchor: 8192 tokens, 64 experts, top-8, hidden 4096 / 3072; HiDream-I1's routed
 experts: 4 experts, top-2, 2560 / 6912, at 4096 / 8192 / 16384 tokens): the whole layer eager, queued
 back to back and in a CUDA graph; the gate/up (SwiGLU epilogue) and down GEMMs alone with the shipped
-configurations ("cur": `config_for`'s pick at the shape; "default": GATE_UP_CONFIG, DOWN_CONFIG) and a few others, interleaved over two rounds (clocks
+configurations ("cur": `config_for`'s pick at the shape; "default": GATE_UP_CONFIG, DOWN_CONFIG where
+they differ) and a few others, interleaved over two rounds (clocks
 drift) and the best of the two kept; `torch._grouped_mm` without the fused epilogues; the row copy;
 a dense mm of the same FLOPs. Writes ${OUT:-.}/gemm_variants.json.
 
@@ -14,52 +15,34 @@ batch-invariance argument rests on that.
 """
 import json
 import os
-import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-def ev_time(fn, iters: int = 20, warm: int = 5) -> float:
-    """Median milliseconds of `fn` alone (CUDA events, a sync after each)."""
-    for _ in range(warm):
-        fn()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
-
-
 def main() -> int:
     if not torch.cuda.is_available():
         print("gemm_variants.py needs a CUDA GPU (Triton grouped GEMMs)", file=sys.stderr)
         return 2
-    from bench import back_to_back_ms, layer_graph   # benchmarks/bench.py, beside this script
+    from bench import back_to_back_ms, ev_time, layer_graph   # benchmarks/, beside this script
+    from gemm_sweep import inputs
     from moe_ep.atomic import write_json_atomic
-    from moe_ep.config import MoEConfig
-    from moe_ep.experts import init_expert_weights
-    from moe_ep.kernels.grouped_gemm import DOWN_CONFIG, GATE_UP_CONFIG, GemmConfig, config_for, grouped_gemm
-    from moe_ep.layer import MoELayer
-    from moe_ep.parallel import ParallelContext
+    from moe_ep.kernels.gemm_configs import DOWN_CONFIG, GATE_UP_CONFIG, GemmConfig, config_for
+    from moe_ep.kernels.grouped_gemm import grouped_gemm
 
     dev = torch.device("cuda")
     SHAPES = [("anchor", 8192, 64, 8, 4096, 3072, True), ("hidream-4k", 4096, 4, 2, 2560, 6912, False),
               ("hidream-8k", 8192, 4, 2, 2560, 6912, False), ("hidream-16k", 16384, 4, 2, 2560, 6912, False)]
     only = sys.argv[1:] or [s[0] for s in SHAPES]
-    GU = {"cur": GATE_UP_CONFIG, "default": GATE_UP_CONFIG,
+    GU = {"cur": GATE_UP_CONFIG,
           "s3": GemmConfig(128, 128, 64, 8, 8, 3, desc=True, gather_on_load=False),
           "g16": GemmConfig(128, 128, 64, 16, 8, 4, desc=True, gather_on_load=False),
           "g4": GemmConfig(128, 128, 64, 4, 8, 4, desc=True, gather_on_load=False),
           "bn64w4": GemmConfig(128, 64, 64, 8, 4, 4, desc=True, gather_on_load=False),
           "bn64w4s6": GemmConfig(128, 64, 64, 8, 4, 6, desc=True, gather_on_load=False),
           "ws": GemmConfig(128, 128, 64, 8, 8, 4, desc=True, gather_on_load=False, warp_specialize=True)}
-    DN = {"cur": DOWN_CONFIG, "default": DOWN_CONFIG,
+    DN = {"cur": DOWN_CONFIG,
           "s4": GemmConfig(128, 256, 64, 8, 8, 4, desc=True),
           "bn128": GemmConfig(128, 128, 64, 8, 8, 4, desc=True),
           "bn128w4": GemmConfig(128, 128, 64, 8, 4, 4, desc=True),
@@ -70,30 +53,25 @@ def main() -> int:
     for name, T, E, k, H, F, renorm in SHAPES:
         if name not in only:
             continue
-        torch.manual_seed(0)
-        ctx = ParallelContext(device=dev)
-        cfg = MoEConfig(num_experts=E, top_k=k, expert_hidden_size=F, score_func="softmax", renormalize=renorm)
-        layer = MoELayer(H, cfg, ctx, dtype=torch.bfloat16)
-        layer.router.gate.weight.data.normal_(std=0.02)
-        layer.load_expert_weights(lambda e: init_expert_weights(0, 0, e, H, F, torch.bfloat16, dev))
-        x = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
+        d = inputs(T, E, k, H, F, renorm, dev)      # gemm_sweep.py's layer and GEMM inputs
+        layer, x, counts, w13, w2, h, scale = (d[n] for n in ("layer", "x", "counts", "w13", "w2", "h", "scale"))
+        xp = x[d["rows"]].contiguous()              # the rows in slot order, as the copy writes them
+        M = T * k
         r = {"backend": layer.experts.backend}
+        # the layer's configurations at this (K, N) ("cur"), and the defaults where they differ
+        GU["cur"], DN["cur"] = config_for("gate_up", w13), config_for("down", w2)
+        GU.pop("default", None)
+        DN.pop("default", None)
+        if GU["cur"] != GATE_UP_CONFIG:
+            GU["default"] = GATE_UP_CONFIG
+        if DN["cur"] != DOWN_CONFIG:
+            DN["default"] = DOWN_CONFIG
         with torch.no_grad():
             f = lambda: layer(x)  # noqa: E731
             r["layer_eager"] = ev_time(f)
             r["layer_queued"] = back_to_back_ms(layer, x, 20)
             replay = layer_graph(layer, x)
             r["layer_graph"] = ev_time(lambda: replay(x))
-            # the GEMM inputs
-            M = T * k
-            _, ids = layer.router(x)
-            counts = torch.bincount(ids.reshape(-1), minlength=E).to(torch.int64)
-            order = torch.argsort(ids.reshape(-1), stable=True)
-            xp = x[order // k].contiguous()
-            w13, w2 = layer.experts.w13, layer.experts.w2
-            GU["cur"], DN["cur"] = config_for("gate_up", w13), config_for("down", w2)   # the layer's, at this (K, N)
-            scale = torch.rand(M, device=dev)
-            h = torch.randn(M, F, device=dev, dtype=torch.bfloat16)
             flops_gu, flops_dn = 2 * M * H * 2 * F, 2 * M * F * H
             gu, dn = {}, {}
             def attempt(what, cn, fn):        # a configuration that cannot compile or run: recorded as None
@@ -124,7 +102,7 @@ def main() -> int:
                 print("grouped_mm", repr(e)[:200])
             a = torch.randn(M, H, device=dev, dtype=torch.bfloat16); b = torch.randn(H, 3 * F, device=dev, dtype=torch.bfloat16)
             r["dense_mm_same_flops"] = ev_time(lambda: a @ b)
-            r["row_copy"] = ev_time(lambda: x[order // k])
+            r["row_copy"] = ev_time(lambda: x[d["rows"]])
             r["tflop"] = (flops_gu + flops_dn) / 1e12
         results[name] = r
         print(name, json.dumps(r), flush=True)

@@ -125,16 +125,15 @@ def plot_balancedness(records: Sequence[dict], rebalances: Sequence[dict]):
             ax.plot(x, [r.get(k, np.nan) for r in pts], lw=0.9, alpha=0.45, marker=".", ms=3,
                     label=k.split("/")[1])
         ax.plot(x, [r["balancedness"] for r in pts], color="black", lw=2.2, marker="o", ms=5, label="mean")
-    done = [ev["forward_idx"] + 0.5 for ev in rebalances
-            if ev.get("forward_idx") is not None and ev["forward_idx"] >= 0 and ev.get("ok")]
-    not_done = [ev["forward_idx"] + 0.5 for ev in rebalances
-                if ev.get("forward_idx") is not None and ev["forward_idx"] >= 0 and not ev.get("ok")]
-    moved, skipped = bool(done), bool(not_done)
+    attempts = {True: [], False: []}                           # moved -> the attempts' x
+    for ev in rebalances:
+        if ev.get("forward_idx") is not None and ev["forward_idx"] >= 0:
+            attempts[bool(ev.get("ok"))].append(ev["forward_idx"] + 0.5)
     frame = ax.get_xaxis_transform()                           # x in data, y in [0, 1] of the axes
-    if moved:      # one collection per kind: an axvline per attempt was slow for long runs
-        ax.vlines(done, 0, 1, transform=frame, color="tab:green", lw=1.5, label="rebalance (moved)")
-    if skipped:
-        ax.vlines(not_done, 0, 1, transform=frame, color="grey", lw=1.0, linestyles=":",
+    if attempts[True]:      # one collection per kind: an axvline per attempt was slow for long runs
+        ax.vlines(attempts[True], 0, 1, transform=frame, color="tab:green", lw=1.5, label="rebalance (moved)")
+    if attempts[False]:
+        ax.vlines(attempts[False], 0, 1, transform=frame, color="grey", lw=1.0, linestyles=":",
                   label="rebalance skipped/failed")
     ax.set_ylim(min(0.5, min([r["balancedness"] for r in pts], default=1.0) - 0.05), 1.02)
     last = max([r.get("forward", 0) for r in records] + [ev.get("forward_idx") or 0 for ev in rebalances] + [0])
@@ -143,7 +142,7 @@ def plot_balancedness(records: Sequence[dict], rebalances: Sequence[dict]):
     ax.set_ylabel("balancedness (mean / max GPU load)")
     ax.set_title("Balancedness per statistics window")
     ax.grid(alpha=0.3)
-    if pts or moved or skipped:
+    if pts or attempts[True] or attempts[False]:
         ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     return fig
 
@@ -181,7 +180,6 @@ def plot_latency(records: Sequence[dict], max_bars: int = MAX_LATENCY_BARS):
     if has_phases:
         for p in (p for p in ALL_PHASES if any(f"phase_ms/{p}" in r for r in recs)):   # the timed ones
             v = _bin_means(np.array([r.get(f"phase_ms/{p}", np.nan) for r in recs], dtype=np.float64), size)
-            v = np.nan_to_num(v)
             ax.bar(x, v, bottom=bottom, color=PHASE_COLORS[p], label=p, width=width)
             bottom += v
     else:

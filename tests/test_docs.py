@@ -65,7 +65,7 @@ def test_benchmark_shell_scripts_parse_and_gpu_runs_refuses_an_unknown_part(tmp_
     # the list it prints is every part the script's case statement has, in order
     arms = [a for arm in re.findall(r"^  ([a-z0-9|-]+)\)", open(os.path.join(root, "benchmarks", "gpu_runs.sh")).read(),
                                     re.M) for a in arm.split("|")]
-    assert {"checks", "layer", "shapes", "graph-stats", "whole", "ep2", "sp2", "usp4"} <= set(arms)
+    assert {"checks", "layer", "shapes", "gemm-variants", "gemm-sweep", "graph-stats", "whole", "ep2", "sp2", "usp4"} <= set(arms)
     assert f"unknown part nosuchpart ({', '.join(arms)})" in proc.stdout
     assert proc.returncode == 2
 

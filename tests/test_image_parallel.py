@@ -24,7 +24,7 @@ from moe_ep.rebalance import Rebalancer
 from moe_ep.stats import ExpertLoadStats
 from mp import run_ranks
 from rebalance_helpers import random_planner
-from tiny_job import QUICKSTART, TINY_MODEL_SET
+from tiny_job import QUICKSTART, TINY_MODEL_SET, job_rank
 
 PROMPTS = ["a red fox", "a blue lake", "a green hill"]
 STEPS, SIZE, GUIDANCE, TOKENS = 3, 16, 4.0, (16 // 2) ** 2     # tiny model: patch 2 -> 64 tokens per image
@@ -206,13 +206,6 @@ def test_preflight_refuses_what_cannot_split(world, sets, field):
 
 # ---------------------------------------------------------------- the job
 
-def _ranks_job(rank, world, config, overrides):
-    from moe_ep.job import run
-
-    cfg = config_mod.load(config, overrides)
-    run(cfg, build_context(cfg.parallel, rank, world, torch.device("cpu")), progress=False)
-
-
 @pytest.mark.slow   # starts a job under DeepSpeed's launcher
 def test_launcher_quickstart_sp_gives_the_images_of_one_rank(tmp_path):
     """deepspeed --num_gpus 4 launch/infer.py --config configs/quickstart_sp.json (cfg 2 x
@@ -244,7 +237,7 @@ def test_launcher_quickstart_sp_gives_the_images_of_one_rank(tmp_path):
     # test_multinode checks 2 per node when each of two launchers starts 2
     assert json.load(open(os.path.join(out, "summary.json")))["ranks_per_node"] == 4
     (tmp_path / "dpsp").mkdir()
-    run_ranks(4, _ranks_job, QUICKSTART, sets + ["parallel.ulysses_degree=2", "parallel.data_parallel_size=2",
+    run_ranks(4, job_rank, QUICKSTART, sets + ["parallel.ulysses_degree=2", "parallel.data_parallel_size=2",
                                                  f"output_dir={tmp_path / 'dpsp'}"])
 
     copies = len(PROMPTS) * TOKENS * 2 * 4 * K            # prompts x tokens x branches x steps x top-k

@@ -25,12 +25,10 @@ import time
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from moe_ep import config as config_mod
 from mp import run_ranks
-from tiny_job import ROOT, QUICKSTART, TINY_MODEL_SET, free_port
+from tiny_job import ROOT, QUICKSTART, TINY_MODEL_SET, free_port, job_rank
 
 pytestmark = pytest.mark.slow   # spawned ranks or launchers
 
@@ -108,14 +106,6 @@ def read_images(folder: str) -> dict[str, np.ndarray]:
     return {n: np.asarray(Image.open(os.path.join(d, n))) for n in sorted(os.listdir(d)) if n.endswith(".png")}
 
 
-def _one_node_rank(rank: int, world: int, overrides: list[str]) -> None:
-    """One rank of the one-node run: the job on a world of 4 gloo ranks that tests/mp.py started
-    on one machine (LOCAL_WORLD_SIZE=4: ranks_per_node 4, one node for the planner)."""
-    from moe_ep.job import run
-    from moe_ep.parallel import build_context
-
-    cfg = config_mod.load(QUICKSTART, overrides)
-    run(cfg, build_context(cfg.parallel, rank, world, torch.device("cpu")), progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +123,7 @@ def runs(tmp_path_factory):
     assert rcs == [0, 0], "\n".join(log[-3000:] for log in logs)
 
     out1 = str(tmp_path_factory.mktemp("one_node") / "out")
-    run_ranks(WORLD, _one_node_rank, SMALL + [f"output_dir={out1}"])
+    run_ranks(WORLD, job_rank, QUICKSTART, SMALL + [f"output_dir={out1}"])   # tests/mp.py: LOCAL_WORLD_SIZE = world, one node
     load = lambda out: json.load(open(os.path.join(out, "summary.json")))  # noqa: E731
     return {"two": (out2, logs, load(out2)), "one": (out1, load(out1))}
 

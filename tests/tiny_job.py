@@ -22,3 +22,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def job_rank(rank: int, world: int, config: str, overrides: list[str]) -> None:
+    """One gloo rank of a CPU job (for tests/mp.run_ranks): `config` with `overrides`, job.run."""
+    import torch
+
+    from moe_ep import config as config_mod
+    from moe_ep.job import run
+    from moe_ep.parallel import build_context
+
+    cfg = config_mod.load(config, overrides)
+    run(cfg, build_context(cfg.parallel, rank, world, torch.device("cpu")), progress=False)

@@ -52,10 +52,11 @@ def config_for(gemm: str, weights: torch.Tensor) -> GemmConfig:
     default = DEFAULTS[gemm]
     if not TUNED_CONFIGS:                  # the shipped table: no lookup on the launch path
         return default
-    major = _major(weights.device) if weights.is_cuda else 0
+    major = capability(weights.device)[0] if weights.is_cuda else 0
     return TUNED_CONFIGS.get((gemm, weights.shape[1], weights.shape[2], weights.dtype, major), default)
 
 
 @functools.lru_cache(maxsize=None)
-def _major(device: torch.device) -> int:
-    return torch.cuda.get_device_capability(device)[0]
+def capability(device: torch.device) -> tuple[int, int]:
+    """The GPU's compute capability (cached: it is asked on the launch path)."""
+    return torch.cuda.get_device_capability(device)

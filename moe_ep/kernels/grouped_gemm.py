@@ -45,7 +45,7 @@ except ImportError:  # pragma: no cover - older Triton
     TensorDescriptor = None
 
 
-from .gemm_configs import DOWN_CONFIG, GATE_UP_CONFIG, TUNED_CONFIGS, GemmConfig, config_for  # noqa: F401
+from .gemm_configs import GemmConfig, capability
 
 
 @triton.jit
@@ -227,11 +227,6 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-@functools.lru_cache(maxsize=None)
-def _capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
-
-
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -263,7 +258,7 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor, *, swig
     scale = row_scale if row_scale is not None else c  # dummy pointer when unused
     if row_index is not None and not cfg.gather_on_load:
         a, row_index = a[row_index], None                                     # [M, K] permuted copy
-    tma_ok = not a.is_cuda or _capability(a.device)[0] >= 9                # CPU: the interpreter
+    tma_ok = not a.is_cuda or capability(a.device)[0] >= 9                # CPU: the interpreter
     # TMA needs 16-byte aligned row strides and column offsets (the up half starts at column N)
     aligned = K % cfg.BK == 0 and (Nb * b.element_size()) % 16 == 0 and (N * b.element_size()) % 16 == 0
     if cfg.desc and tma_ok and aligned and TensorDescriptor is not None:

@@ -318,7 +318,7 @@ def expert_parallel(pipe_or_transformer: Any, ctx: Optional[ParallelContext] = N
         raise ValueError(f"no pipeline convention for model family {wrappers[0].spec.name!r}; "
                          f"known: {sorted(CONVENTIONS)}")
     from .acceleration import compile_transformer, remove_host_syncs
-    # exact, and 10% of NucleusMoE-Image's eager forward on an H100 (docs/benchmarks.md 1g)
+    # exact, on every route (acceleration.remove_host_syncs says what it pays)
     host_sync_fixes = remove_host_syncs(transformer)
     if compile:
         compile_transformer(transformer)

@@ -72,7 +72,7 @@ class DiffusersServedModel(ServedModel):
         loaded = load_transformer(cfg.model.path, ctx, num_redundant=cfg.eplb.num_redundant_experts,
                                   dtype=DTYPES[cfg.model.dtype],   # scores as the model computes them (spec)
                                   batch_invariant=cfg.model.moe.batch_invariant)
-        # exact, and 10% of NucleusMoE-Image's eager forward on an H100 (docs/benchmarks.md 1g)
+        # exact, on every route (acceleration.remove_host_syncs says what it pays)
         remove_host_syncs(loaded.model)
         if cfg.model.compile:      # the non-MoE blocks compiled (docs/benchmarks.md 1g)
             compile_transformer(loaded.model)
